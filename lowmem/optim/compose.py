@@ -1,0 +1,144 @@
+"""The one optimizer: per parameter, projector -> rule -> lift, with state in a chosen precision.
+
+``LowMemOptimizer`` owns the param groups, the learning rate, where weight decay goes, the
+per-parameter state dict and the step counter; everything algorithm-specific comes from the three
+parts named in each param group (see ``projectors``, ``rules``, ``lifts``) and the state store.
+Param-group keys are plain strings and numbers, and per-parameter state is tensors and plain
+numbers, so ``state_dict()`` round-trips through ``torch.load(..., weights_only=True)``.
+
+Group keys (all optional; defaults in ``GROUP_DEFAULTS``):
+
+* projector: ``projector`` (identity | svd | random_orth | gaussian | coordinates | permutation |
+  blocks), ``rank`` or ``density``, ``proj_type``, ``update_proj_gap``, ``svd_method``,
+  ``coord_choice``, ``block_order``, ``reset_statistics``
+* rule: ``rule`` (adamw_hf | adamw_torch | sign_sgd | sgd), ``betas``, ``eps``, ``correct_bias``
+* lift: ``lift`` (project_back | frugal | fira | apollo), ``scale``, ``scale_type``, ``scale_front``,
+  ``disable_nl``, ``inactive_update_rule``, ``inactive_lr_scale``, ``proj_params_lr_scale``
+* storage: ``state_dtype`` (None = the gradient's dtype | float32 | bfloat16)
+* ``lr``, ``weight_decay``; ``param_names`` (used in error messages only)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from .lifts import Lift, make_lift
+from .projectors import GaussianProjector, Projector, make_projector
+from .rules import Rule, make_rule
+from .states import StateStore, resolve_state_dtype, state_bytes
+
+GROUP_DEFAULTS = dict(
+    lr=1e-3,
+    weight_decay=0.0,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    correct_bias=True,
+    state_dtype=None,
+)
+
+
+@dataclass
+class Parts:
+    """The three parts and the storage that one param group runs."""
+
+    projector: Projector
+    rule: Rule
+    lift: Lift
+    store: StateStore
+
+
+def build_parts(group: dict) -> Parts:
+    """Build a group's parts from its keys (cheap; validates every option)."""
+    rule = make_rule(group.get("rule", "adamw_torch"), tuple(group["betas"]), group["eps"], group["correct_bias"])
+    store = StateStore(resolve_state_dtype(group["state_dtype"]))
+    return Parts(make_projector(group), rule, make_lift(group), store)
+
+
+class LowMemOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` composed of a projector, a moment rule and a lift per param group.
+
+    Memory: the rule's state on the projected gradient's shape (e.g. GaLore ``2mr`` moments plus an
+    ``rn`` factor instead of AdamW's ``2mn``), in ``state_dtype``.
+    """
+
+    def __init__(self, params: Iterable, **defaults):
+        self._params_seen = 0
+        merged = {**GROUP_DEFAULTS, **defaults}
+        if merged["lr"] < 0:
+            raise ValueError(f"Invalid learning rate: {merged['lr']} - should be >= 0.0")
+        super().__init__(params, merged)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group after checking its parts and every parameter's shape (errors before any step)."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self.normalize_group(group)
+        parts = build_parts(group)
+        b1, b2 = group["betas"]
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise ValueError(f"Invalid betas {group['betas']}: each must be in [0, 1)")
+        names = group.get("param_names") or [None] * len(group["params"])
+        for i, p in enumerate(group["params"]):
+            self._params_seen += 1
+            name = names[i] or f"#{i} of param group {len(self.param_groups) - 1}"
+            if group.get("projector", "identity") != "identity":
+                parts.projector.check_shape(p.shape, f"'{name}'")
+            if isinstance(parts.projector, GaussianProjector) and p.requires_grad:
+                # APOLLO seeds: 1-based index over every parameter of every group, in order.
+                self.state[p]["seed"] = self._params_seen
+
+    def normalize_group(self, group: dict) -> None:
+        """Hook for named presets: translate reference group keys into the compose keys."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        """One update of every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            parts = build_parts(group)
+            if parts.projector.group_level:
+                self._choose_blocks(group, parts.projector)
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, group, parts)
+        return loss
+
+    def _choose_blocks(self, group: dict, projector) -> None:
+        states = [self.state[p] for p in group["params"]]
+        if not projector.due(states):
+            return
+        for state in states:
+            state.clear()
+            state["step"] = 0
+            state["active"] = False
+        for i in projector.choose(group, len(states)):
+            states[i]["active"] = True
+
+    def _update(self, p: torch.Tensor, group: dict, parts: Parts) -> None:
+        grad = p.grad
+        if grad.is_sparse:
+            raise RuntimeError("lowmem optimizers do not support sparse gradients")
+        state = self.state[p]
+        lr, wd = group["lr"], group["weight_decay"]
+        if wd and not parts.rule.decay_after_update:
+            p.mul_(1 - lr * wd)
+        if parts.projector.needs_refresh(state):
+            parts.projector.refresh(state, grad)
+            if group.get("reset_statistics") and "step" in state:
+                parts.rule.reset(state)
+        low = parts.projector.down(state, grad)
+        state["step"] = state.get("step", 0) + 1
+        direction, factor = (None, 1.0) if low is None else parts.rule.direction(low, state, parts.store)
+        parts.lift.apply(p, grad, low, direction, factor, state, parts.projector, lr)
+        if wd and parts.rule.decay_after_update:
+            p.add_(p, alpha=-lr * wd)
+
+    def state_bytes(self) -> int:
+        """Exact bytes of every tensor this optimizer holds as state."""
+        return sum(state_bytes(s) for s in self.state.values())

@@ -1,0 +1,155 @@
+"""Lifts: HOW a subspace direction becomes a full-rank update of the weight.
+
+A lift receives the raw gradient ``G``, its projection ``R`` (None when the projector kept nothing,
+e.g. an inactive FRUGAL block), the rule's direction ``N`` and step factor ``c``, and applies
+``W -= lr * c * U`` (plus any state-free residual) to the parameter in place.
+
+| lift          | update ``U``                                                        | used by      |
+|---------------|---------------------------------------------------------------------|--------------|
+| project_back  | ``alpha * up(N)``                                                   | GaLore, AdamW|
+| frugal        | ``up(N)`` (lr x proj_params_lr_scale) + sign-SGD/SGD of ``G - up(R)`` | FRUGAL       |
+| fira          | ``alpha * up(N) + limit(phi * (G - alpha * up(R)))``                | Fira         |
+| apollo        | ``sqrt(alpha) * limit(phi * G)``, phi channel- or tensor-wise       | APOLLO(-Mini)|
+
+``phi`` is the ratio of the direction's norm to the projected gradient's norm, per channel along
+the dimension the rank does not cut (rows when the rank sits on the right, columns when on the left)
+or for the whole tensor. The limiter (Fira's norm-growth limiter, gamma = 1.01) caps the growth of
+``||S||`` between steps; it keeps one 0-d tensor in the state and never syncs with the host.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .projectors import Projector
+
+LIMITER_GAMMA = 1.01
+
+
+def limit_norm_growth(update: torch.Tensor, state: dict, gamma: float = LIMITER_GAMMA) -> torch.Tensor:
+    """Rescale ``update`` so its norm grows at most ``gamma``x over the previous step's."""
+    norm = torch.norm(update)
+    if "limiter_norm" not in state:
+        state["limiter_norm"] = norm
+        return update
+    growth = norm / (state["limiter_norm"] + 1e-8)
+    # Exactly 1.0 when the norm grew less than gamma (dividing gamma by itself is not 1.0 in bf16).
+    limiter = torch.where(growth >= gamma, growth / gamma, 1.0)
+    state["limiter_norm"] = norm / limiter
+    return update / limiter
+
+
+def channel_ratio(direction: torch.Tensor, low: torch.Tensor, side: str, scale_type: str) -> torch.Tensor:
+    """``||N|| / (||R|| + 1e-8)`` per channel (broadcastable to the full gradient) or per tensor."""
+    if scale_type == "tensor":
+        return torch.norm(direction) / (torch.norm(low) + 1e-8)
+    if side == "right":  # R is m x r: one factor per row
+        return (torch.norm(direction, dim=1) / (torch.norm(low, dim=1) + 1e-8)).unsqueeze(1)
+    if side == "left":  # R is r x n: one factor per column
+        return torch.norm(direction, dim=0) / (torch.norm(low, dim=0) + 1e-8)
+    raise ValueError("channel-wise scaling needs a one-sided projection (proj_type std/reverse_std/left/right)")
+
+
+class Lift:
+    """Base lift: ``W -= lr * c * alpha * up(N)`` (GaLore's back-projection; plain AdamW when alpha = 1)."""
+
+    def __init__(self, scale: float = 1.0):
+        self.scale = scale
+
+    def apply(self, p, grad, low, direction, factor, state, projector: Projector, lr: float) -> None:
+        update = projector.up(state, _like(direction, grad), grad)
+        if self.scale != 1.0:
+            update = update * self.scale
+        p.add_(update, alpha=-lr * factor)
+
+
+def _like(direction: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """States may be kept in another dtype than the gradient: compute the update in the grad's."""
+    return direction if direction.dtype == grad.dtype else direction.to(grad.dtype)
+
+
+class FrugalLift(Lift):
+    """FRUGAL: the stateful subspace update plus a state-free update of the residual."""
+
+    RULES = ("sign_sgd", "sgd", "no")
+
+    def __init__(self, inactive_update_rule="sign_sgd", inactive_lr_scale=1.0, proj_params_lr_scale=1.0):
+        if inactive_update_rule not in self.RULES:
+            raise ValueError(f"unknown inactive_update_rule {inactive_update_rule!r}; use one of {self.RULES}")
+        super().__init__(1.0)
+        self.rule, self.inactive_scale, self.proj_scale = inactive_update_rule, inactive_lr_scale, proj_params_lr_scale
+
+    def apply(self, p, grad, low, direction, factor, state, projector, lr):
+        active_lr = lr * self.proj_scale
+        update = None
+        if direction is not None:
+            update = projector.up(state, _like(direction, grad) * (-active_lr * factor), grad)
+        if self.rule != "no":
+            residual = projector.residual(state, grad, low)
+            if residual is not None:
+                free = torch.sign(residual) if self.rule == "sign_sgd" else residual
+                inactive_lr = active_lr * self.inactive_scale
+                if update is None:
+                    update = free * -inactive_lr
+                else:
+                    update.add_(free, alpha=-inactive_lr)
+        if update is not None:
+            p.add_(update)
+
+
+class FiraLift(Lift):
+    """Fira: back-projection plus the norm-scaled residual, alpha inside the residual as the reference."""
+
+    def apply(self, p, grad, low, direction, factor, state, projector, lr):
+        direction = _like(direction, grad)
+        phi = channel_ratio(direction, low, state["proj_side"], "channel")
+        residual = (grad - projector.up(state, low, grad) * self.scale) * phi
+        residual = limit_norm_growth(residual, state)
+        update = projector.up(state, direction, grad) * self.scale + residual
+        p.add_(update, alpha=-lr * factor)
+
+
+class ApolloLift(Lift):
+    """APOLLO / APOLLO-Mini: scale the raw gradient channel- or tensor-wise, times sqrt(alpha)."""
+
+    def __init__(self, scale=1.0, scale_type="channel", scale_front=False, limiter=True):
+        if scale_type not in ("channel", "tensor"):
+            raise ValueError(f"unknown scale_type {scale_type!r}; use 'channel' or 'tensor'")
+        super().__init__(scale)
+        self.scale_type, self.scale_front, self.limiter = scale_type, scale_front, limiter
+
+    def apply(self, p, grad, low, direction, factor, state, projector, lr):
+        phi = channel_ratio(_like(direction, grad), low, state["proj_side"], self.scale_type)
+        update = grad * phi
+        if self.scale_front:
+            update *= math.sqrt(self.scale)
+        if self.limiter:
+            update = limit_norm_growth(update, state)
+        if not self.scale_front:
+            update *= math.sqrt(self.scale)
+        p.add_(update, alpha=-lr * factor)
+
+
+def make_lift(group: dict) -> Lift:
+    """Build the lift named by ``group['lift']`` with the group's options."""
+    name = group.get("lift", "project_back")
+    if name == "project_back":
+        return Lift(group.get("scale", 1.0))
+    if name == "frugal":
+        return FrugalLift(
+            group.get("inactive_update_rule", "sign_sgd"),
+            group.get("inactive_lr_scale", 1.0),
+            group.get("proj_params_lr_scale", 1.0),
+        )
+    if name == "fira":
+        return FiraLift(group.get("scale", 1.0))
+    if name == "apollo":
+        return ApolloLift(
+            group.get("scale", 1.0),
+            group.get("scale_type", "channel"),
+            group.get("scale_front", False),
+            not group.get("disable_nl", False),
+        )
+    raise ValueError(f"unknown lift {name!r}; use 'project_back', 'frugal', 'fira' or 'apollo'")

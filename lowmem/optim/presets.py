@@ -1,0 +1,137 @@
+"""Drop-in classes under the reference packages' names, as thin presets over ``LowMemOptimizer``.
+
+Each accepts its reference's constructor and param-group keys, so switching is one import:
+
+* ``GaLoreAdamW``  (galore-torch): groups with ``rank, update_proj_gap, scale, proj_type``
+* ``APOLLOAdamW``  (apollo-torch): groups with ``rank, proj, scale_type, scale, update_proj_gap,
+  proj_type``; ``scale_front`` and ``disable_nl`` on the constructor
+* ``FiraAdamW``    (fira): groups with ``rank, update_proj_gap, alpha, proj_type``
+* ``FRUGAL``       (fzmushko/FRUGAL's GaloreAdamW / CoordAdamW / BlockAdamW in one class): groups
+  marked ``is_proj_params``; ``projection`` picks svd | random | randperm | coordinates | blocks
+
+Groups without the projection keys run the same numeric core as full-rank AdamW, as the
+references do.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from .compose import LowMemOptimizer
+
+_HF_CORE = dict(rule="adamw_hf")
+
+
+class GaLoreAdamW(LowMemOptimizer):
+    """GaLore (Zhao et al. 2024): AdamW moments in the top-r SVD subspace of each gradient.
+
+    Memory per m x n weight (m >= n, fp32): ``4(2mr + rn)`` bytes, i.e. ``8r/n + 4r/m`` B/param
+    against AdamW's 8.
+    """
+
+    def __init__(self, params: Iterable, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
+                 correct_bias=True, no_deprecation_warning=False):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         correct_bias=correct_bias, **_HF_CORE)
+
+    def normalize_group(self, group):
+        if "rank" in group:
+            group.update(projector="svd", lift="project_back")
+            group.setdefault("update_proj_gap", 200)
+            group.setdefault("scale", 1.0)
+            group.setdefault("proj_type", "std")
+
+
+class APOLLOAdamW(LowMemOptimizer):
+    """APOLLO (Zhu et al. 2024): channel- or tensor-wise gradient scaling estimated in a random rank-r
+    sketch. APOLLO-Mini is ``rank=1, scale_type='tensor', scale=128``.
+
+    Memory per m x n weight (m >= n, fp32): ``8mr`` bytes for the moments; the random matrix is
+    regenerated from its seed rather than stored (apollo-torch also stores its ``4rn`` bytes).
+    """
+
+    def __init__(self, params: Iterable, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
+                 correct_bias=True, scale_front=False, disable_nl=False, no_deprecation_warning=True):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         correct_bias=correct_bias, scale_front=scale_front, disable_nl=disable_nl,
+                         **_HF_CORE)
+
+    def normalize_group(self, group):
+        if "rank" in group:
+            proj = group.setdefault("proj", "random")
+            if proj not in ("random", "svd"):
+                raise ValueError(f"unknown proj {proj!r} for APOLLO; use 'random' or 'svd'")
+            group.update(projector="gaussian" if proj == "random" else "svd", lift="apollo")
+            group.setdefault("scale_type", "channel")
+            group.setdefault("scale", 1.0)
+            group.setdefault("update_proj_gap", 200)
+            group.setdefault("proj_type", "std")
+
+
+class FiraAdamW(LowMemOptimizer):
+    """Fira (Chen et al. 2024): GaLore plus the norm-scaled out-of-subspace residual and a limiter.
+
+    Memory: as GaLore, plus one 0-d tensor per weight.
+    """
+
+    def __init__(self, params: Iterable, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
+                 correct_bias=True, no_deprecation_warning=False):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         correct_bias=correct_bias, **_HF_CORE)
+
+    def normalize_group(self, group):
+        if "rank" in group:
+            group.update(projector="svd", lift="fira", scale=group.get("alpha", 1.0))
+            group.setdefault("update_proj_gap", 200)
+            group.setdefault("proj_type", "std")
+
+
+_FRUGAL_PROJECTORS = {
+    "svd": "svd",
+    "random": "random_orth",
+    "randperm": "permutation",
+    "coordinates": "coordinates",
+    "blocks": "blocks",
+}
+
+
+class FRUGAL(LowMemOptimizer):
+    """FRUGAL (Zmushko et al. 2025): AdamW in a subspace, state-free sign-SGD on the rest.
+
+    ``projection`` picks the subspace: ``svd`` / ``random`` / ``randperm`` (the reference's
+    GaloreAdamW ``proj_type``, rank ``round(density * dim)`` on ``proj_side``), ``coordinates``
+    (CoordAdamW, ``coord_choice`` columns | rows | randk) or ``blocks`` (BlockAdamW, whole tensors,
+    ``block_order`` random | ascending | descending | mirror). Parameters outside the projected groups
+    get plain AdamW. Random choices draw from the global torch RNG, as the reference does.
+
+    Memory: AdamW states on the active subspace only, e.g. ``8 * density`` B/param on average for
+    blocks; nothing for the state-free residual.
+    """
+
+    def __init__(self, params: Iterable, proj_params=None, proj_params_lr_scale=1.0, update_gap=200,
+                 density=0.25, reset_statistics=True, inactive_update_rule="sign_sgd", inactive_lr_scale=1.0,
+                 projection="svd", proj_side="std", coord_choice="columns", block_order="random",
+                 lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, correct_bias=True):
+        if projection not in _FRUGAL_PROJECTORS:
+            raise ValueError(f"unknown FRUGAL projection {projection!r}; use one of {tuple(_FRUGAL_PROJECTORS)}")
+        if not 0.0 <= density <= 1.0:
+            raise ValueError(f"density must be in [0, 1], got {density}")
+        if proj_params is not None:
+            proj_ids = {id(p) for p in proj_params}
+            params = [
+                {"params": [p for p in params if id(p) not in proj_ids], "is_proj_params": False},
+                {"params": list(proj_params), "is_proj_params": True},
+            ]
+        self._frugal = dict(
+            projector=_FRUGAL_PROJECTORS[projection], density=density, update_proj_gap=update_gap,
+            proj_type=proj_side, coord_choice=coord_choice, block_order=block_order,
+            reset_statistics=reset_statistics, inactive_update_rule=inactive_update_rule,
+            inactive_lr_scale=inactive_lr_scale, proj_params_lr_scale=proj_params_lr_scale, lift="frugal",
+        )
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         correct_bias=correct_bias, rule="adamw_torch")
+
+    def normalize_group(self, group):
+        if group.get("is_proj_params"):
+            for key, value in self._frugal.items():
+                group.setdefault(key, value)

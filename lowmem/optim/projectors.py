@@ -1,0 +1,383 @@
+"""Projectors: WHERE a parameter's optimizer statistics live.
+
+A projector is stateless code over one parameter's state dict. It says when to refresh, refreshes
+from the current gradient (SVD factors, a seed, chosen indices), maps a full gradient down to the
+subspace (``down``) and a subspace tensor back up (``up``). Everything it keeps in the state is a
+tensor or a plain number, so checkpoints load with ``torch.load(weights_only=True)``.
+
+Shapes use ``nn.Linear`` layout: a gradient is ``m x n`` (out x in).
+
+| projector      | used by               | state it keeps (bytes, fp32)                 |
+|----------------|-----------------------|----------------------------------------------|
+| identity       | plain AdamW, Adam-mini| nothing                                      |
+| svd            | GaLore, Fira, FRUGAL  | ``r x n`` or ``m x r`` factor (4rn / 4mr)    |
+| random_orth    | FRUGAL ``random``     | same as svd                                  |
+| gaussian       | APOLLO, APOLLO-Mini   | two ints: the matrix is regenerated per step |
+| coordinates    | FRUGAL coords/randperm| int64 indices of the kept rows/columns/cells |
+| blocks         | FRUGAL blocks         | one bool (is this tensor active)             |
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+
+
+def resolve_side(proj_type: str, shape: torch.Size | tuple[int, int]) -> str:
+    """Which side carries the rank: ``right`` (moments m x r), ``left`` (r x n) or ``full`` (r x r).
+
+    ``std`` puts the rank on the smaller dimension (GaLore's default).
+    """
+    m, n = shape
+    if proj_type == "std":
+        return "right" if m >= n else "left"
+    if proj_type == "reverse_std":
+        return "left" if m >= n else "right"
+    if proj_type in ("left", "right", "full"):
+        return proj_type
+    raise ValueError(f"unknown proj_type {proj_type!r}; use one of {PROJ_TYPES}")
+
+
+def _due(state: dict, gap: int, key: str) -> bool:
+    """Refresh before the 1st, (T+1)-th, ... update, counted on the step before its increment."""
+    return key not in state or state.get("step", 0) % gap == 0
+
+
+class Projector:
+    """Base class: the identity projector (full-rank statistics, nothing stored)."""
+
+    #: True for projectors that choose among a group's tensors (blocks) rather than per tensor.
+    group_level = False
+
+    def check_shape(self, shape: torch.Size, name: str) -> None:
+        """Raise a clear error before any step when this projector cannot handle ``shape``."""
+
+    def needs_refresh(self, state: dict) -> bool:
+        return False
+
+    def refresh(self, state: dict, grad: torch.Tensor) -> None:
+        """Recompute the subspace from ``grad``."""
+
+    def down(self, state: dict, grad: torch.Tensor) -> torch.Tensor | None:
+        return grad
+
+    def up(self, state: dict, low: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Map ``low`` back to the full shape of ``like`` (the full gradient)."""
+        return low
+
+    def residual(self, state: dict, grad: torch.Tensor, low: torch.Tensor | None) -> torch.Tensor:
+        """The part of ``grad`` outside the subspace (``grad - up(down(grad))``); None if there is none."""
+        return grad if low is None else None
+
+
+class _MatrixProjector(Projector):
+    """Projection by stored factors: ``right``: G Qᵀ / N Q; ``left``: Qᵀ G / Q N; ``full``: both."""
+
+    def __init__(self, rank: int | None, proj_type: str, update_proj_gap: int, density: float | None = None):
+        if proj_type not in PROJ_TYPES:
+            raise ValueError(f"unknown proj_type {proj_type!r}; use one of {PROJ_TYPES}")
+        if update_proj_gap is None or int(update_proj_gap) < 1:
+            raise ValueError(f"update_proj_gap must be a positive integer, got {update_proj_gap!r}")
+        self.rank, self.density = rank, density
+        self.proj_type, self.gap = proj_type, int(update_proj_gap)
+
+    def rank_for(self, shape) -> int:
+        """The rank for this shape: the fixed ``rank``, or FRUGAL's ``round(density * dim)``."""
+        if self.density is None:
+            return int(self.rank)
+        side = resolve_side(self.proj_type, shape)
+        dim = {"right": shape[1], "left": shape[0], "full": min(shape)}[side]
+        return round(dim * self.density)
+
+    def check_shape(self, shape, name):
+        if len(shape) != 2:
+            raise ValueError(
+                f"parameter {name} has shape {tuple(shape)}: low-rank projection needs a 2-D weight; "
+                "leave it out of the targets (it will get plain AdamW)"
+            )
+        r = self.rank_for(shape)
+        if self.density is None and not 0 < r < min(shape):
+            raise ValueError(
+                f"rank={r} must be between 1 and min(m, n) - 1 = {min(shape) - 1} for parameter {name} "
+                f"with shape {tuple(shape)}: lower the rank, or leave this parameter out of the targets"
+            )
+
+    def needs_refresh(self, state):
+        return _due(state, self.gap, "proj_side")
+
+    def refresh(self, state, grad):
+        side = resolve_side(self.proj_type, grad.shape)
+        u, v = self.factors(grad, self.rank_for(grad.shape), side)
+        if u is not None:
+            state["proj_u"] = u
+        if v is not None:
+            state["proj_v"] = v
+        state["proj_side"] = side
+
+    def factors(self, grad, rank, side):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def down(self, state, grad):
+        side = state["proj_side"]
+        if side == "right":
+            return grad @ state["proj_v"].t()
+        if side == "left":
+            return state["proj_u"].t() @ grad
+        return state["proj_u"].t() @ grad @ state["proj_v"].t()
+
+    def residual(self, state, grad, low):
+        return grad - self.up(state, low, grad)
+
+    def up(self, state, low, like=None):
+        side = state["proj_side"]
+        if side == "right":
+            return low @ state["proj_v"]
+        if side == "left":
+            return state["proj_u"] @ low
+        return state["proj_u"] @ low @ state["proj_v"]
+
+
+def _to_grad_dtype(t: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return t if grad.dtype == torch.float32 else t.to(grad.device, grad.dtype)
+
+
+class SVDProjector(_MatrixProjector):
+    """GaLore's projector: the top-r singular vectors of the gradient, refreshed every T steps.
+
+    The SVD runs in fp32; the kept factor is cast to the gradient dtype. ``svd_method="randomized"``
+    (opt-in) uses ``torch.svd_lowrank`` for big matrices: far faster, approximately the same subspace.
+    """
+
+    def __init__(self, rank, proj_type, update_proj_gap, density=None, svd_method="exact", oversample=8):
+        super().__init__(rank, proj_type, update_proj_gap, density)
+        if svd_method not in ("exact", "randomized"):
+            raise ValueError(f"unknown svd_method {svd_method!r}; use 'exact' (default) or 'randomized'")
+        self.svd_method, self.oversample = svd_method, oversample
+
+    def factors(self, grad, rank, side):
+        g = grad if grad.dtype == torch.float32 else grad.float()
+        if self.svd_method == "randomized":
+            q = min(rank + self.oversample, min(g.shape))
+            u_all, _, v_all = torch.svd_lowrank(g, q=q, niter=2)
+            u, vh = u_all[:, :rank], v_all[:, :rank].t()
+        else:
+            u_all, _, vh_all = torch.linalg.svd(g, full_matrices=False)
+            u, vh = u_all[:, :rank], vh_all[:rank, :]
+        u = _to_grad_dtype(u, grad) if side in ("left", "full") else None
+        vh = _to_grad_dtype(vh, grad) if side in ("right", "full") else None
+        return u, vh
+
+
+class RandomOrthogonalProjector(_MatrixProjector):
+    """FRUGAL's ``random``: a random orthonormal basis (QR of a Gaussian, global RNG), every T steps."""
+
+    def factors(self, grad, rank, side):
+        m, n = grad.shape
+        u = v = None
+        if side in ("left", "full"):
+            u = _to_grad_dtype(torch.nn.init.orthogonal_(torch.empty(m, rank, device=grad.device)), grad)
+        if side in ("right", "full"):
+            v = _to_grad_dtype(torch.nn.init.orthogonal_(torch.empty(rank, n, device=grad.device)), grad)
+        return u, v
+
+
+def next_seed(seed: int, advance: int = 15) -> int:
+    """APOLLO's seed chain: the last of ``advance`` int64 draws from a CPU generator seeded with ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, torch.iinfo(torch.int64).max, (advance,), generator=gen)[-1].item()
+
+
+class GaussianProjector(_MatrixProjector):
+    """APOLLO's projector: a seeded Gaussian N(0, 1/r) matrix, never stored.
+
+    The state keeps two ints (the seed of the current matrix and the next seed); the matrix is drawn
+    again from its seed on every step, so APOLLO's state is the two moments alone.
+    """
+
+    def __init__(self, rank, proj_type, update_proj_gap):
+        super().__init__(rank, proj_type, update_proj_gap)
+        if proj_type == "full":
+            raise ValueError("proj_type='full' is not available with the random (APOLLO) projector; use std")
+
+    def needs_refresh(self, state):
+        return _due(state, self.gap, "proj_seed")
+
+    def refresh(self, state, grad):
+        state["proj_side"] = resolve_side(self.proj_type, grad.shape)
+        state["proj_seed"] = state["seed"]
+        state["seed"] = next_seed(state["seed"])
+
+    def matrix(self, state, grad) -> torch.Tensor:
+        m, n = grad.shape
+        r = self.rank_for(grad.shape)
+        shape = (m, r) if state["proj_side"] == "left" else (r, n)
+        gen = torch.Generator(device=grad.device).manual_seed(state["proj_seed"])
+        p = torch.randn(shape, generator=gen, device=grad.device, dtype=torch.float32) / math.sqrt(r)
+        return _to_grad_dtype(p, grad)
+
+    def down(self, state, grad):
+        p = self.matrix(state, grad)
+        return grad @ p.t() if state["proj_side"] == "right" else p.t() @ grad
+
+    def up(self, state, low, like=None):  # pragma: no cover - APOLLO lifts never project back
+        raise NotImplementedError("the APOLLO lift scales the raw gradient and never projects back")
+
+
+class CoordinateProjector(Projector):
+    """FRUGAL's coordinate subspaces: random columns, rows, or single entries (``randk``).
+
+    ``down`` gathers the chosen coordinates, ``up`` scatters into zeros. Indices come from one
+    ``torch.randperm`` on the global RNG, as the reference draws them. The count is
+    ``floor(density * length)`` for coordinates and ``round(density * dim)`` for FRUGAL's
+    ``randperm`` projection (a permutation matrix sliced to r rows/columns, kept here as indices).
+    randk keeps one flat int64 index per entry (8 B), half the reference's two index vectors.
+    """
+
+    def __init__(self, choice: str, density: float, update_gap: int, permutation_side: str | None = None):
+        if choice not in ("columns", "rows", "randk", "permutation"):
+            raise ValueError(f"unknown coord_choice {choice!r}; use 'columns', 'rows' or 'randk'")
+        self.choice, self.density, self.gap = choice, float(density), int(update_gap)
+        self.permutation_side = permutation_side
+
+    def check_shape(self, shape, name):
+        if len(shape) != 2:
+            raise ValueError(f"parameter {name} has shape {tuple(shape)}: coordinate projection needs a 2-D weight")
+
+    def needs_refresh(self, state):
+        return _due(state, self.gap, "proj_idx")
+
+    def refresh(self, state, grad):
+        m, n = grad.shape
+        if self.choice == "permutation":
+            side = resolve_side(self.permutation_side, grad.shape)
+            r = round({"right": n, "left": m, "full": min(m, n)}[side] * self.density)
+            rows = cols = None
+            # The reference builds identity-permutation matrices from CPU randperm draws, left first.
+            if side in ("left", "full"):
+                rows = torch.argsort(torch.randperm(m))[:r].to(grad.device)
+            if side in ("right", "full"):
+                cols = torch.randperm(n)[:r].to(grad.device)
+            state["proj_side"] = side
+            state["proj_idx"] = rows if cols is None else cols
+            if side == "full":
+                state["proj_rows"] = rows
+            return
+        length = {"columns": n, "rows": m, "randk": m * n}[self.choice]
+        state["proj_idx"] = torch.randperm(length, device=grad.device)[: int(length * self.density)]
+
+    def _axis(self, state) -> str:
+        if self.choice != "permutation":
+            return self.choice
+        return {"right": "columns", "left": "rows", "full": "full"}[state["proj_side"]]
+
+    def down(self, state, grad):
+        idx, axis = state["proj_idx"], self._axis(state)
+        if axis == "columns":
+            return grad[:, idx]
+        if axis == "rows":
+            return grad[idx]
+        if axis == "full":
+            return grad[state["proj_rows"]][:, idx]
+        return grad.reshape(-1)[idx]
+
+    def up(self, state, low, like):
+        return self._scatter(state, torch.zeros(like.shape, dtype=low.dtype, device=low.device), low)
+
+    def residual(self, state, grad, low):
+        return self._scatter(state, grad.clone(), 0.0)
+
+    def _scatter(self, state, full, values):
+        idx, axis = state["proj_idx"], self._axis(state)
+        if axis == "columns":
+            full[:, idx] = values
+        elif axis == "rows":
+            full[idx] = values
+        elif axis == "full":
+            full[state["proj_rows"][:, None], idx[None, :]] = values
+        else:
+            full.view(-1)[idx] = values.reshape(-1) if torch.is_tensor(values) else values
+        return full
+
+
+class BlockProjector(Projector):
+    """FRUGAL's block subspace: whole tensors are either active (full statistics) or inactive (none).
+
+    Every ``update_gap`` steps the group's active set moves on: ``descending`` from the last tensor
+    backwards, ``ascending`` from the first, ``mirror`` in pairs from both ends, ``random`` a fresh
+    permutation (global RNG). ``round(density * len(tensors))`` tensors are active at a time.
+    """
+
+    group_level = True
+    ORDERS = ("random", "ascending", "descending", "mirror")
+
+    def __init__(self, density: float, update_gap: int, block_order: str):
+        if block_order not in self.ORDERS:
+            raise ValueError(f"unknown block_order {block_order!r}; use one of {self.ORDERS}")
+        self.density, self.gap, self.order = float(density), int(update_gap), block_order
+
+    def num_active(self, num_tensors: int) -> int:
+        k = round(num_tensors * self.density)
+        if self.order == "mirror" and k % 2:
+            raise ValueError(
+                f"block_order='mirror' activates tensors in pairs, but density={self.density} gives "
+                f"{k} active tensors of {num_tensors}; pick a density that gives an even number"
+            )
+        return k
+
+    def due(self, states: list[dict]) -> bool:
+        return bool(states) and ("step" not in states[0] or states[0]["step"] % self.gap == 0)
+
+    def choose(self, group: dict, count: int) -> list[int]:
+        """Indices of the tensors to activate now; advances the group's cursor (a plain int)."""
+        k = self.num_active(count)
+        if self.order == "random":
+            return torch.randperm(count)[:k].tolist()
+        if self.order == "ascending":
+            start = group.setdefault("next_block_start", 0)
+            nxt = start + k
+            group["next_block_start"] = nxt - count if nxt >= count else nxt
+            return [i % count for i in range(start, start + k)]
+        if self.order == "descending":
+            start = group.setdefault("next_block_start", count - 1)
+            nxt = start - k
+            group["next_block_start"] = nxt + count if nxt < 0 else nxt
+            return [i % count for i in range(start, start - k, -1)]
+        half = count // 2
+        start = group.setdefault("next_block_start", 0)
+        chosen = []
+        for i in range(start, start + k // 2):
+            chosen += [i % half, count - 1 - i % half]
+        nxt = start + k // 2
+        group["next_block_start"] = nxt - half if nxt >= half else nxt
+        return chosen
+
+    def down(self, state, grad):
+        return grad if state.get("active") else None
+
+
+PROJECTORS = ("identity", "svd", "random_orth", "gaussian", "coordinates", "permutation", "blocks")
+
+
+def make_projector(group: dict) -> Projector:
+    """Build the projector named by ``group['projector']`` with the group's options."""
+    name = group.get("projector", "identity")
+    gap = group.get("update_proj_gap", 200)
+    rank, density, proj_type = group.get("rank"), group.get("density"), group.get("proj_type", "std")
+    if name == "identity":
+        return Projector()
+    if name == "svd":
+        return SVDProjector(rank, proj_type, gap, density, group.get("svd_method", "exact"))
+    if name == "random_orth":
+        return RandomOrthogonalProjector(rank, proj_type, gap, density)
+    if name == "gaussian":
+        return GaussianProjector(rank, proj_type, gap)
+    if name == "coordinates":
+        return CoordinateProjector(group.get("coord_choice", "columns"), density, gap)
+    if name == "permutation":
+        return CoordinateProjector("permutation", density, gap, permutation_side=proj_type)
+    if name == "blocks":
+        return BlockProjector(density, gap, group.get("block_order", "random"))
+    raise ValueError(f"unknown projector {name!r}; use one of {PROJECTORS}")

@@ -1,0 +1,102 @@
+"""Rules: HOW moments are kept for a (possibly projected) gradient.
+
+A rule takes the gradient it is given (full or low-rank), its state and the step counter, and
+returns a *direction* ``N`` and a *step factor* ``c``; the lift turns them into the update
+``W -= lr * c * lift(N)``. A rule knows nothing about projection, learning rates or weight decay
+placement beyond declaring where its numeric core puts the decay.
+
+Two AdamW numeric cores recur in the reference code and differ in the last bits:
+
+* ``hf`` (GaLore, APOLLO, Fira copy the legacy transformers AdamW):
+  ``N = m / (sqrt(v) + eps)``, ``c = sqrt(1 - b2^t) / (1 - b1^t)``, decay applied *after* the update.
+* ``torch`` (torch.optim.AdamW, FRUGAL):
+  ``N = m / (sqrt(v) / sqrt(1 - b2^t) + eps)``, ``c = 1 / (1 - b1^t)``, decay applied *before*.
+
+Memory: AdamW keeps two tensors shaped like its input; sign-SGD and SGD keep nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .states import StateStore
+
+
+class Rule:
+    """Base rule: state-free SGD (``N = g``)."""
+
+    stateful = False
+    #: True when weight decay is applied after the update with the raw lr (the ``hf`` core).
+    decay_after_update = False
+
+    def direction(self, grad: torch.Tensor, state: dict, store: StateStore) -> tuple[torch.Tensor, float]:
+        return grad, 1.0
+
+    def reset(self, state: dict) -> None:
+        """Zero the statistics and restart bias correction (FRUGAL's ``reset_statistics``)."""
+        state["step"] = 0
+
+
+class SignSGD(Rule):
+    """State-free sign descent: ``N = sign(g)``."""
+
+    def direction(self, grad, state, store):
+        return grad.sign(), 1.0
+
+
+class AdamW(Rule):
+    """Adam moments with either numeric core (see the module docstring)."""
+
+    stateful = True
+
+    def __init__(self, betas=(0.9, 0.999), eps: float = 1e-6, correct_bias: bool = True, core: str = "hf"):
+        if core not in ("hf", "torch"):
+            raise ValueError(f"unknown AdamW core {core!r}; use 'hf' or 'torch'")
+        self.beta1, self.beta2 = betas
+        self.eps, self.correct_bias, self.core = eps, correct_bias, core
+        self.decay_after_update = core == "hf"
+
+    def direction(self, grad, state, store):
+        if "exp_avg" not in state:
+            state["exp_avg"] = store.zeros_like(grad)
+            state["exp_avg_sq"] = store.zeros_like(grad)
+        m, v = store.load(state, "exp_avg"), store.load(state, "exp_avg_sq")
+        b1, b2, t = self.beta1, self.beta2, state["step"]
+        m.mul_(b1).add_(grad, alpha=1.0 - b1)
+        v.mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
+        denom = v.sqrt()
+        factor = 1.0
+        if self.core == "hf":
+            denom.add_(self.eps)
+            if self.correct_bias:
+                factor = math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
+        else:
+            if self.correct_bias:
+                denom.div_(math.sqrt(1.0 - b2**t))
+                factor = 1.0 / (1.0 - b1**t)
+            denom.add_(self.eps)
+        direction = m / denom
+        store.save(state, "exp_avg", m)
+        store.save(state, "exp_avg_sq", v)
+        return direction, factor
+
+    def reset(self, state):
+        state["step"] = 0
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                state[key].zero_()
+
+
+def make_rule(name: str, betas=(0.9, 0.999), eps: float = 1e-6, correct_bias: bool = True) -> Rule:
+    """Build a rule from its name: ``adamw_hf``, ``adamw_torch``, ``sign_sgd`` or ``sgd``."""
+    if name == "adamw_hf":
+        return AdamW(betas, eps, correct_bias, core="hf")
+    if name == "adamw_torch":
+        return AdamW(betas, eps, correct_bias, core="torch")
+    if name == "sign_sgd":
+        return SignSGD()
+    if name == "sgd":
+        return Rule()
+    raise ValueError(f"unknown rule {name!r}; use 'adamw_hf', 'adamw_torch', 'sign_sgd' or 'sgd'")

@@ -1,0 +1,62 @@
+"""State storage: how a rule's moment tensors are kept between steps.
+
+Rules never allocate or read state tensors directly: they ask a ``StateStore`` for a zeroed tensor,
+for a working view to update, and hand the view back. For full-precision storage (fp32, bf16) the
+working view *is* the stored tensor and is updated in place, so the arithmetic is the same
+sequence of in-place ops the reference optimizers run (bit-identical in the same dtype). Blockwise
+8-bit storage (next issue) plugs in here: ``load`` dequantizes, ``save`` requantizes.
+
+Memory: one tensor per moment with the low-rank gradient's shape, ``element_size(dtype)`` bytes each.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+#: The accepted values of the ``state_dtype`` option (``None`` follows the gradient's dtype).
+STATE_DTYPES = (None, "float32", "bfloat16")
+
+
+def resolve_state_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """Turn a ``state_dtype`` option into a torch dtype (``None`` = follow the gradient dtype)."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    try:
+        return _DTYPES[str(name).lower()]
+    except KeyError:
+        raise ValueError(
+            f"unknown state_dtype {name!r}; use one of {STATE_DTYPES} "
+            "(None keeps moments in the gradient's dtype, as the reference optimizers do)"
+        ) from None
+
+
+class StateStore:
+    """Full-precision storage in a fixed dtype, or in the gradient's dtype when ``dtype`` is None."""
+
+    def __init__(self, dtype: torch.dtype | None = None):
+        self.dtype = dtype
+
+    def zeros_like(self, like: torch.Tensor) -> torch.Tensor:
+        """A zeroed state tensor shaped like ``like`` (the projected gradient)."""
+        return torch.zeros_like(like, dtype=self.dtype or like.dtype)
+
+    def load(self, state: dict, key: str) -> torch.Tensor:
+        """The tensor to update in place for ``state[key]``."""
+        return state[key]
+
+    def save(self, state: dict, key: str, working: torch.Tensor) -> None:
+        """Store a working view back (nothing to do for in-place full-precision storage)."""
+        if working is not state[key]:
+            state[key].copy_(working)
+
+
+def state_bytes(state: dict) -> int:
+    """Exact bytes held by the tensors of one parameter's optimizer state."""
+    return sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
