@@ -1,6 +1,16 @@
-"""lowmem optimizers: one composable ``torch.optim.Optimizer`` and drop-in named presets."""
+"""lowmem optimizers: one composable ``torch.optim.Optimizer`` and drop-in named presets.
+
+``create_optimizer(name, model, **options)`` builds a registered optimizer for a model;
+``available_optimizers()`` lists the names. The classes accept the reference packages'
+constructors, so ``from lowmem.optim import GaLoreAdamW`` replaces galore-torch's.
+"""
 
 from .compose import LowMemOptimizer
 from .presets import FRUGAL, APOLLOAdamW, FiraAdamW, GaLoreAdamW
+from .registry import available_optimizers, create_optimizer
+from .targets import split_parameters
 
-__all__ = ["LowMemOptimizer", "GaLoreAdamW", "APOLLOAdamW", "FiraAdamW", "FRUGAL"]
+__all__ = [
+    "LowMemOptimizer", "GaLoreAdamW", "APOLLOAdamW", "FiraAdamW", "FRUGAL",
+    "create_optimizer", "available_optimizers", "split_parameters",
+]

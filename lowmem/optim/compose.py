@@ -80,6 +80,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         b1, b2 = group["betas"]
         if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
             raise ValueError(f"Invalid betas {group['betas']}: each must be in [0, 1)")
+        parts.projector.check_group(len(group["params"]))
         names = group.get("param_names") or [None] * len(group["params"])
         for i, p in enumerate(group["params"]):
             self._params_seen += 1

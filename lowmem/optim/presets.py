@@ -30,9 +30,9 @@ class GaLoreAdamW(LowMemOptimizer):
     """
 
     def __init__(self, params: Iterable, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
-                 correct_bias=True, no_deprecation_warning=False):
+                 correct_bias=True, no_deprecation_warning=False, state_dtype=None):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         correct_bias=correct_bias, **_HF_CORE)
+                         correct_bias=correct_bias, state_dtype=state_dtype, **_HF_CORE)
 
     def normalize_group(self, group):
         if "rank" in group:
@@ -51,10 +51,11 @@ class APOLLOAdamW(LowMemOptimizer):
     """
 
     def __init__(self, params: Iterable, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
-                 correct_bias=True, scale_front=False, disable_nl=False, no_deprecation_warning=True):
+                 correct_bias=True, scale_front=False, disable_nl=False, no_deprecation_warning=True,
+                 state_dtype=None):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          correct_bias=correct_bias, scale_front=scale_front, disable_nl=disable_nl,
-                         **_HF_CORE)
+                         state_dtype=state_dtype, **_HF_CORE)
 
     def normalize_group(self, group):
         if "rank" in group:
@@ -75,9 +76,9 @@ class FiraAdamW(LowMemOptimizer):
     """
 
     def __init__(self, params: Iterable, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
-                 correct_bias=True, no_deprecation_warning=False):
+                 correct_bias=True, no_deprecation_warning=False, state_dtype=None):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         correct_bias=correct_bias, **_HF_CORE)
+                         correct_bias=correct_bias, state_dtype=state_dtype, **_HF_CORE)
 
     def normalize_group(self, group):
         if "rank" in group:
@@ -111,7 +112,8 @@ class FRUGAL(LowMemOptimizer):
     def __init__(self, params: Iterable, proj_params=None, proj_params_lr_scale=1.0, update_gap=200,
                  density=0.25, reset_statistics=True, inactive_update_rule="sign_sgd", inactive_lr_scale=1.0,
                  projection="svd", proj_side="std", coord_choice="columns", block_order="random",
-                 lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, correct_bias=True):
+                 lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, correct_bias=True,
+                 svd_method="exact", state_dtype=None):
         if projection not in _FRUGAL_PROJECTORS:
             raise ValueError(f"unknown FRUGAL projection {projection!r}; use one of {tuple(_FRUGAL_PROJECTORS)}")
         if not 0.0 <= density <= 1.0:
@@ -127,9 +129,10 @@ class FRUGAL(LowMemOptimizer):
             proj_type=proj_side, coord_choice=coord_choice, block_order=block_order,
             reset_statistics=reset_statistics, inactive_update_rule=inactive_update_rule,
             inactive_lr_scale=inactive_lr_scale, proj_params_lr_scale=proj_params_lr_scale, lift="frugal",
+            svd_method=svd_method,
         )
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         correct_bias=correct_bias, rule="adamw_torch")
+                         correct_bias=correct_bias, rule="adamw_torch", state_dtype=state_dtype)
 
     def normalize_group(self, group):
         if group.get("is_proj_params"):

@@ -55,6 +55,9 @@ class Projector:
     def check_shape(self, shape: torch.Size, name: str) -> None:
         """Raise a clear error before any step when this projector cannot handle ``shape``."""
 
+    def check_group(self, count: int) -> None:
+        """Raise a clear error before any step when a group of ``count`` tensors cannot be handled."""
+
     def needs_refresh(self, state: dict) -> bool:
         return False
 
@@ -326,6 +329,9 @@ class BlockProjector(Projector):
                 f"{k} active tensors of {num_tensors}; pick a density that gives an even number"
             )
         return k
+
+    def check_group(self, count):
+        self.num_active(count)
 
     def due(self, states: list[dict]) -> bool:
         return bool(states) and ("step" not in states[0] or states[0]["step"] % self.gap == 0)

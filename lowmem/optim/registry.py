@@ -1,0 +1,132 @@
+"""Optimizer names -> presets + defaults, and ``create_optimizer`` to build one for a model.
+
+``create_optimizer("galore_adamw", model, lr=1e-2, rank=256)`` splits the model's trainable
+parameters (see ``targets``), puts the attention/MLP weights in the low-rank group with the name's
+defaults, and gives embeddings, the head and norms a plain AdamW group of the same numeric core.
+Biases and norm weights get no weight decay. Options are checked before anything is built: an
+unknown name or option raises ``ValueError`` listing the valid ones and the closest match.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .compose import LowMemOptimizer
+from .presets import FRUGAL, APOLLOAdamW, FiraAdamW, GaLoreAdamW
+from .targets import split_parameters
+
+#: Options every name accepts (``target_modules`` picks the low-rank parameters).
+COMMON_OPTIONS = dict(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), state_dtype=None, target_modules=None)
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """A registered name: the class, its constructor defaults and its low-rank group defaults."""
+
+    cls: type
+    summary: str
+    ctor: dict = field(default_factory=dict)
+    group: dict = field(default_factory=dict)
+    low_rank: bool = True
+
+    def options(self) -> dict:
+        return {**COMMON_OPTIONS, **self.ctor, **self.group}
+
+
+_SVD = dict(update_proj_gap=200, proj_type="std", svd_method="exact")
+_FRUGAL = dict(eps=1e-8, update_gap=200, density=0.25, reset_statistics=True, inactive_update_rule="sign_sgd",
+               inactive_lr_scale=1.0, proj_params_lr_scale=1.0)
+
+REGISTRY: dict[str, OptimizerSpec] = {
+    "adamw": OptimizerSpec(
+        LowMemOptimizer, "full-rank AdamW (torch numeric core); 8 B/param of state in fp32",
+        ctor=dict(eps=1e-8), low_rank=False),
+    "galore_adamw": OptimizerSpec(
+        GaLoreAdamW, "GaLore: AdamW in the top-r SVD subspace, projected back x scale",
+        ctor=dict(eps=1e-6), group=dict(rank=128, scale=0.25, **_SVD)),
+    "apollo_adamw": OptimizerSpec(
+        APOLLOAdamW, "APOLLO: channel-wise gradient scaling from a rank-r random sketch",
+        ctor=dict(eps=1e-6, scale_front=False, disable_nl=False),
+        group=dict(rank=128, proj="random", scale_type="channel", scale=1.0, update_proj_gap=200, proj_type="std")),
+    "apollo_mini": OptimizerSpec(
+        APOLLOAdamW, "APOLLO-Mini: tensor-wise scaling from a rank-1 sketch, x sqrt(128); SGD-like memory",
+        ctor=dict(eps=1e-6, scale_front=False, disable_nl=False),
+        group=dict(rank=1, proj="random", scale_type="tensor", scale=128.0, update_proj_gap=200, proj_type="std")),
+    "fira_adamw": OptimizerSpec(
+        FiraAdamW, "Fira: GaLore plus the norm-scaled out-of-subspace residual with a growth limiter",
+        ctor=dict(eps=1e-6), group=dict(rank=128, alpha=0.25, **_SVD)),
+    "frugal": OptimizerSpec(
+        FRUGAL, "FRUGAL (paper's pretraining default): AdamW on 25% of the weight tensors at a time, "
+        "descending, sign-SGD on the rest",
+        ctor=dict(projection="blocks", block_order="descending", **_FRUGAL)),
+    "frugal_svd": OptimizerSpec(
+        FRUGAL, "FRUGAL with a GaLore-style SVD subspace (rank = density x dim) and a sign-SGD residual",
+        ctor=dict(projection="svd", proj_side="std", svd_method="exact", **_FRUGAL)),
+}
+
+
+def available_optimizers() -> list[str]:
+    """The registered optimizer names."""
+    return sorted(REGISTRY)
+
+
+def _closest(word: str, choices) -> str:
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.4)
+    return f" Did you mean {match[0]!r}?" if match else ""
+
+
+def get_spec(name: str) -> OptimizerSpec:
+    """The spec registered under ``name``; ``ValueError`` naming the valid names and the closest one."""
+    key = name.lower().replace("-", "_") if isinstance(name, str) else name
+    if key not in REGISTRY:
+        raise ValueError(f"unknown optimizer {name!r}.{_closest(str(name), REGISTRY)} "
+                         f"Available: {', '.join(available_optimizers())}.")
+    return REGISTRY[key]
+
+
+def check_options(name: str, options: dict) -> dict:
+    """The spec's defaults updated with ``options``; ``ValueError`` on an option the name does not take."""
+    spec = get_spec(name)
+    allowed = spec.options()
+    for key in options:
+        if key not in allowed:
+            raise ValueError(f"optimizer {name!r} has no option {key!r}.{_closest(key, allowed)} "
+                             f"Its options: {', '.join(sorted(allowed))}.")
+    return {**allowed, **options}
+
+
+def create_optimizer(name: str, model: nn.Module, **options) -> LowMemOptimizer:
+    """Build optimizer ``name`` for ``model``'s trainable parameters (see ``available_optimizers()``)."""
+    spec = get_spec(name)
+    opts = check_options(name, options)
+    split = split_parameters(model, opts.pop("target_modules")) if spec.low_rank else _no_split(model)
+    group_opts = {k: opts.pop(k) for k in spec.group}
+    ctor = {k: v for k, v in opts.items() if k in spec.ctor or k in COMMON_OPTIONS}
+
+    def group(pairs, **keys):
+        return {"params": [p for _, p in pairs], "param_names": [n for n, _ in pairs], **keys}
+
+    groups = []
+    if split.targets:
+        target_keys = {"is_proj_params": True} if spec.cls is FRUGAL else group_opts
+        groups.append(group(split.targets, **target_keys))
+    if split.decay:
+        groups.append(group(split.decay))
+    if split.no_decay:
+        groups.append(group(split.no_decay, weight_decay=0.0))
+    if spec.cls is LowMemOptimizer:
+        ctor["rule"] = "adamw_torch"
+    return spec.cls(groups, **ctor)
+
+
+def _no_split(model: nn.Module):
+    from .targets import ParameterSplit
+
+    split = ParameterSplit()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (split.no_decay if p.dim() < 2 else split.decay).append((name, p))
+    return split

@@ -1,0 +1,85 @@
+"""Exact optimizer-state bytes for known shapes, against the closed-form formulas."""
+
+import pytest
+import torch
+
+from lowmem.optim import FRUGAL, APOLLOAdamW, FiraAdamW, GaLoreAdamW, LowMemOptimizer
+from lowmem.optim.states import state_bytes
+
+M, N, R = 96, 64, 8  # a tall weight (m >= n); the wide case swaps the roles
+
+
+def one_step(opt_cls, shape, group, dtype=torch.float32, **ctor):
+    w = torch.nn.Parameter(torch.randn(*shape, dtype=dtype))
+    opt = opt_cls([{"params": [w], **group}], lr=1e-3, **ctor)
+    w.grad = torch.randn(*shape, dtype=dtype)
+    opt.step()
+    return opt, opt.state[w]
+
+
+@pytest.mark.parametrize("shape", [(M, N), (N, M)])
+def test_galore_bytes_match_formula(shape):
+    m, n = shape
+    _, state = one_step(GaLoreAdamW, shape, dict(rank=R, update_proj_gap=10, scale=0.25, proj_type="std"))
+    small, big = min(m, n), max(m, n)
+    # moments big x r (two of them) + projector r x small, 4 bytes each: 8r/small + 4r/big per param
+    assert state_bytes(state) == 4 * (2 * big * R + R * small)
+    assert state_bytes(state) / (m * n) == pytest.approx(8 * R / small + 4 * R / big)
+
+
+def test_galore_bf16_states_are_half():
+    _, state = one_step(GaLoreAdamW, (M, N), dict(rank=R, update_proj_gap=10, scale=1.0), dtype=torch.bfloat16)
+    assert state_bytes(state) == 2 * (2 * M * R + R * N)
+
+
+def test_state_dtype_option_controls_moment_bytes():
+    _, fp32_state = one_step(GaLoreAdamW, (M, N), dict(rank=R), state_dtype="bfloat16")
+    assert fp32_state["exp_avg"].dtype == torch.bfloat16
+    assert state_bytes(fp32_state) == 2 * 2 * M * R + 4 * R * N  # bf16 moments, fp32 projector
+
+
+@pytest.mark.parametrize("shape", [(M, N), (N, M)])
+def test_apollo_keeps_no_projection_matrix(shape):
+    m, n = shape
+    _, state = one_step(APOLLOAdamW, shape, dict(rank=R, proj="random", scale_type="channel", scale=1.0))
+    # two moments on the big side x r, plus the limiter's 0-d fp32 norm; seeds are plain ints
+    assert state_bytes(state) == 4 * 2 * max(m, n) * R + 4
+    assert isinstance(state["seed"], int) and isinstance(state["proj_seed"], int)
+
+
+def test_apollo_mini_is_sgd_level():
+    opt, state = one_step(APOLLOAdamW, (M, N), dict(rank=1, proj="random", scale_type="tensor", scale=128))
+    assert state_bytes(state) == 8 * M + 4
+    formula = 8 / N + 4 / M  # the reference's bytes/param, which also stores the 1 x n matrix
+    assert state_bytes(state) / (M * N) <= formula
+
+
+def test_fira_is_galore_plus_one_scalar():
+    _, state = one_step(FiraAdamW, (M, N), dict(rank=R, alpha=0.25))
+    assert state_bytes(state) == 4 * (2 * M * R + R * N) + 4
+
+
+def test_adamw_is_eight_bytes_per_param():
+    opt, state = one_step(LowMemOptimizer, (M, N), {})
+    assert state_bytes(state) == 8 * M * N == opt.state_bytes()
+
+
+def test_frugal_blocks_hold_state_only_for_active_tensors():
+    ws = [torch.nn.Parameter(torch.randn(M, N)) for _ in range(4)]
+    opt = FRUGAL([{"params": ws, "is_proj_params": True}], projection="blocks", density=0.25,
+                 block_order="descending", update_gap=5)
+    for w in ws:
+        w.grad = torch.randn(M, N)
+    opt.step()
+    assert [opt.state[w]["active"] for w in ws] == [False, False, False, True]
+    assert opt.state_bytes() == 8 * M * N  # one active tensor of four: 8 * density B/param on average
+
+
+def test_frugal_randk_uses_one_index_per_entry():
+    w = torch.nn.Parameter(torch.randn(M, N))
+    opt = FRUGAL([{"params": [w], "is_proj_params": True}], projection="coordinates", coord_choice="randk",
+                 density=0.25)
+    w.grad = torch.randn(M, N)
+    opt.step()
+    k = int(M * N * 0.25)
+    assert opt.state_bytes() == 8 * k + 8 * k  # two fp32 moments + one int64 flat index per entry

@@ -1,0 +1,127 @@
+"""Unit tests of the separate parts: projectors, rules, lifts."""
+
+import pytest
+import torch
+
+from lowmem.optim import LowMemOptimizer
+from lowmem.optim.lifts import limit_norm_growth
+from lowmem.optim.projectors import (BlockProjector, CoordinateProjector, GaussianProjector, SVDProjector,
+                                     next_seed, resolve_side)
+from lowmem.optim.rules import AdamW
+from lowmem.optim.states import StateStore
+
+
+def low_rank_plus_noise(m, n, r, noise=1e-3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(m, r, generator=g) @ torch.randn(r, n, generator=g) + noise * torch.randn(m, n, generator=g)
+
+
+@pytest.mark.parametrize("proj_type,shape,expected", [
+    ("std", (8, 4), "right"), ("std", (4, 8), "left"), ("reverse_std", (8, 4), "left"),
+    ("reverse_std", (4, 8), "right"), ("left", (8, 4), "left"), ("full", (4, 8), "full"),
+])
+def test_resolve_side(proj_type, shape, expected):
+    assert resolve_side(proj_type, shape) == expected
+
+
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right", "full"])
+def test_svd_projector_is_lossless_on_a_rank_r_gradient(proj_type):
+    grad = low_rank_plus_noise(48, 32, 4, noise=0.0)
+    proj, state = SVDProjector(4, proj_type, 10), {}
+    proj.refresh(state, grad)
+    rebuilt = proj.up(state, proj.down(state, grad), grad)
+    torch.testing.assert_close(rebuilt, grad, rtol=1e-4, atol=1e-4)
+    assert proj.residual(state, grad, proj.down(state, grad)).norm() < 1e-3 * grad.norm()
+
+
+def test_randomized_svd_finds_the_same_subspace():
+    grad = low_rank_plus_noise(300, 200, 16)
+    exact, fast = SVDProjector(16, "std", 10), SVDProjector(16, "std", 10, svd_method="randomized")
+    s1, s2 = {}, {}
+    exact.refresh(s1, grad)
+    fast.refresh(s2, grad)
+    p1, p2 = s1["proj_v"].t() @ s1["proj_v"], s2["proj_v"].t() @ s2["proj_v"]
+    assert (p1 - p2).norm() / p1.norm() < 1e-3  # same subspace up to rotation/sign
+
+
+def test_refresh_schedule_every_T_steps():
+    proj, state = SVDProjector(2, "std", 3), {}
+    refreshed = []
+    for k in range(8):
+        state["step"] = k
+        refreshed.append(proj.needs_refresh(state))
+        if refreshed[-1]:
+            proj.refresh(state, torch.randn(6, 4))
+    assert refreshed == [True, False, False, True, False, False, True, False]
+
+
+def test_gaussian_projector_regenerates_the_same_matrix_from_its_seed():
+    grad = torch.randn(40, 24)
+    proj, state = GaussianProjector(6, "std", 5), {"seed": 7}
+    proj.refresh(state, grad)
+    assert state["proj_seed"] == 7 and state["seed"] == next_seed(7) != 7
+    a, b = proj.matrix(state, grad), proj.matrix(state, grad)
+    assert torch.equal(a, b) and a.shape == (6, 24)
+    assert abs(a.var().item() - 1 / 6) < 0.05  # N(0, 1/r)
+
+
+@pytest.mark.parametrize("choice", ["columns", "rows", "randk"])
+def test_coordinate_projector_gathers_scatters_and_zeroes_the_residual(choice):
+    grad = torch.randn(10, 8)
+    proj, state = CoordinateProjector(choice, 0.25, 5), {}
+    torch.manual_seed(0)
+    proj.refresh(state, grad)
+    low = proj.down(state, grad)
+    expected_count = {"columns": 10 * 2, "rows": 2 * 8, "randk": 20}[choice]
+    assert low.numel() == expected_count
+    up, res = proj.up(state, low, grad), proj.residual(state, grad, low)
+    torch.testing.assert_close(up + res, grad, rtol=0, atol=0)
+    assert ((up != 0) & (res != 0)).sum() == 0
+
+
+@pytest.mark.parametrize("order,expected", [
+    ("descending", [[5], [4], [3], [2], [1], [0], [5]]),
+    ("ascending", [[0], [1], [2], [3], [4], [5], [0]]),
+    ("mirror", [[0, 5], [1, 4], [2, 3], [0, 5]]),
+])
+def test_block_orders(order, expected):
+    density = 2 / 6 if order == "mirror" else 1 / 6
+    proj, group = BlockProjector(density, 10, order), {}
+    chosen = [sorted(proj.choose(group, 6)) for _ in expected]
+    assert chosen == [sorted(e) for e in expected]
+
+
+def test_adamw_cores_differ_only_in_eps_placement_and_bias_correction():
+    g = torch.randn(5, 3)
+    hf, tc = AdamW(eps=1e-8, core="hf"), AdamW(eps=1e-8, core="torch")
+    s1, s2 = {"step": 1}, {"step": 1}
+    n1, c1 = hf.direction(g, s1, StateStore())
+    n2, c2 = tc.direction(g, s2, StateStore())
+    # first step: m = 0.1 g, v = 0.001 g^2 -> both updates are ~ lr * sign(g)
+    torch.testing.assert_close(n1 * c1, g.sign(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(n2 * c2, g.sign(), rtol=1e-4, atol=1e-4)
+    assert hf.decay_after_update and not tc.decay_after_update
+
+
+def test_plain_adamw_matches_torch_adamw():
+    torch.manual_seed(0)
+    w1 = torch.nn.Parameter(torch.randn(7, 5))
+    w2 = torch.nn.Parameter(w1.detach().clone())
+    ours = LowMemOptimizer([w1], lr=1e-2, weight_decay=0.1, rule="adamw_torch")
+    ref = torch.optim.AdamW([w2], lr=1e-2, weight_decay=0.1, foreach=False)
+    for _ in range(20):
+        g = torch.randn(7, 5)
+        w1.grad, w2.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    torch.testing.assert_close(w1, w2, rtol=1e-6, atol=1e-7)
+
+
+def test_limiter_caps_growth_and_keeps_small_steps():
+    state = {}
+    first = limit_norm_growth(torch.ones(4), state)
+    assert torch.equal(first, torch.ones(4))
+    capped = limit_norm_growth(torch.full((4,), 10.0), state)
+    assert capped.norm() == pytest.approx(1.01 * 2.0, rel=1e-6)
+    smaller = limit_norm_growth(torch.full((4,), 0.5), state)
+    assert torch.equal(smaller, torch.full((4,), 0.5))

@@ -1,0 +1,136 @@
+"""Names, options, target selection and users' mistakes: clear errors before any step."""
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import lowmem
+from lowmem.optim import FRUGAL, GaLoreAdamW, split_parameters
+
+
+def tiny_llama(tie=False):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=tie)
+    return LlamaForCausalLM(cfg)
+
+
+def test_registered_names():
+    names = lowmem.available_optimizers()
+    for required in ("galore_adamw", "apollo_adamw", "apollo_mini", "fira_adamw", "frugal", "frugal_svd"):
+        assert required in names
+
+
+@pytest.mark.parametrize("name", ["galore_adamw", "apollo_adamw", "apollo_mini", "fira_adamw", "frugal",
+                                  "frugal_svd", "adamw"])
+def test_every_name_trains_a_tiny_llama(name):
+    model = tiny_llama()
+    rank = {"rank": 16} if name in ("galore_adamw", "apollo_adamw", "fira_adamw") else {}
+    opt = lowmem.create_optimizer(name, model, lr=3e-3, **rank)
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(15):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.3, losses
+
+
+def test_default_targets_are_attention_and_mlp_linears_only():
+    split = split_parameters(tiny_llama())
+    names = [n for n, _ in split.targets]
+    assert len(names) == 2 * 7
+    assert all(("self_attn" in n or "mlp" in n) and n.endswith("weight") for n in names)
+    others = [n for n, _ in split.decay + split.no_decay]
+    assert "model.embed_tokens.weight" in others and "lm_head.weight" in others
+    assert all("norm" in n for n, _ in split.no_decay)
+
+
+def test_target_forms_substrings_regex_all_linear():
+    model = tiny_llama()
+    assert len(split_parameters(model, ["q_proj", "v_proj"]).targets) == 4
+    assert len(split_parameters(model, r".*layers\.0\..*proj").targets) == 7
+    all_linear = [n for n, _ in split_parameters(model, "all-linear").targets]
+    assert len(all_linear) == 14 and "lm_head.weight" not in all_linear
+
+
+def test_frozen_parameters_are_skipped():
+    model = tiny_llama()
+    model.model.layers[0].requires_grad_(False)
+    opt = lowmem.create_optimizer("galore_adamw", model, rank=8)
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not any(id(p) in in_opt for p in model.model.layers[0].parameters())
+    assert len(split_parameters(model).targets) == 7
+
+
+def test_tied_embeddings_appear_once():
+    model = tiny_llama(tie=True)
+    opt = lowmem.create_optimizer("galore_adamw", model, rank=8)
+    ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+
+
+def test_biases_and_norms_get_no_weight_decay():
+    opt = lowmem.create_optimizer("galore_adamw", tiny_llama(), rank=8, weight_decay=0.1)
+    for group in opt.param_groups:
+        expected = 0.0 if all(p.dim() == 1 for p in group["params"]) else 0.1
+        assert group["weight_decay"] == expected
+
+
+def test_unknown_name_lists_valid_names_and_closest():
+    with pytest.raises(ValueError, match=r"unknown optimizer 'galor_adamw'.*Did you mean 'galore_adamw'.*apollo_mini"):
+        lowmem.create_optimizer("galor_adamw", tiny_llama())
+
+
+def test_unknown_option_names_closest():
+    with pytest.raises(ValueError, match=r"no option 'rnk'.*Did you mean 'rank'"):
+        lowmem.create_optimizer("galore_adamw", tiny_llama(), rnk=8)
+
+
+def test_rank_too_large_is_caught_before_any_step():
+    with pytest.raises(ValueError, match=r"rank=64 must be between 1 and .* = 63 .*q_proj"):
+        lowmem.create_optimizer("galore_adamw", tiny_llama(), rank=64)
+    with pytest.raises(ValueError, match=r"rank=128"):  # the default rank on a 64-wide model
+        lowmem.create_optimizer("galore_adamw", tiny_llama())
+
+
+def test_unknown_proj_type():
+    with pytest.raises(ValueError, match="unknown proj_type 'middle'"):
+        lowmem.create_optimizer("galore_adamw", tiny_llama(), rank=8, proj_type="middle")
+    w = nn.Parameter(torch.randn(8, 6))
+    with pytest.raises(ValueError, match="unknown proj_type"):
+        GaLoreAdamW([{"params": [w], "rank": 2, "proj_type": "diagonal"}])
+
+
+def test_targets_matching_nothing():
+    with pytest.raises(ValueError, match=r"matched no trainable nn.Linear.*q_proj"):
+        lowmem.create_optimizer("galore_adamw", tiny_llama(), rank=8, target_modules=["conv"])
+
+
+def test_non_2d_target_is_rejected():
+    with pytest.raises(ValueError, match=r"matched 'model.norm'.*2-D nn.Linear"):
+        lowmem.create_optimizer("galore_adamw", tiny_llama(), rank=8, target_modules="model.norm")
+    b = nn.Parameter(torch.randn(16))
+    with pytest.raises(ValueError, match=r"shape \(16,\).*2-D"):
+        GaLoreAdamW([{"params": [b], "rank": 4}])
+
+
+def test_bad_frugal_options():
+    w = nn.Parameter(torch.randn(8, 6))
+    with pytest.raises(ValueError, match="unknown FRUGAL projection"):
+        FRUGAL([{"params": [w], "is_proj_params": True}], projection="pca")
+    with pytest.raises(ValueError, match="density must be in"):
+        FRUGAL([{"params": [w], "is_proj_params": True}], density=1.5)
+    with pytest.raises(ValueError, match="inactive_update_rule"):
+        FRUGAL([{"params": [w], "is_proj_params": True}], inactive_update_rule="adam")
+    ws = [nn.Parameter(torch.randn(4, 4)) for _ in range(3)]
+    with pytest.raises(ValueError, match="mirror.*even"):
+        FRUGAL([{"params": ws, "is_proj_params": True}], projection="blocks", block_order="mirror", density=0.34)
+
+
+def test_bad_state_dtype():
+    with pytest.raises(ValueError, match="unknown state_dtype 'int4'"):
+        lowmem.create_optimizer("galore_adamw", tiny_llama(), rank=8, state_dtype="int4")
