@@ -56,7 +56,7 @@ def train(optimizer: str, steps: int, lr: float, rank: int, seed: int = 0, log_e
     opt = create_optimizer(optimizer, model, lr=lr, **options)
     data, gen = stdlib_bytes(), torch.Generator().manual_seed(seed)
     losses, start = [], time.perf_counter()
-    for step, ids in zip(range(1, steps + 1), batches(data, batch=8, seq=128, generator=gen)):
+    for step, ids in zip(range(1, steps + 1), batches(data, batch=8, seq=128, generator=gen), strict=False):
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()

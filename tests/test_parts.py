@@ -5,8 +5,14 @@ import torch
 
 from lowmem.optim import LowMemOptimizer
 from lowmem.optim.lifts import limit_norm_growth
-from lowmem.optim.projectors import (BlockProjector, CoordinateProjector, GaussianProjector, SVDProjector,
-                                     next_seed, resolve_side)
+from lowmem.optim.projectors import (
+    BlockProjector,
+    CoordinateProjector,
+    GaussianProjector,
+    SVDProjector,
+    next_seed,
+    resolve_side,
+)
 from lowmem.optim.rules import AdamW
 from lowmem.optim.states import StateStore
 

@@ -20,8 +20,8 @@ Group keys (all optional; defaults in ``GROUP_DEFAULTS``):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 

@@ -15,7 +15,7 @@ references do.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from .compose import LowMemOptimizer
 
