@@ -29,7 +29,7 @@ LIMITER_GAMMA = 1.01
 
 
 def limit_norm_growth(update: torch.Tensor, state: dict, gamma: float = LIMITER_GAMMA) -> torch.Tensor:
-    """Rescale ``update`` so its norm grows at most ``gamma``x over the previous step's."""
+    """Rescale ``update`` (in place) so its norm grows at most ``gamma``x over the previous step's."""
     norm = torch.norm(update)
     if "limiter_norm" not in state:
         state["limiter_norm"] = norm
@@ -38,7 +38,7 @@ def limit_norm_growth(update: torch.Tensor, state: dict, gamma: float = LIMITER_
     # Exactly 1.0 when the norm grew less than gamma (dividing gamma by itself is not 1.0 in bf16).
     limiter = torch.where(growth >= gamma, growth / gamma, 1.0)
     state["limiter_norm"] = norm / limiter
-    return update / limiter
+    return update.div_(limiter)
 
 
 def channel_ratio(direction: torch.Tensor, low: torch.Tensor, side: str, scale_type: str) -> torch.Tensor:
@@ -61,7 +61,7 @@ class Lift:
     def apply(self, p, grad, low, direction, factor, state, projector: Projector, lr: float) -> None:
         update = projector.up(state, _like(direction, grad), grad)
         if self.scale != 1.0:
-            update = update * self.scale
+            update = update * self.scale if update is grad else update.mul_(self.scale)
         p.add_(update, alpha=-lr * factor)
 
 
@@ -105,9 +105,9 @@ class FiraLift(Lift):
     def apply(self, p, grad, low, direction, factor, state, projector, lr):
         direction = _like(direction, grad)
         phi = channel_ratio(direction, low, state["proj_side"], "channel")
-        residual = (grad - projector.up(state, low, grad) * self.scale) * phi
+        residual = torch.sub(grad, projector.up(state, low, grad).mul_(self.scale)).mul_(phi)
         residual = limit_norm_growth(residual, state)
-        update = projector.up(state, direction, grad) * self.scale + residual
+        update = projector.up(state, direction, grad).mul_(self.scale).add_(residual)
         p.add_(update, alpha=-lr * factor)
 
 

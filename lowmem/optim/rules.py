@@ -77,7 +77,7 @@ class AdamW(Rule):
                 denom.div_(math.sqrt(1.0 - b2**t))
                 factor = 1.0 / (1.0 - b1**t)
             denom.add_(self.eps)
-        direction = m / denom
+        direction = torch.div(m, denom, out=denom)
         store.save(state, "exp_avg", m)
         store.save(state, "exp_avg_sq", v)
         return direction, factor
