@@ -83,3 +83,22 @@ def test_frugal_randk_uses_one_index_per_entry():
     opt.step()
     k = int(M * N * 0.25)
     assert opt.state_bytes() == 8 * k + 8 * k  # two fp32 moments + one int64 flat index per entry
+
+
+def test_load_state_dict_keeps_state_dtypes(tmp_path):
+    """torch would cast state to the param dtype on load; lowmem keeps fp32 moments and int64 indices."""
+    w = torch.nn.Parameter(torch.randn(M, N, dtype=torch.bfloat16))
+    opt = GaLoreAdamW([{"params": [w], "rank": R}], state_dtype="float32")
+    v = torch.nn.Parameter(torch.randn(M, N))
+    frugal = FRUGAL([{"params": [v], "is_proj_params": True}], projection="coordinates")
+    w.grad, v.grad = torch.randn(M, N, dtype=torch.bfloat16), torch.randn(M, N)
+    opt.step()
+    frugal.step()
+    for optimizer, param in ((opt, w), (frugal, v)):
+        before = {k: t.dtype for k, t in optimizer.state[param].items() if torch.is_tensor(t)}
+        torch.save(optimizer.state_dict(), tmp_path / "opt.pt")
+        optimizer.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+        after = {k: t.dtype for k, t in optimizer.state[param].items() if torch.is_tensor(t)}
+        assert after == before
+    assert opt.state[w]["exp_avg"].dtype == torch.float32
+    assert frugal.state[v]["proj_idx"].dtype == torch.int64

@@ -140,6 +140,23 @@ class LowMemOptimizer(torch.optim.Optimizer):
         if wd and parts.rule.decay_after_update:
             p.add_(p, alpha=-lr * wd)
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load groups and state, keeping every state tensor's own dtype (moved to its param's device).
+
+        torch's loader casts floating state to the parameter's dtype, which would turn fp32 moments of
+        a bf16 model (``state_dtype="float32"``) into bf16 and FRUGAL's int64 indices into floats.
+        """
+        saved_state = state_dict["state"]
+        super().load_state_dict({**state_dict, "state": {}})
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        by_id = dict(zip(saved_ids, params, strict=True))
+        for pid, saved in saved_state.items():
+            param = by_id[pid]
+            self.state[param] = {
+                k: v.to(device=param.device) if torch.is_tensor(v) else v for k, v in saved.items()
+            }
+
     def state_bytes(self) -> int:
         """Exact bytes of every tensor this optimizer holds as state."""
         return sum(state_bytes(s) for s in self.state.values())
