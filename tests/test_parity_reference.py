@@ -52,16 +52,6 @@ APOLLO_CASES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These matrices are tiny: one intra-op thread is fastest, and it keeps the file fast on a busy 2-core
-    machine (OpenMP threads spinning against another process made it ~100x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def case(name):
     """(our class, reference class, projected-group keys, constructor kwargs) for a case name."""
     if name in GALORE_CASES:
