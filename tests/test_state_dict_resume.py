@@ -200,8 +200,9 @@ def test_apollo_state_has_no_projection_matrix(variant, tmp_path):
     else:
         group, ctor, rank = dict(scale_type="tensor", scale=128, rank=1), dict(scale_front=True), 1
     (ours, ref), (ours_params, ref_params) = apollo_pair(group, ctor)
-    for n in ours_params:  # same run (bit-identical), so the byte counts compare like for like
-        assert torch.equal(ours_params[n], ref_params[n]), n
+    for n in ours_params:  # the same run (fp32 parity), so the byte counts compare like for like
+        diff = (ours_params[n] - ref_params[n]).abs().max() / ref_params[n].abs().max()
+        assert diff <= 1e-5, (n, diff.item())
 
     # std projection: tall m x n (m >= n) -> matrix r x n; wide m x n -> matrix m x r
     matrix_shapes = {"tall": (rank, 64), "wide": (64, rank), "square": (rank, 48)}
