@@ -105,7 +105,10 @@ class FrugalLift(Lift):
         if self.rule != "no":
             residual = projector.residual(state, grad, low)
             if residual is not None:
-                free = torch.sign(residual) if self.rule == "sign_sgd" else residual
+                if self.rule == "sign_sgd":  # in place unless the residual is the gradient itself
+                    free = residual.sign() if residual is grad else residual.sign_()
+                else:
+                    free = residual
                 inactive_lr = active_lr * self.inactive_scale
                 if update is None:
                     update = free * -inactive_lr
