@@ -131,3 +131,29 @@ def test_limiter_caps_growth_and_keeps_small_steps():
     assert capped.norm() == pytest.approx(1.01 * 2.0, rel=1e-6)
     smaller = limit_norm_growth(torch.full((4,), 0.5), state)
     assert torch.equal(smaller, torch.full((4,), 0.5))
+
+
+@pytest.mark.parametrize("rule", ["sign_sgd", "sgd"])
+def test_state_free_rules_through_the_compose_optimizer(rule):
+    w = torch.nn.Parameter(torch.randn(6, 4))
+    start, g = w.detach().clone(), torch.randn(6, 4)
+    opt = LowMemOptimizer([w], lr=0.1, weight_decay=0.5, rule=rule)
+    w.grad = g
+    opt.step()
+    step = g.sign() if rule == "sign_sgd" else g
+    torch.testing.assert_close(w.detach(), start * (1 - 0.1 * 0.5) - 0.1 * step)  # torch-style decay first
+    assert opt.state_bytes() == 0
+
+
+def test_parts_compose_beyond_the_papers():
+    """An APOLLO lift over GaLore's SVD subspace with bf16 moments: any projector x rule x precision."""
+    w = torch.nn.Parameter(torch.randn(32, 16))
+    opt = LowMemOptimizer([{"params": [w], "projector": "svd", "rank": 4, "update_proj_gap": 3, "lift": "apollo",
+                            "rule": "adamw_hf", "state_dtype": "bfloat16"}], lr=1e-2)
+    before = w.detach().clone()
+    for _ in range(5):
+        w.grad = torch.randn(32, 16)
+        opt.step()
+    state = opt.state[w]
+    assert state["exp_avg"].dtype == torch.bfloat16 and state["exp_avg"].shape == (32, 4)
+    assert not torch.equal(w.detach(), before) and torch.isfinite(w).all()
