@@ -230,3 +230,16 @@ def test_apollo_state_has_no_projection_matrix(variant, tmp_path):
     torch.save(ref.state_dict(), tmp_path / "ref.pt")
     with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
         torch.load(tmp_path / "ref.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_state_holds_only_tensors_and_plain_numbers(name):
+    params = {n: torch.nn.Parameter(w.clone()) for n, w in initial_weights().items()}
+    opt = OPTIMIZERS[name]([params[n] for n in PLAIN], [params[n] for n in SHAPES])
+    for grads in gradients()[:2]:
+        for n, p in params.items():
+            p.grad = grads[n].clone()
+        opt.step()
+    values = [v for s in opt.state.values() for v in s.values()]
+    assert values and all(torch.is_tensor(v) or type(v) in (int, float, bool) for v in values), \
+        {type(v) for v in values}

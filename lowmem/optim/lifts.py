@@ -123,7 +123,7 @@ class FiraLift(Lift):
 
     def apply(self, p, grad, low, direction, factor, state, projector, lr):
         direction = _like(direction, grad)
-        phi = channel_ratio(direction, low, state["proj_side"], "channel")
+        phi = channel_ratio(direction, low, projector.side(grad.shape), "channel")
         residual = torch.sub(grad, projector.up(state, low, grad).mul_(self.scale)).mul_(phi)
         residual = limit_norm_growth(residual, state)
         update = projector.up(state, direction, grad).mul_(self.scale).add_(residual)
@@ -140,17 +140,18 @@ class ApolloLift(Lift):
         self.scale_type, self.scale_front, self.limiter = scale_type, scale_front, limiter
 
     def apply(self, p, grad, low, direction, factor, state, projector, lr):
+        side = projector.side(grad.shape)
         if grad.dtype == torch.float32:
-            self._apply_fused(p, grad, low, direction, factor, state, lr)
+            self._apply_fused(p, grad, low, direction, factor, state, lr, side)
         else:
-            self._apply_in_reference_order(p, grad, low, direction, factor, state, lr)
+            self._apply_in_reference_order(p, grad, low, direction, factor, state, lr, side)
 
-    def _apply_fused(self, p, grad, low, direction, factor, state, lr):
+    def _apply_fused(self, p, grad, low, direction, factor, state, lr, side):
         """fp32: S = sqrt(alpha) * limit(phi * G) is never formed, only its per-channel coefficient (an m- or
         n-vector, or a scalar); the limiter reads ||phi * G|| from G's row/column norms and the weight takes
         the update in one addcmul_. Saves the m x n temporary and four passes over it; equal to the
         reference to fp32 rounding (~1e-7 relative)."""
-        side, root = state["proj_side"], math.sqrt(self.scale)
+        root = math.sqrt(self.scale)
         coef = channel_ratio(direction, low, side, self.scale_type)
         if self.scale_front:
             coef = coef * root
@@ -162,10 +163,10 @@ class ApolloLift(Lift):
             coef = coef * root
         p.addcmul_(grad, coef, value=-lr * factor)
 
-    def _apply_in_reference_order(self, p, grad, low, direction, factor, state, lr):
+    def _apply_in_reference_order(self, p, grad, low, direction, factor, state, lr, side):
         """bf16/fp16: form S in the gradient's dtype with apollo-torch's sequence of roundings, so
         low-precision weights stay bit-identical to the reference (one fused rounding drifts by ulps)."""
-        update = grad * channel_ratio(_like(direction, grad), low, state["proj_side"], self.scale_type)
+        update = grad * channel_ratio(_like(direction, grad), low, side, self.scale_type)
         if self.scale_front:
             update *= math.sqrt(self.scale)
         if self.limiter:

@@ -22,17 +22,21 @@ from .compose import LowMemOptimizer
 _HF_CORE = dict(rule="adamw_hf")
 
 
-class GaLoreAdamW(LowMemOptimizer):
-    """GaLore (Zhao et al. 2024): AdamW moments in the top-r SVD subspace of each gradient.
-
-    Memory per m x n weight (m >= n, fp32): ``4(2mr + rn)`` bytes, i.e. ``8r/n + 4r/m`` B/param
-    against AdamW's 8.
-    """
+class _HFCoreOptimizer(LowMemOptimizer):
+    """The constructor GaLore and Fira share (the legacy transformers AdamW numeric core)."""
 
     def __init__(self, params: Iterable, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
                  correct_bias=True, no_deprecation_warning=False, state_dtype=None):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          correct_bias=correct_bias, state_dtype=state_dtype, **_HF_CORE)
+
+
+class GaLoreAdamW(_HFCoreOptimizer):
+    """GaLore (Zhao et al. 2024): AdamW moments in the top-r SVD subspace of each gradient.
+
+    Memory per m x n weight (m >= n, fp32): ``4(2mr + rn)`` bytes, i.e. ``8r/n + 4r/m`` B/param
+    against AdamW's 8.
+    """
 
     def normalize_group(self, group):
         if "rank" in group:
@@ -69,16 +73,11 @@ class APOLLOAdamW(LowMemOptimizer):
             group.setdefault("proj_type", "std")
 
 
-class FiraAdamW(LowMemOptimizer):
+class FiraAdamW(_HFCoreOptimizer):
     """Fira (Chen et al. 2024): GaLore plus the norm-scaled out-of-subspace residual and a limiter.
 
     Memory: as GaLore, plus one 0-d tensor per weight.
     """
-
-    def __init__(self, params: Iterable, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
-                 correct_bias=True, no_deprecation_warning=False, state_dtype=None):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         correct_bias=correct_bias, state_dtype=state_dtype, **_HF_CORE)
 
     def normalize_group(self, group):
         if "rank" in group:

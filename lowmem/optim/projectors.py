@@ -41,9 +41,9 @@ def resolve_side(proj_type: str, shape: torch.Size | tuple[int, int]) -> str:
     raise ValueError(f"unknown proj_type {proj_type!r}; use one of {PROJ_TYPES}")
 
 
-def _due(state: dict, gap: int, key: str) -> bool:
+def _due(state: dict, gap: int, *keys: str) -> bool:
     """Refresh before the 1st, (T+1)-th, ... update, counted on the step before its increment."""
-    return key not in state or state.get("step", 0) % gap == 0
+    return not any(k in state for k in keys) or state.get("step", 0) % gap == 0
 
 
 class Projector:
@@ -57,6 +57,10 @@ class Projector:
 
     def check_group(self, count: int) -> None:
         """Raise a clear error before any step when a group of ``count`` tensors cannot be handled."""
+
+    def side(self, shape) -> str | None:
+        """Which side of an ``m x n`` gradient carries the rank (None: no matrix subspace)."""
+        return None
 
     def needs_refresh(self, state: dict) -> bool:
         return False
@@ -108,23 +112,24 @@ class _MatrixProjector(Projector):
                 f"with shape {tuple(shape)}: lower the rank, or leave this parameter out of the targets"
             )
 
+    def side(self, shape):
+        return resolve_side(self.proj_type, shape)
+
     def needs_refresh(self, state):
-        return _due(state, self.gap, "proj_side")
+        return _due(state, self.gap, "proj_u", "proj_v")
 
     def refresh(self, state, grad):
-        side = resolve_side(self.proj_type, grad.shape)
-        u, v = self.factors(grad, self.rank_for(grad.shape), side)
+        u, v = self.factors(grad, self.rank_for(grad.shape), self.side(grad.shape))
         if u is not None:
             state["proj_u"] = u
         if v is not None:
             state["proj_v"] = v
-        state["proj_side"] = side
 
     def factors(self, grad, rank, side):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def down(self, state, grad):
-        side = state["proj_side"]
+        side = self.side(grad.shape)
         if side == "right":
             return grad @ state["proj_v"].t()
         if side == "left":
@@ -134,8 +139,8 @@ class _MatrixProjector(Projector):
     def residual(self, state, grad, low):
         return grad - self.up(state, low, grad)
 
-    def up(self, state, low, like=None):
-        side = state["proj_side"]
+    def up(self, state, low, like):
+        side = self.side(like.shape)
         if side == "right":
             return low @ state["proj_v"]
         if side == "left":
@@ -209,23 +214,22 @@ class GaussianProjector(_MatrixProjector):
         return _due(state, self.gap, "proj_seed")
 
     def refresh(self, state, grad):
-        state["proj_side"] = resolve_side(self.proj_type, grad.shape)
         state["proj_seed"] = state["seed"]
         state["seed"] = next_seed(state["seed"])
 
     def matrix(self, state, grad) -> torch.Tensor:
         m, n = grad.shape
         r = self.rank_for(grad.shape)
-        shape = (m, r) if state["proj_side"] == "left" else (r, n)
+        shape = (m, r) if self.side(grad.shape) == "left" else (r, n)
         gen = torch.Generator(device=grad.device).manual_seed(state["proj_seed"])
         p = torch.randn(shape, generator=gen, device=grad.device, dtype=torch.float32) / math.sqrt(r)
         return _to_grad_dtype(p, grad)
 
     def down(self, state, grad):
         p = self.matrix(state, grad)
-        return grad @ p.t() if state["proj_side"] == "right" else p.t() @ grad
+        return grad @ p.t() if self.side(grad.shape) == "right" else p.t() @ grad
 
-    def up(self, state, low, like=None):  # pragma: no cover - APOLLO lifts never project back
+    def up(self, state, low, like):  # pragma: no cover - APOLLO lifts never project back
         raise NotImplementedError("the APOLLO lift scales the raw gradient and never projects back")
 
 
@@ -263,7 +267,6 @@ class CoordinateProjector(Projector):
                 rows = torch.argsort(torch.randperm(m))[:r].to(grad.device)
             if side in ("right", "full"):
                 cols = torch.randperm(n)[:r].to(grad.device)
-            state["proj_side"] = side
             state["proj_idx"] = rows if cols is None else cols
             if side == "full":
                 state["proj_rows"] = rows
@@ -271,13 +274,16 @@ class CoordinateProjector(Projector):
         length = {"columns": n, "rows": m, "randk": m * n}[self.choice]
         state["proj_idx"] = torch.randperm(length, device=grad.device)[: int(length * self.density)]
 
-    def _axis(self, state) -> str:
+    def side(self, shape):
+        return resolve_side(self.permutation_side, shape) if self.choice == "permutation" else None
+
+    def _axis(self, shape) -> str:
         if self.choice != "permutation":
             return self.choice
-        return {"right": "columns", "left": "rows", "full": "full"}[state["proj_side"]]
+        return {"right": "columns", "left": "rows", "full": "full"}[self.side(shape)]
 
     def down(self, state, grad):
-        idx, axis = state["proj_idx"], self._axis(state)
+        idx, axis = state["proj_idx"], self._axis(grad.shape)
         if axis == "columns":
             return grad[:, idx]
         if axis == "rows":
@@ -293,7 +299,7 @@ class CoordinateProjector(Projector):
         return self._scatter(state, grad.clone(), 0.0)
 
     def _scatter(self, state, full, values):
-        idx, axis = state["proj_idx"], self._axis(state)
+        idx, axis = state["proj_idx"], self._axis(full.shape)
         if axis == "columns":
             full[:, idx] = values
         elif axis == "rows":
