@@ -156,10 +156,12 @@ class SVDProjector(_MatrixProjector):
     """GaLore's projector: the top-r singular vectors of the gradient, refreshed every T steps.
 
     The SVD runs in fp32; the kept factor is cast to the gradient dtype. ``svd_method="randomized"``
-    (opt-in) uses ``torch.svd_lowrank`` for big matrices: far faster, approximately the same subspace.
+    (opt-in) uses ``torch.svd_lowrank`` (rank + 32 samples, 2 power iterations): several times faster
+    when the rank is well below the dimension (7x at rank 64 of 768 on CPU, subspace within 5%), not
+    worth it at rank >= dim / 4 (see benchmarks/RESULTS.md).
     """
 
-    def __init__(self, rank, proj_type, update_proj_gap, density=None, svd_method="exact", oversample=8):
+    def __init__(self, rank, proj_type, update_proj_gap, density=None, svd_method="exact", oversample=32):
         super().__init__(rank, proj_type, update_proj_gap, density)
         if svd_method not in ("exact", "randomized"):
             raise ValueError(f"unknown svd_method {svd_method!r}; use 'exact' (default) or 'randomized'")
