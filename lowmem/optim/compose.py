@@ -132,7 +132,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         if parts.projector.needs_refresh(state):
             parts.projector.refresh(state, grad)
             if group.get("reset_statistics") and "step" in state:
-                parts.rule.reset(state)
+                parts.rule.reset(state, parts.store)
         low = parts.projector.down(state, grad)
         state["step"] = state.get("step", 0) + 1
         direction, factor = (None, 1.0) if low is None else parts.rule.direction(low, state, parts.store)

@@ -34,7 +34,7 @@ class Rule:
     def direction(self, grad: torch.Tensor, state: dict, store: StateStore) -> tuple[torch.Tensor, float]:
         return grad, 1.0
 
-    def reset(self, state: dict) -> None:
+    def reset(self, state: dict, store: StateStore) -> None:
         """Zero the statistics and restart bias correction (FRUGAL's ``reset_statistics``)."""
         state["step"] = 0
 
@@ -60,8 +60,8 @@ class AdamW(Rule):
 
     def direction(self, grad, state, store):
         if "exp_avg" not in state:
-            state["exp_avg"] = store.zeros_like(grad)
-            state["exp_avg_sq"] = store.zeros_like(grad)
+            store.init(state, "exp_avg", grad, signed=True)
+            store.init(state, "exp_avg_sq", grad, signed=False)
         m, v = store.load(state, "exp_avg"), store.load(state, "exp_avg_sq")
         b1, b2, t = self.beta1, self.beta2, state["step"]
         m.mul_(b1).add_(grad, alpha=1.0 - b1)
@@ -78,15 +78,15 @@ class AdamW(Rule):
                 factor = 1.0 / (1.0 - b1**t)
             denom.add_(self.eps)
         direction = torch.div(m, denom, out=denom)
-        store.save(state, "exp_avg", m)
-        store.save(state, "exp_avg_sq", v)
+        store.save(state, "exp_avg", m, signed=True)
+        store.save(state, "exp_avg_sq", v, signed=False)
         return direction, factor
 
-    def reset(self, state):
+    def reset(self, state, store: StateStore):
         state["step"] = 0
         for key in ("exp_avg", "exp_avg_sq"):
             if key in state:
-                state[key].zero_()
+                store.zero(state, key)
 
 
 def make_rule(name: str, betas=(0.9, 0.999), eps: float = 1e-6, correct_bias: bool = True) -> Rule:

@@ -38,23 +38,32 @@ def resolve_state_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
 
 
 class StateStore:
-    """Full-precision storage in a fixed dtype, or in the gradient's dtype when ``dtype`` is None."""
+    """Full-precision storage in a fixed dtype, or in the gradient's dtype when ``dtype`` is None.
+
+    The interface every store implements (blockwise 8-bit included):
+
+    * ``init(state, key, like, signed)``: create ``state[key]`` as zeros shaped like ``like``;
+      ``signed`` says whether the values can be negative (first moments) or not (second moments);
+    * ``load(state, key)``: the tensor to update in place (a dequantized fp32 copy for 8-bit);
+    * ``save(state, key, working, signed)``: store the working tensor back (requantize for 8-bit);
+    * ``zero(state, key)``: reset to zeros, keeping the storage.
+    """
 
     def __init__(self, dtype: torch.dtype | None = None):
         self.dtype = dtype
 
-    def zeros_like(self, like: torch.Tensor) -> torch.Tensor:
-        """A zeroed state tensor shaped like ``like`` (the projected gradient)."""
-        return torch.zeros_like(like, dtype=self.dtype or like.dtype)
+    def init(self, state: dict, key: str, like: torch.Tensor, signed: bool = True) -> None:
+        state[key] = torch.zeros_like(like, dtype=self.dtype or like.dtype)
 
     def load(self, state: dict, key: str) -> torch.Tensor:
-        """The tensor to update in place for ``state[key]``."""
         return state[key]
 
-    def save(self, state: dict, key: str, working: torch.Tensor) -> None:
-        """Store a working view back (nothing to do for in-place full-precision storage)."""
+    def save(self, state: dict, key: str, working: torch.Tensor, signed: bool = True) -> None:
         if working is not state[key]:
             state[key].copy_(working)
+
+    def zero(self, state: dict, key: str) -> None:
+        state[key].zero_()
 
 
 def state_bytes(state: dict) -> int:
