@@ -98,15 +98,16 @@ def test_block_orders(order, expected):
 
 
 def test_adamw_cores_differ_only_in_eps_placement_and_bias_correction():
-    g = torch.randn(5, 3)
+    g, w = torch.randn(5, 3), torch.zeros(5, 3)
     hf, tc = AdamW(eps=1e-8, core="hf"), AdamW(eps=1e-8, core="torch")
     s1, s2 = {"step": 1}, {"step": 1}
-    n1, c1 = hf.direction(g, s1, StateStore())
-    n2, c2 = tc.direction(g, s2, StateStore())
+    n1, step1, decay1 = hf.direction(g, s1, StateStore(), 0.1, w)
+    n2, step2, decay2 = tc.direction(g, s2, StateStore(), 0.1, w)
     # first step: m = 0.1 g, v = 0.001 g^2 -> both updates are ~ lr * sign(g)
-    torch.testing.assert_close(n1 * c1, g.sign(), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(n2 * c2, g.sign(), rtol=1e-4, atol=1e-4)
-    assert hf.decay_after_update and not tc.decay_after_update
+    torch.testing.assert_close(n1 * step1, 0.1 * g.sign(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(n2 * step2, 0.1 * g.sign(), rtol=1e-4, atol=1e-5)
+    assert decay1 == decay2 == 0.1
+    assert hf.decay == "after" and tc.decay == "mul_before"
 
 
 def test_plain_adamw_matches_torch_adamw():

@@ -67,7 +67,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Iterable, **defaults):
         self._params_seen = 0
         merged = {**GROUP_DEFAULTS, **defaults}
-        if merged["lr"] < 0:
+        if merged["lr"] is not None and merged["lr"] < 0:
             raise ValueError(f"Invalid learning rate: {merged['lr']} - should be >= 0.0")
         super().__init__(params, merged)
 
@@ -127,18 +127,24 @@ class LowMemOptimizer(torch.optim.Optimizer):
             raise RuntimeError("lowmem optimizers do not support sparse gradients")
         state = self.state[p]
         lr, wd = group["lr"], group["weight_decay"]
-        if wd and not parts.rule.decay_after_update:
-            p.mul_(1 - lr * wd)
         if parts.projector.needs_refresh(state):
             parts.projector.refresh(state, grad)
             if group.get("reset_statistics") and "step" in state:
                 parts.rule.reset(state, parts.store)
         low = parts.projector.down(state, grad)
         state["step"] = state.get("step", 0) + 1
-        direction, factor = (None, 1.0) if low is None else parts.rule.direction(low, state, parts.store)
-        parts.lift.apply(p, grad, low, direction, factor, state, parts.projector, lr)
-        if wd and parts.rule.decay_after_update:
-            p.add_(p, alpha=-lr * wd)
+        if low is None:
+            direction, step_size, decay_lr = None, lr, lr
+        else:
+            direction, step_size, decay_lr = parts.rule.direction(low, state, parts.store, lr, p)
+        decay = parts.rule.decay
+        if wd and decay == "mul_before":
+            p.mul_(1 - decay_lr * wd)
+        elif wd and decay == "add_before":
+            p.add_(p, alpha=-float(decay_lr) * wd)
+        parts.lift.apply(p, grad, low, direction, step_size, state, parts.projector, lr)
+        if wd and decay == "after":
+            p.add_(p, alpha=-decay_lr * wd)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load groups and state, keeping every state tensor's own dtype (moved to its param's device).

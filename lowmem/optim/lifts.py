@@ -1,8 +1,8 @@
 """Lifts: HOW a subspace direction becomes a full-rank update of the weight.
 
 A lift receives the raw gradient ``G``, its projection ``R`` (None when the projector kept nothing,
-e.g. an inactive FRUGAL block), the rule's direction ``N`` and step factor ``c``, and applies
-``W -= lr * c * U`` (plus any state-free residual) to the parameter in place.
+e.g. an inactive FRUGAL block), the rule's direction ``N`` and step size ``s``, and applies
+``W -= s * U`` (plus any state-free residual) to the parameter in place.
 
 | lift          | update ``U``                                                        | used by      |
 |---------------|---------------------------------------------------------------------|--------------|
@@ -69,16 +69,16 @@ def channel_ratio(direction: torch.Tensor, low: torch.Tensor, side: str, scale_t
 
 
 class Lift:
-    """Base lift: ``W -= lr * c * alpha * up(N)`` (GaLore's back-projection; plain AdamW when alpha = 1)."""
+    """Base lift: ``W -= s * alpha * up(N)`` (GaLore's back-projection; plain AdamW when alpha = 1)."""
 
     def __init__(self, scale: float = 1.0):
         self.scale = scale
 
-    def apply(self, p, grad, low, direction, factor, state, projector: Projector, lr: float) -> None:
+    def apply(self, p, grad, low, direction, step_size, state, projector: Projector, lr: float) -> None:
         update = projector.up(state, _like(direction, grad), grad)
         if self.scale != 1.0:
             update = update * self.scale if update is grad else update.mul_(self.scale)
-        p.add_(update, alpha=-lr * factor)
+        p.add_(update, alpha=-step_size)
 
 
 def _like(direction: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -97,11 +97,11 @@ class FrugalLift(Lift):
         super().__init__(1.0)
         self.rule, self.inactive_scale, self.proj_scale = inactive_update_rule, inactive_lr_scale, proj_params_lr_scale
 
-    def apply(self, p, grad, low, direction, factor, state, projector, lr):
+    def apply(self, p, grad, low, direction, step_size, state, projector, lr):
         active_lr = lr * self.proj_scale
         update = None
         if direction is not None:
-            update = projector.up(state, _like(direction, grad) * (-active_lr * factor), grad)
+            update = projector.up(state, _like(direction, grad) * (-self.proj_scale * step_size), grad)
         if self.rule != "no":
             residual = projector.residual(state, grad, low)
             if residual is not None:
@@ -121,13 +121,13 @@ class FrugalLift(Lift):
 class FiraLift(Lift):
     """Fira: back-projection plus the norm-scaled residual, alpha inside the residual as the reference."""
 
-    def apply(self, p, grad, low, direction, factor, state, projector, lr):
+    def apply(self, p, grad, low, direction, step_size, state, projector, lr):
         direction = _like(direction, grad)
         phi = channel_ratio(direction, low, projector.side(grad.shape), "channel")
         residual = torch.sub(grad, projector.up(state, low, grad).mul_(self.scale)).mul_(phi)
         residual = limit_norm_growth(residual, state)
         update = projector.up(state, direction, grad).mul_(self.scale).add_(residual)
-        p.add_(update, alpha=-lr * factor)
+        p.add_(update, alpha=-step_size)
 
 
 class ApolloLift(Lift):
@@ -139,14 +139,14 @@ class ApolloLift(Lift):
         super().__init__(scale)
         self.scale_type, self.scale_front, self.limiter = scale_type, scale_front, limiter
 
-    def apply(self, p, grad, low, direction, factor, state, projector, lr):
+    def apply(self, p, grad, low, direction, step_size, state, projector, lr):
         side = projector.side(grad.shape)
         if grad.dtype == torch.float32:
-            self._apply_fused(p, grad, low, direction, factor, state, lr, side)
+            self._apply_fused(p, grad, low, direction, step_size, state, side)
         else:
-            self._apply_in_reference_order(p, grad, low, direction, factor, state, lr, side)
+            self._apply_in_reference_order(p, grad, low, direction, step_size, state, side)
 
-    def _apply_fused(self, p, grad, low, direction, factor, state, lr, side):
+    def _apply_fused(self, p, grad, low, direction, step_size, state, side):
         """fp32: S = sqrt(alpha) * limit(phi * G) is never formed, only its per-channel coefficient (an m- or
         n-vector, or a scalar); the limiter reads ||phi * G|| from G's row/column norms and the weight takes
         the update in one addcmul_. Saves the m x n temporary and four passes over it; equal to the
@@ -161,9 +161,9 @@ class ApolloLift(Lift):
                 coef = coef / limiter
         if not self.scale_front:
             coef = coef * root
-        p.addcmul_(grad, coef, value=-lr * factor)
+        p.addcmul_(grad, coef, value=-step_size)
 
-    def _apply_in_reference_order(self, p, grad, low, direction, factor, state, lr, side):
+    def _apply_in_reference_order(self, p, grad, low, direction, step_size, state, side):
         """bf16/fp16: form S in the gradient's dtype with apollo-torch's sequence of roundings, so
         low-precision weights stay bit-identical to the reference (one fused rounding drifts by ulps)."""
         update = grad * channel_ratio(_like(direction, grad), low, side, self.scale_type)
@@ -173,7 +173,7 @@ class ApolloLift(Lift):
             update = limit_norm_growth(update, state)
         if not self.scale_front:
             update *= math.sqrt(self.scale)
-        p.add_(update, alpha=-lr * factor)
+        p.add_(update, alpha=-step_size)
 
 
 def make_lift(group: dict) -> Lift:

@@ -1,16 +1,18 @@
 """Rules: HOW moments are kept for a (possibly projected) gradient.
 
-A rule takes the gradient it is given (full or low-rank), its state and the step counter, and
-returns a *direction* ``N`` and a *step factor* ``c``; the lift turns them into the update
-``W -= lr * c * lift(N)``. A rule knows nothing about projection, learning rates or weight decay
-placement beyond declaring where its numeric core puts the decay.
+A rule takes the gradient it is given (full or low-rank), its state, the group's lr and the parameter,
+and returns ``(direction N, step_size, decay_lr)``: the lift turns them into ``W -= step_size * lift(N)``
+and the optimizer decays the weight by ``decay_lr * weight_decay`` where the rule's numeric core puts
+it (``decay``: ``mul_before`` = torch's ``W *= 1 - lr wd``; ``add_before`` = ``W += -lr wd W`` before the
+update, Adafactor/CAME; ``after`` = after the update, the legacy transformers AdamW). A rule knows
+nothing about projection.
 
 Two AdamW numeric cores recur in the reference code and differ in the last bits:
 
 * ``hf`` (GaLore, APOLLO, Fira copy the legacy transformers AdamW):
-  ``N = m / (sqrt(v) + eps)``, ``c = sqrt(1 - b2^t) / (1 - b1^t)``, decay applied *after* the update.
+  ``N = m / (sqrt(v) + eps)``, step ``lr sqrt(1 - b2^t) / (1 - b1^t)``, decay applied *after* the update.
 * ``torch`` (torch.optim.AdamW, FRUGAL):
-  ``N = m / (sqrt(v) / sqrt(1 - b2^t) + eps)``, ``c = 1 / (1 - b1^t)``, decay applied *before*.
+  ``N = m / (sqrt(v) / sqrt(1 - b2^t) + eps)``, step ``lr / (1 - b1^t)``, decay applied *before*.
 
 Memory: AdamW keeps two tensors shaped like its input; sign-SGD and SGD keep nothing.
 """
@@ -28,11 +30,11 @@ class Rule:
     """Base rule: state-free SGD (``N = g``)."""
 
     stateful = False
-    #: True when weight decay is applied after the update with the raw lr (the ``hf`` core).
-    decay_after_update = False
+    #: Where the numeric core applies weight decay: ``mul_before``, ``add_before`` or ``after``.
+    decay = "mul_before"
 
-    def direction(self, grad: torch.Tensor, state: dict, store: StateStore) -> tuple[torch.Tensor, float]:
-        return grad, 1.0
+    def direction(self, grad: torch.Tensor, state: dict, store: StateStore, lr: float, param: torch.Tensor):
+        return grad, lr, lr
 
     def reset(self, state: dict, store: StateStore) -> None:
         """Zero the statistics and restart bias correction (FRUGAL's ``reset_statistics``)."""
@@ -42,8 +44,8 @@ class Rule:
 class SignSGD(Rule):
     """State-free sign descent: ``N = sign(g)``."""
 
-    def direction(self, grad, state, store):
-        return grad.sign(), 1.0
+    def direction(self, grad, state, store, lr, param):
+        return grad.sign(), lr, lr
 
 
 class AdamW(Rule):
@@ -56,9 +58,9 @@ class AdamW(Rule):
             raise ValueError(f"unknown AdamW core {core!r}; use 'hf' or 'torch'")
         self.beta1, self.beta2 = betas
         self.eps, self.correct_bias, self.core = eps, correct_bias, core
-        self.decay_after_update = core == "hf"
+        self.decay = "after" if core == "hf" else "mul_before"
 
-    def direction(self, grad, state, store):
+    def direction(self, grad, state, store, lr, param):
         if "exp_avg" not in state:
             store.init(state, "exp_avg", grad, signed=True)
             store.init(state, "exp_avg_sq", grad, signed=False)
@@ -80,7 +82,7 @@ class AdamW(Rule):
         direction = torch.div(m, denom, out=denom)
         store.save(state, "exp_avg", m, signed=True)
         store.save(state, "exp_avg_sq", v, signed=False)
-        return direction, factor
+        return direction, lr * factor, lr
 
     def reset(self, state, store: StateStore):
         state["step"] = 0
