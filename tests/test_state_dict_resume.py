@@ -19,7 +19,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # apollo-torch imports transformers / bitsandbytes
     import apollo_torch
 
-from lowmem.optim import FRUGAL, APOLLOAdamW, FiraAdamW, GaLoreAdamW
+from lowmem.optim import CAME, FRUGAL, Adafactor, APOLLOAdamW, FiraAdamW, GaLoreAdafactor, GaLoreAdamW
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -38,11 +38,20 @@ def frugal(**kw):
 def low_rank(cls, group, **ctor):
     def build(plain, proj):
         groups = [{"params": plain}, {"params": proj, "rank": RANK, "update_proj_gap": GAP, **group}]
-        return cls(groups, lr=1e-2, weight_decay=0.05, **ctor)
+        return cls(groups, **{"lr": 1e-2, "weight_decay": 0.05, **ctor})
+    return build
+
+
+def dense(cls, **ctor):
+    def build(plain, proj):
+        return cls([{"params": plain}, {"params": proj}], weight_decay=0.05, **ctor)
     return build
 
 
 OPTIMIZERS = {
+    "adafactor": dense(Adafactor, beta1=0.9),
+    "came": dense(CAME, lr=1e-3),
+    "galore_adafactor": low_rank(GaLoreAdafactor, dict(scale=0.25, proj_type="std"), lr=None, beta1=0.9),
     "galore": low_rank(GaLoreAdamW, dict(scale=0.25, proj_type="std")),
     "apollo_random": low_rank(APOLLOAdamW, dict(proj="random", scale_type="channel", scale=1.0, proj_type="std")),
     "apollo_mini": low_rank(APOLLOAdamW, dict(proj="random", scale_type="tensor", scale=128, rank=1, proj_type="std"),

@@ -6,11 +6,11 @@ constructors, so ``from lowmem.optim import GaLoreAdamW`` replaces galore-torch'
 """
 
 from .compose import LowMemOptimizer
-from .presets import FRUGAL, APOLLOAdamW, FiraAdamW, GaLoreAdamW
+from .presets import CAME, FRUGAL, Adafactor, APOLLOAdamW, FiraAdamW, GaLoreAdafactor, GaLoreAdamW
 from .registry import available_optimizers, create_optimizer
 from .targets import split_parameters
 
 __all__ = [
-    "LowMemOptimizer", "GaLoreAdamW", "APOLLOAdamW", "FiraAdamW", "FRUGAL",
+    "LowMemOptimizer", "GaLoreAdamW", "APOLLOAdamW", "FiraAdamW", "FRUGAL", "Adafactor", "CAME", "GaLoreAdafactor",
     "create_optimizer", "available_optimizers", "split_parameters",
 ]

@@ -52,7 +52,7 @@ class Parts:
 
 def build_parts(group: dict) -> Parts:
     """Build a group's parts from its keys (cheap; validates every option)."""
-    rule = make_rule(group.get("rule", "adamw_torch"), tuple(group["betas"]), group["eps"], group["correct_bias"])
+    rule = make_rule(group)
     store = StateStore(resolve_state_dtype(group["state_dtype"]))
     return Parts(make_projector(group), rule, make_lift(group), store)
 
@@ -77,8 +77,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         group = self.param_groups[-1]
         self.normalize_group(group)
         parts = build_parts(group)
-        b1, b2 = group["betas"]
-        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+        if not all(0.0 <= b < 1.0 for b in group["betas"]):
             raise ValueError(f"Invalid betas {group['betas']}: each must be in [0, 1)")
         parts.projector.check_group(len(group["params"]))
         names = group.get("param_names") or [None] * len(group["params"])

@@ -137,3 +137,57 @@ class FRUGAL(LowMemOptimizer):
         if group.get("is_proj_params"):
             for key, value in self._frugal.items():
                 group.setdefault(key, value)
+
+
+def _check_adafactor_lr(lr, relative_step: bool, warmup_init: bool) -> None:
+    if lr is not None and relative_step:
+        raise ValueError(
+            "Adafactor got both lr and relative_step=True: the relative step computes its own lr. "
+            "Pass lr=None to keep the relative step, or relative_step=False to use your lr."
+        )
+    if lr is None and not relative_step:
+        raise ValueError("Adafactor with relative_step=False needs an lr (e.g. lr=1e-3).")
+    if warmup_init and not relative_step:
+        raise ValueError("Adafactor's warmup_init works with relative_step=True only.")
+
+
+class Adafactor(LowMemOptimizer):
+    """Adafactor with ``transformers.optimization.Adafactor``'s constructor and numbers.
+
+    Memory per m x n weight: ``4(m + n)`` bytes (factored second moment), ``+ 4mn`` with ``beta1``.
+    """
+
+    def __init__(self, params: Iterable, lr=None, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8,
+                 beta1=None, weight_decay=0.0, scale_parameter=True, relative_step=True, warmup_init=False,
+                 state_dtype=None):
+        _check_adafactor_lr(lr, relative_step, warmup_init)
+        super().__init__(params, lr=lr, eps=tuple(eps), clip_threshold=clip_threshold, decay_rate=decay_rate,
+                         beta1=beta1, weight_decay=weight_decay, scale_parameter=scale_parameter,
+                         relative_step=relative_step, warmup_init=warmup_init, state_dtype=state_dtype,
+                         rule="adafactor")
+
+
+class GaLoreAdafactor(Adafactor):
+    """galore-torch's ``GaLoreAdafactor``: Adafactor statistics on the GaLore-projected gradient.
+
+    Groups with ``rank, update_proj_gap, scale, proj_type`` are projected; the rest run Adafactor.
+    Memory per m x n weight (m >= n): ``4(m + r)`` for the factored moment plus the ``rn`` projector.
+    """
+
+    normalize_group = GaLoreAdamW.normalize_group
+
+
+class CAME(LowMemOptimizer):
+    """CAME with came-pytorch's constructor and numbers (``lr`` is required).
+
+    Memory per m x n weight: ``4mn + 8(m + n)`` bytes (about 4 B/param).
+    """
+
+    def __init__(self, params: Iterable, lr=None, eps=(1e-30, 1e-16), clip_threshold=1.0,
+                 betas=(0.9, 0.999, 0.9999), weight_decay=0.0, state_dtype=None):
+        if lr is None or lr <= 0:
+            raise ValueError(f"CAME needs a positive lr (e.g. lr=2e-4, 1-3x smaller than AdamW's); got {lr!r}")
+        if len(betas) != 3:
+            raise ValueError(f"CAME takes three betas (b1, b2, b3), e.g. (0.9, 0.999, 0.9999); got {betas!r}")
+        super().__init__(params, lr=lr, eps=tuple(eps), clip_threshold=clip_threshold, betas=tuple(betas),
+                         weight_decay=weight_decay, state_dtype=state_dtype, rule="came")

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .compose import LowMemOptimizer
-from .presets import FRUGAL, APOLLOAdamW, FiraAdamW, GaLoreAdamW
+from .presets import CAME, FRUGAL, Adafactor, APOLLOAdamW, FiraAdamW, GaLoreAdafactor, GaLoreAdamW
 from .targets import split_parameters
 
-#: Options every name accepts (``target_modules`` picks the low-rank parameters).
-COMMON_OPTIONS = dict(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), state_dtype=None, target_modules=None)
+#: Options every name accepts; low-rank names also take ``target_modules`` (which weights to project).
+COMMON_OPTIONS = dict(lr=1e-3, weight_decay=0.0, state_dtype=None)
+_ADAM = dict(betas=(0.9, 0.999))
 
 
 @dataclass(frozen=True)
@@ -33,31 +34,44 @@ class OptimizerSpec:
     low_rank: bool = True
 
     def options(self) -> dict:
-        return {**COMMON_OPTIONS, **self.ctor, **self.group}
+        targets = {"target_modules": None} if self.low_rank else {}
+        return {**COMMON_OPTIONS, **targets, **self.ctor, **self.group}
 
 
 _SVD = dict(update_proj_gap=200, proj_type="std", svd_method="exact")
-_FRUGAL = dict(eps=1e-8, update_gap=200, density=0.25, reset_statistics=True, inactive_update_rule="sign_sgd",
+# Adafactor with an external lr, as the HF Trainer's optim="adafactor" and the GaLore baselines run it.
+_ADAFACTOR = dict(eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8, beta1=None, scale_parameter=False,
+                  relative_step=False, warmup_init=False)
+_FRUGAL = dict(**_ADAM, eps=1e-8, update_gap=200, density=0.25, reset_statistics=True, inactive_update_rule="sign_sgd",
                inactive_lr_scale=1.0, proj_params_lr_scale=1.0)
 
 REGISTRY: dict[str, OptimizerSpec] = {
     "adamw": OptimizerSpec(
         LowMemOptimizer, "full-rank AdamW (torch numeric core); 8 B/param of state in fp32",
-        ctor=dict(eps=1e-8), low_rank=False),
+        ctor=dict(**_ADAM, eps=1e-8), low_rank=False),
     "galore_adamw": OptimizerSpec(
         GaLoreAdamW, "GaLore: AdamW in the top-r SVD subspace, projected back x scale",
-        ctor=dict(eps=1e-6), group=dict(rank=128, scale=0.25, **_SVD)),
+        ctor=dict(**_ADAM, eps=1e-6), group=dict(rank=128, scale=0.25, **_SVD)),
     "apollo_adamw": OptimizerSpec(
         APOLLOAdamW, "APOLLO: channel-wise gradient scaling from a rank-r random sketch",
-        ctor=dict(eps=1e-6, scale_front=False, disable_nl=False),
+        ctor=dict(**_ADAM, eps=1e-6, scale_front=False, disable_nl=False),
         group=dict(rank=128, proj="random", scale_type="channel", scale=1.0, update_proj_gap=200, proj_type="std")),
     "apollo_mini": OptimizerSpec(
         APOLLOAdamW, "APOLLO-Mini: tensor-wise scaling from a rank-1 sketch, x sqrt(128); SGD-like memory",
-        ctor=dict(eps=1e-6, scale_front=False, disable_nl=False),
+        ctor=dict(**_ADAM, eps=1e-6, scale_front=False, disable_nl=False),
         group=dict(rank=1, proj="random", scale_type="tensor", scale=128.0, update_proj_gap=200, proj_type="std")),
     "fira_adamw": OptimizerSpec(
         FiraAdamW, "Fira: GaLore plus the norm-scaled out-of-subspace residual with a growth limiter",
-        ctor=dict(eps=1e-6), group=dict(rank=128, alpha=0.25, **_SVD)),
+        ctor=dict(**_ADAM, eps=1e-6), group=dict(rank=128, alpha=0.25, **_SVD)),
+    "adafactor": OptimizerSpec(
+        Adafactor, "Adafactor: factored second moment, update clipping; 4(m+n) bytes per m x n weight",
+        ctor=_ADAFACTOR, low_rank=False),
+    "came": OptimizerSpec(
+        CAME, "CAME: Adafactor's factored moment plus a confidence-weighted first moment; ~4 B/param",
+        ctor=dict(eps=(1e-30, 1e-16), clip_threshold=1.0, betas=(0.9, 0.999, 0.9999)), low_rank=False),
+    "galore_adafactor": OptimizerSpec(
+        GaLoreAdafactor, "GaLore + Adafactor: factored moments of the projected gradient",
+        ctor=_ADAFACTOR, group=dict(rank=128, scale=0.25, **_SVD)),
     "frugal": OptimizerSpec(
         FRUGAL, "FRUGAL (paper's pretraining default): AdamW on 25% of the weight tensors at a time, "
         "descending, sign-SGD on the rest",

@@ -91,8 +91,137 @@ class AdamW(Rule):
                 store.zero(state, key)
 
 
-def make_rule(name: str, betas=(0.9, 0.999), eps: float = 1e-6, correct_bias: bool = True) -> Rule:
-    """Build a rule from its name: ``adamw_hf``, ``adamw_torch``, ``sign_sgd`` or ``sgd``."""
+def _rms(t: torch.Tensor) -> torch.Tensor:
+    return t.norm(2) / (t.numel() ** 0.5)
+
+
+def _factored_rsqrt(row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """``1 / sqrt(R C / mean(R))``: the rank-1 reconstruction of a factored second moment, inverted."""
+    r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+    return torch.mul(r_factor, col.unsqueeze(-2).rsqrt())
+
+
+def _init_factored(state: dict, store: StateStore, prefix: str, grad: torch.Tensor) -> None:
+    """Row (``..., m``) and column (``..., n``) statistics for >= 2-D, a full tensor below."""
+    if grad.dim() >= 2:
+        store.init(state, prefix + "_row", grad.new_zeros(grad.shape[:-1]), signed=False)
+        store.init(state, prefix + "_col", grad.new_zeros(grad.shape[:-2] + grad.shape[-1:]), signed=False)
+    else:
+        store.init(state, prefix, torch.zeros_like(grad), signed=False)
+
+
+def _update_factored(state: dict, store: StateStore, prefix: str, value: torch.Tensor, beta: float) -> torch.Tensor:
+    """EMA ``value`` into the (factored) statistics and return ``1 / sqrt(statistics)`` shaped like value."""
+    if value.dim() >= 2:
+        row, col = store.load(state, prefix + "_row"), store.load(state, prefix + "_col")
+        row.mul_(beta).add_(value.mean(dim=-1), alpha=1.0 - beta)
+        col.mul_(beta).add_(value.mean(dim=-2), alpha=1.0 - beta)
+        store.save(state, prefix + "_row", row, signed=False)
+        store.save(state, prefix + "_col", col, signed=False)
+        return _factored_rsqrt(row, col)
+    full = store.load(state, prefix)
+    full.mul_(beta).add_(value, alpha=1.0 - beta)
+    store.save(state, prefix, full, signed=False)
+    return full.rsqrt()
+
+
+class Adafactor(Rule):
+    """Adafactor (Shazeer & Stern 2018) with transformers' semantics: factored second moment for
+    >= 2-D inputs, ``beta2_t = 1 - t^decay_rate``, update clipping at RMS ``clip_threshold``,
+    relative step ``min(1e-2 or 1e-6 t, 1/sqrt(t))`` scaled by ``max(eps2, RMS(W))``, optional beta1.
+
+    Memory: ``4(m + n)`` bytes for an m x n input (``+ 4mn`` with beta1), fp32.
+    """
+
+    stateful = True
+    decay = "add_before"
+
+    def __init__(self, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8, beta1=None,
+                 scale_parameter=True, relative_step=True, warmup_init=False):
+        self.eps1, self.eps2 = eps
+        self.clip, self.decay_rate, self.beta1 = clip_threshold, decay_rate, beta1
+        self.scale_parameter, self.relative_step, self.warmup_init = scale_parameter, relative_step, warmup_init
+
+    def step_size(self, t: int, lr, param: torch.Tensor):
+        """The lr of step ``t``: relative (from ``t``) or the group's, times ``max(eps2, RMS(W))``."""
+        rel = lr
+        if self.relative_step:
+            rel = min(1e-6 * t if self.warmup_init else 1e-2, 1.0 / math.sqrt(t))
+        if not self.scale_parameter:
+            return rel
+        return torch.clamp(_rms(param if param.dtype == torch.float32 else param.float()), min=self.eps2) * rel
+
+    def direction(self, grad, state, store, lr, param):
+        g = grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad
+        if "exp_avg_sq_row" not in state and "exp_avg_sq" not in state:
+            _init_factored(state, store, "exp_avg_sq", g)
+            if self.beta1 is not None:
+                store.init(state, "exp_avg", g, signed=True)
+        t = state["step"]
+        step = self.step_size(t, lr, param)
+        beta2t = 1.0 - math.pow(t, self.decay_rate)
+        update = _update_factored(state, store, "exp_avg_sq", g**2 + self.eps1, beta2t).mul_(g)
+        update.div_((_rms(update) / self.clip).clamp_(min=1.0))
+        update.mul_(step)
+        if self.beta1 is not None:
+            m = store.load(state, "exp_avg")
+            m.mul_(self.beta1).add_(update, alpha=1 - self.beta1)
+            store.save(state, "exp_avg", m, signed=True)
+            update = m.clone()
+        return update, 1.0, step
+
+
+class CAME(Rule):
+    """CAME (Luo et al. 2023): Adafactor's factored second moment plus a confidence-weighted first
+    moment, whose instability ``(U - m)^2`` is kept factored too. Constant betas, no bias correction.
+
+    Memory: ``4mn + 8(m + n)`` bytes for an m x n input (about 4 B/param), fp32.
+    """
+
+    stateful = True
+    decay = "add_before"
+
+    def __init__(self, eps=(1e-30, 1e-16), clip_threshold=1.0, betas=(0.9, 0.999, 0.9999)):
+        self.eps1, self.eps2 = eps
+        self.clip = clip_threshold
+        self.beta1, self.beta2, self.beta3 = betas
+
+    def direction(self, grad, state, store, lr, param):
+        g = grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad
+        factored = g.dim() >= 2
+        if "exp_avg" not in state:
+            store.init(state, "exp_avg", g, signed=True)
+            _init_factored(state, store, "exp_avg_sq", g)
+            if factored:
+                _init_factored(state, store, "exp_avg_res", g)
+        update = _update_factored(state, store, "exp_avg_sq", g**2 + self.eps1, self.beta2).mul_(g)
+        update.div_((_rms(update) / self.clip).clamp_(min=1.0))
+        m = store.load(state, "exp_avg")
+        m.mul_(self.beta1).add_(update, alpha=1 - self.beta1)
+        store.save(state, "exp_avg", m, signed=True)
+        if factored:
+            instability = (update - m) ** 2 + self.eps2
+            update = _update_factored(state, store, "exp_avg_res", instability, self.beta3).mul_(m)
+        else:
+            update = m.clone()
+        return update, lr, lr
+
+
+RULES = ("adamw_hf", "adamw_torch", "adafactor", "came", "sign_sgd", "sgd")
+
+
+def make_rule(group: dict) -> Rule:
+    """Build the rule named by ``group['rule']`` from the group's options."""
+    name = group.get("rule", "adamw_torch")
+    betas, eps, correct_bias = tuple(group["betas"]), group["eps"], group["correct_bias"]
+    pair = tuple(eps) if isinstance(eps, (tuple, list)) else None  # Adafactor/CAME take (eps1, eps2)
+    if name == "adafactor":
+        return Adafactor(pair or (1e-30, 1e-3), group.get("clip_threshold", 1.0), group.get("decay_rate", -0.8),
+                         group.get("beta1"), group.get("scale_parameter", True), group.get("relative_step", True),
+                         group.get("warmup_init", False))
+    if name == "came":
+        return CAME(pair or (1e-30, 1e-16), group.get("clip_threshold", 1.0),
+                    betas if len(betas) == 3 else (0.9, 0.999, 0.9999))
     if name == "adamw_hf":
         return AdamW(betas, eps, correct_bias, core="hf")
     if name == "adamw_torch":
@@ -101,4 +230,4 @@ def make_rule(name: str, betas=(0.9, 0.999), eps: float = 1e-6, correct_bias: bo
         return SignSGD()
     if name == "sgd":
         return Rule()
-    raise ValueError(f"unknown rule {name!r}; use 'adamw_hf', 'adamw_torch', 'sign_sgd' or 'sgd'")
+    raise ValueError(f"unknown rule {name!r}; use one of {RULES}")
