@@ -23,10 +23,11 @@ def test_registered_names():
 
 
 @pytest.mark.parametrize("name", ["galore_adamw", "apollo_adamw", "apollo_mini", "fira_adamw", "frugal",
-                                  "frugal_svd", "adamw", "adafactor", "came", "galore_adafactor"])
+                                  "frugal_svd", "adamw", "adafactor", "came", "galore_adafactor",
+                                  "adamw_8bit", "galore_adamw_8bit"])
 def test_every_name_trains_a_tiny_llama(name):
     model = tiny_llama()
-    rank = {"rank": 16} if name in ("galore_adamw", "apollo_adamw", "fira_adamw", "galore_adafactor") else {}
+    rank = {"rank": 16} if name.startswith(("galore", "apollo_adamw", "fira")) else {}
     opt = lowmem.create_optimizer(name, model, lr=3e-3, **rank)
     ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
     losses = []

@@ -19,7 +19,17 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # apollo-torch imports transformers / bitsandbytes
     import apollo_torch
 
-from lowmem.optim import CAME, FRUGAL, Adafactor, APOLLOAdamW, FiraAdamW, GaLoreAdafactor, GaLoreAdamW
+from lowmem.optim import (
+    CAME,
+    FRUGAL,
+    Adafactor,
+    AdamW8bit,
+    APOLLOAdamW,
+    FiraAdamW,
+    GaLoreAdafactor,
+    GaLoreAdamW,
+    GaLoreAdamW8bit,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -50,6 +60,8 @@ def dense(cls, **ctor):
 
 OPTIMIZERS = {
     "adafactor": dense(Adafactor, beta1=0.9),
+    "adamw_8bit": dense(AdamW8bit, lr=1e-2),  # the 96x64 weights (6144 elements) get quantized states
+    "galore_adamw_8bit": low_rank(GaLoreAdamW8bit, dict(scale=0.25, rank=32, proj_type="std"), min_8bit_size=1024),
     "came": dense(CAME, lr=1e-3),
     "galore_adafactor": low_rank(GaLoreAdafactor, dict(scale=0.25, proj_type="std"), lr=None, beta1=0.9),
     "galore": low_rank(GaLoreAdamW, dict(scale=0.25, proj_type="std")),

@@ -6,11 +6,22 @@ constructors, so ``from lowmem.optim import GaLoreAdamW`` replaces galore-torch'
 """
 
 from .compose import LowMemOptimizer
-from .presets import CAME, FRUGAL, Adafactor, APOLLOAdamW, FiraAdamW, GaLoreAdafactor, GaLoreAdamW
+from .presets import (
+    CAME,
+    FRUGAL,
+    Adafactor,
+    AdamW8bit,
+    APOLLOAdamW,
+    FiraAdamW,
+    GaLoreAdafactor,
+    GaLoreAdamW,
+    GaLoreAdamW8bit,
+)
 from .registry import available_optimizers, create_optimizer
 from .targets import split_parameters
 
 __all__ = [
     "LowMemOptimizer", "GaLoreAdamW", "APOLLOAdamW", "FiraAdamW", "FRUGAL", "Adafactor", "CAME", "GaLoreAdafactor",
+    "AdamW8bit", "GaLoreAdamW8bit",
     "create_optimizer", "available_optimizers", "split_parameters",
 ]

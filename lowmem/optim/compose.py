@@ -14,7 +14,7 @@ Group keys (all optional; defaults in ``GROUP_DEFAULTS``):
 * rule: ``rule`` (adamw_hf | adamw_torch | sign_sgd | sgd), ``betas``, ``eps``, ``correct_bias``
 * lift: ``lift`` (project_back | frugal | fira | apollo), ``scale``, ``scale_type``, ``scale_front``,
   ``disable_nl``, ``inactive_update_rule``, ``inactive_lr_scale``, ``proj_params_lr_scale``
-* storage: ``state_dtype`` (None = the gradient's dtype | float32 | bfloat16)
+* storage: ``state_dtype`` (None = the gradient's dtype | float32 | bfloat16 | 8bit), ``min_8bit_size``
 * ``lr``, ``weight_decay``; ``param_names`` (used in error messages only)
 """
 
@@ -28,7 +28,7 @@ import torch
 from .lifts import Lift, make_lift
 from .projectors import GaussianProjector, Projector, make_projector
 from .rules import Rule, make_rule
-from .states import StateStore, resolve_state_dtype, state_bytes
+from .states import StateStore, make_store, state_bytes
 
 GROUP_DEFAULTS = dict(
     lr=1e-3,
@@ -53,7 +53,7 @@ class Parts:
 def build_parts(group: dict) -> Parts:
     """Build a group's parts from its keys (cheap; validates every option)."""
     rule = make_rule(group)
-    store = StateStore(resolve_state_dtype(group["state_dtype"]))
+    store = make_store(group["state_dtype"], group.get("min_8bit_size", 4096))
     return Parts(make_projector(group), rule, make_lift(group), store)
 
 

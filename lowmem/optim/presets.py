@@ -191,3 +191,45 @@ class CAME(LowMemOptimizer):
             raise ValueError(f"CAME takes three betas (b1, b2, b3), e.g. (0.9, 0.999, 0.9999); got {betas!r}")
         super().__init__(params, lr=lr, eps=tuple(eps), clip_threshold=clip_threshold, betas=tuple(betas),
                          weight_decay=weight_decay, state_dtype=state_dtype, rule="came")
+
+
+def _check_8bit_args(amsgrad: bool, percentile_clipping: int = 100) -> None:
+    if amsgrad:
+        raise ValueError("amsgrad is not supported by the 8-bit optimizers (nor by bitsandbytes' 8-bit Adam)")
+    if percentile_clipping != 100:
+        raise ValueError("percentile_clipping was removed in bitsandbytes 0.50 and is not supported; "
+                         "clip gradients with max_grad_norm / torch.nn.utils.clip_grad_norm_ instead")
+
+
+class AdamW8bit(LowMemOptimizer):
+    """AdamW with blockwise 8-bit moments, bitsandbytes' ``AdamW8bit`` constructor and scheme: dynamic
+    quantization map (signed m, unsigned v), blocks of 256 with an fp32 absmax, dequantize -> update ->
+    requantize each step, tensors under ``min_8bit_size`` elements in fp32. Pure torch (runs anywhere).
+
+    Memory: ``2 (1 + 4/256)`` = 2.03 B/param for large tensors (fp32 AdamW: 8).
+    """
+
+    def __init__(self, params: Iterable, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
+                 optim_bits=32, args=None, min_8bit_size=4096, is_paged=False, state_dtype="8bit"):
+        _check_8bit_args(amsgrad)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rule="adamw_torch",
+                         state_dtype=state_dtype, min_8bit_size=min_8bit_size)
+
+
+class GaLoreAdamW8bit(AdamW8bit):
+    """galore-torch's ``GaLoreAdamW8bit``: 8-bit AdamW moments of the GaLore-projected gradient.
+
+    Groups with ``rank, update_proj_gap, scale, proj_type`` are projected. Unlike galore-torch's class
+    it runs on CPU and with bitsandbytes >= 0.50 (whose changed positional arguments make the
+    reference skip every update of projected tensors under 4096 elements).
+    Memory per m x n weight (m >= n): ``2mr (1 + 4/256)`` moments plus the ``rn`` projector.
+    """
+
+    def __init__(self, params: Iterable, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
+                 optim_bits=32, args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True,
+                 is_paged=False, state_dtype="8bit"):
+        _check_8bit_args(amsgrad, percentile_clipping)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         min_8bit_size=min_8bit_size, state_dtype=state_dtype)
+
+    normalize_group = GaLoreAdamW.normalize_group

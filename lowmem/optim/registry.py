@@ -15,7 +15,17 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .compose import LowMemOptimizer
-from .presets import CAME, FRUGAL, Adafactor, APOLLOAdamW, FiraAdamW, GaLoreAdafactor, GaLoreAdamW
+from .presets import (
+    CAME,
+    FRUGAL,
+    Adafactor,
+    AdamW8bit,
+    APOLLOAdamW,
+    FiraAdamW,
+    GaLoreAdafactor,
+    GaLoreAdamW,
+    GaLoreAdamW8bit,
+)
 from .targets import split_parameters
 
 #: Options every name accepts; low-rank names also take ``target_modules`` (which weights to project).
@@ -63,6 +73,13 @@ REGISTRY: dict[str, OptimizerSpec] = {
     "fira_adamw": OptimizerSpec(
         FiraAdamW, "Fira: GaLore plus the norm-scaled out-of-subspace residual with a growth limiter",
         ctor=dict(**_ADAM, eps=1e-6), group=dict(rank=128, alpha=0.25, **_SVD)),
+    "adamw_8bit": OptimizerSpec(
+        AdamW8bit, "AdamW with blockwise 8-bit moments (bitsandbytes' scheme, pure torch); 2.03 B/param",
+        ctor=dict(**_ADAM, eps=1e-8, min_8bit_size=4096, state_dtype="8bit"), low_rank=False),
+    "galore_adamw_8bit": OptimizerSpec(
+        GaLoreAdamW8bit, "GaLore with blockwise 8-bit moments of the projected gradient",
+        ctor=dict(**_ADAM, eps=1e-8, min_8bit_size=4096, state_dtype="8bit"),
+        group=dict(rank=128, scale=0.25, **_SVD)),
     "adafactor": OptimizerSpec(
         Adafactor, "Adafactor: factored second moment, update clipping; 4(m+n) bytes per m x n weight",
         ctor=_ADAFACTOR, low_rank=False),

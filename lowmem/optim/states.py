@@ -20,21 +20,7 @@ _DTYPES = {
     "bf16": torch.bfloat16,
 }
 
-#: The accepted values of the ``state_dtype`` option (``None`` follows the gradient's dtype).
-STATE_DTYPES = (None, "float32", "bfloat16")
 
-
-def resolve_state_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    """Turn a ``state_dtype`` option into a torch dtype (``None`` = follow the gradient dtype)."""
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    try:
-        return _DTYPES[str(name).lower()]
-    except KeyError:
-        raise ValueError(
-            f"unknown state_dtype {name!r}; use one of {STATE_DTYPES} "
-            "(None keeps moments in the gradient's dtype, as the reference optimizers do)"
-        ) from None
 
 
 class StateStore:
@@ -69,3 +55,27 @@ class StateStore:
 def state_bytes(state: dict) -> int:
     """Exact bytes held by the tensors of one parameter's optimizer state."""
     return sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+
+
+_8BIT = ("8bit", "int8", "uint8", "blockwise_8bit")
+
+#: The accepted values of the ``state_dtype`` option (``None`` follows the gradient's dtype).
+STATE_DTYPES = (None, "float32", "bfloat16", "8bit")
+
+
+def make_store(name: str | torch.dtype | None, min_8bit_size: int = 4096) -> StateStore:
+    """The store for a ``state_dtype`` option: full precision (None = the gradient's dtype, float32,
+    bfloat16) or blockwise 8-bit (``"8bit"``; tensors under ``min_8bit_size`` elements stay fp32)."""
+    if name is None or isinstance(name, torch.dtype):
+        return StateStore(name)
+    key = str(name).lower()
+    if key in _8BIT:
+        from .quantized import BlockwiseQuantStore
+
+        return BlockwiseQuantStore(min_8bit_size=min_8bit_size)
+    if key not in _DTYPES:
+        raise ValueError(
+            f"unknown state_dtype {name!r}; use one of {STATE_DTYPES} "
+            "(None keeps moments in the gradient's dtype, as the reference optimizers do)"
+        )
+    return StateStore(_DTYPES[key])

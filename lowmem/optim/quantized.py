@@ -1,0 +1,127 @@
+"""Blockwise 8-bit optimizer-state storage (the scheme of bitsandbytes' 8-bit optimizers).
+
+A moment tensor is flattened and cut into blocks of ``blocksize`` (256) elements. Each block keeps
+its absolute maximum in fp32 and one uint8 code per element: the index of the entry of a 256-value
+*dynamic map* nearest to ``x / absmax``. First moments use the signed map, second moments the
+unsigned one. Rounding is to the nearest code, ties to the lower code (as bitsandbytes' pure-torch
+backend). A zero block has absmax 0 and dequantizes to exactly 0.
+
+Memory: ``N`` bytes of codes plus ``4 * ceil(N / blocksize)`` bytes of absmax per moment, about
+1.016 B/param at block size 256. Tensors with fewer than ``min_8bit_size`` elements stay fp32.
+
+Known property (shared with bitsandbytes): the signed map has +1.0 but not -1.0 (its most negative
+entry is about -0.99297), so a block whose largest-magnitude value is negative stores that value
+about 0.7% too small, and requantizing the dequantized block shrinks its absmax by that factor.
+Blocks led by a positive value, and all non-negative blocks, round-trip exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MAPS: dict[tuple[bool, torch.device], torch.Tensor] = {}
+
+
+def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
+    """The dynamic quantization map: ``2**total_bits`` fp32 values in [-1, 1], sorted ascending.
+
+    Exponent level ``i`` contributes the midpoints of ``linspace(0.1, 1)`` split into
+    ``2**(i + total_bits - 1 - max_exponent_bits)`` intervals (twice as many when unsigned, which
+    has no sign bit), scaled by ``10**(i + 1 - max_exponent_bits)``, with their negatives when
+    signed; then 0 and 1 are added. Same values as bitsandbytes' ``create_dynamic_map``.
+    """
+    free_bits = total_bits - 1 - max_exponent_bits  # fraction bits of the smallest exponent level
+    values = [0.0, 1.0]
+    for i in range(max_exponent_bits):
+        intervals = 2 ** (i + free_bits + (0 if signed else 1))
+        edges = torch.linspace(0.1, 1, intervals + 1, dtype=torch.float32)
+        mids = (10 ** (i + 1 - max_exponent_bits)) * ((edges[:-1] + edges[1:]) / 2.0)
+        values += mids.tolist() + ((-mids).tolist() if signed else [])
+    if len(values) != 2**total_bits:
+        raise ValueError(f"map has {len(values)} values, expected {2**total_bits}")
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+def cached_map(signed: bool, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The default 8-bit dynamic map for ``signed``, built once per device (on CPU, then moved)."""
+    key = (bool(signed), torch.device(device))
+    if key not in _MAPS:
+        _MAPS[key] = dynamic_map(signed).to(key[1])
+    return _MAPS[key]
+
+
+def _blocks(x: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """``x`` flattened, zero-padded to a multiple of ``blocksize`` and viewed as (blocks, blocksize)."""
+    flat = x.reshape(-1)
+    pad = -flat.numel() % blocksize
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    return flat.view(-1, blocksize)
+
+
+def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x`` to (uint8 codes shaped like ``x``, fp32 absmax per block of ``blocksize``)."""
+    blocks = _blocks(x.detach().float(), blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    scale = 1.0 / absmax.clamp(min=torch.finfo(torch.float32).tiny)
+    scaled = blocks * scale[:, None]
+    bounds = (code[:-1] + code[1:]) / 2  # x == bound -> lower code (bucketize, right=False)
+    codes = torch.bucketize(scaled, bounds).to(torch.uint8)
+    return codes.reshape(-1)[: x.numel()].view(x.shape), absmax
+
+
+def dequantize_blockwise(
+    codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int = 256
+) -> torch.Tensor:
+    """Inverse of ``quantize_blockwise``: fp32 tensor shaped like ``codes``."""
+    values = _blocks(code[codes.long()], blocksize) * absmax.float()[:, None]
+    return values.reshape(-1)[: codes.numel()].view(codes.shape)
+
+
+class BlockwiseQuantStore:
+    """``StateStore`` keeping large moments as blockwise 8-bit codes (see the module docstring).
+
+    Per quantized key: ``state[key]`` uint8 codes shaped like the moment, ``state[key + "_absmax"]``
+    fp32 block maxima and ``state[key + "_signed"]`` a plain bool naming the map (``load`` is not
+    told the signedness, and a plain bool costs no tensor bytes and survives ``weights_only``).
+    Tensors with fewer than ``min_8bit_size`` elements are kept as plain fp32 in ``state[key]``.
+    ``load`` returns a fresh dequantized fp32 tensor; ``save`` requantizes it.
+    """
+
+    def __init__(self, min_8bit_size: int = 4096, blocksize: int = 256):
+        self.min_8bit_size, self.blocksize = min_8bit_size, blocksize
+
+    def init(self, state: dict, key: str, like: torch.Tensor, signed: bool = True) -> None:
+        if like.numel() < self.min_8bit_size:
+            state[key] = torch.zeros_like(like, dtype=torch.float32)
+            return
+        state[key] = torch.empty_like(like, dtype=torch.uint8)
+        blocks = -(-like.numel() // self.blocksize)
+        state[key + "_absmax"] = torch.empty(blocks, dtype=torch.float32, device=like.device)
+        state[key + "_signed"] = bool(signed)
+        self.zero(state, key)
+
+    def load(self, state: dict, key: str) -> torch.Tensor:
+        if key + "_absmax" not in state:
+            return state[key]
+        codes = state[key]
+        code = cached_map(state[key + "_signed"], codes.device)
+        return dequantize_blockwise(codes, state[key + "_absmax"], code, self.blocksize)
+
+    def save(self, state: dict, key: str, working: torch.Tensor, signed: bool = True) -> None:
+        if key + "_absmax" not in state:
+            if working is not state[key]:
+                state[key].copy_(working)
+            return
+        codes, absmax = quantize_blockwise(working, cached_map(signed, working.device), self.blocksize)
+        state[key].copy_(codes)
+        state[key + "_absmax"].copy_(absmax)
+        state[key + "_signed"] = bool(signed)
+
+    def zero(self, state: dict, key: str) -> None:
+        if key + "_absmax" not in state:
+            state[key].zero_()
+            return
+        code = cached_map(state[key + "_signed"], state[key].device)
+        state[key].fill_(int(torch.argmin(code.abs())))  # the index of 0.0 in the map
+        state[key + "_absmax"].zero_()
