@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .optim import available_optimizers, create_optimizer
+from .optim.registry import get_spec
 
 
 def stdlib_bytes(limit: int = 2_000_000) -> torch.Tensor:
@@ -52,7 +53,8 @@ def train(optimizer: str, steps: int, lr: float, rank: int, seed: int = 0, log_e
     """Train and return the first/last loss and the optimizer's state bytes."""
     torch.manual_seed(seed)
     model = tiny_llama()
-    options = {"rank": rank} if optimizer in ("galore_adamw", "apollo_adamw", "fira_adamw") else {}
+    takes_rank = "rank" in get_spec(optimizer).group and optimizer != "apollo_mini"
+    options = {"rank": rank} if takes_rank else {}
     opt = create_optimizer(optimizer, model, lr=lr, **options)
     data, gen = stdlib_bytes(), torch.Generator().manual_seed(seed)
     losses, start = [], time.perf_counter()

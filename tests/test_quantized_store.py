@@ -216,3 +216,22 @@ def test_negative_led_block_shrinks_like_bnb():
     ref = F.quantize_blockwise(x, code=code.clone(), blocksize=256)
     ref_again = F.quantize_blockwise(F.dequantize_blockwise(ref[0], ref[1]), code=code.clone(), blocksize=256)
     assert torch.equal(ref_again[1].absmax, again)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_table_lookup_equals_bucketize_exactly(signed):
+    """nearest_code is a faster search; it must agree with bucketize on the midpoints everywhere."""
+    from lowmem.optim.quantized import nearest_code
+
+    code = dynamic_map(signed)
+    bounds = (code[:-1] + code[1:]) / 2
+    gen = torch.Generator().manual_seed(3)
+    values = [torch.rand(200_000, generator=gen) ** 8, torch.rand(200_000, generator=gen), bounds,
+              torch.nextafter(bounds, torch.full_like(bounds, 2.0)), torch.nextafter(bounds, torch.zeros_like(bounds)),
+              code, torch.tensor([0.0, -0.0, 1.0, 1e-30, 1e-40])]
+    x = torch.cat([v.reshape(-1) for v in values]).clamp(-1, 1)
+    if signed:
+        x = torch.cat([x, -x])
+    else:
+        x = x.abs()
+    assert torch.equal(nearest_code(x, code).long(), torch.bucketize(x, bounds))

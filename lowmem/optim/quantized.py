@@ -4,7 +4,8 @@ A moment tensor is flattened and cut into blocks of ``blocksize`` (256) elements
 its absolute maximum in fp32 and one uint8 code per element: the index of the entry of a 256-value
 *dynamic map* nearest to ``x / absmax``. First moments use the signed map, second moments the
 unsigned one. Rounding is to the nearest code, ties to the lower code (as bitsandbytes' pure-torch
-backend). A zero block has absmax 0 and dequantizes to exactly 0.
+backend), found by a table lookup on the float's bits (``nearest_code``; ~3x faster than bucketize).
+A zero block has absmax 0 and dequantizes to exactly 0.
 
 Memory: ``N`` bytes of codes plus ``4 * ceil(N / blocksize)`` bytes of absmax per moment, about
 1.016 B/param at block size 256. Tensors with fewer than ``min_8bit_size`` elements stay fp32.
@@ -59,14 +60,48 @@ def _blocks(x: torch.Tensor, blocksize: int) -> torch.Tensor:
     return flat.view(-1, blocksize)
 
 
+# Nearest-code search by table lookup: the float's sign, exponent and top 8 mantissa bits index a table
+# holding the code of the cell's lowest value and the next bound above it; one compare finishes the
+# search. Exact (equal to ``torch.bucketize(x, bounds)``, ties to the lower code) because no gap
+# between codes is narrower than a cell (2**-8 relative; the narrowest gap, 0.99297 -> 1, is 0.7%).
+_CELL_SHIFT = 23 - 8
+_ONE_BITS = 0x3F800000  # float32 1.0: |x| <= 1 after scaling by the block's absmax
+_TABLES: dict[tuple[bool, torch.device], tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+
+def _sortable(bits: torch.Tensor) -> torch.Tensor:
+    """int32 keys ordered like the float32 values whose bits they are (the map is its own inverse)."""
+    return torch.bitwise_xor(bits, (bits >> 31) & 0x7FFFFFFF)
+
+
+def _lookup_tables(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    key = (bool(code[0] < 0), code.device)
+    if key not in _TABLES:
+        bounds = (code[:-1] + code[1:]) / 2
+        lowest = -(_ONE_BITS >> _CELL_SHIFT) - 1
+        cells = torch.arange(lowest, (_ONE_BITS >> _CELL_SHIFT) + 1, device=code.device)
+        edges = _sortable((cells << _CELL_SHIFT).to(torch.int32)).view(torch.float32)
+        first = torch.bucketize(edges, bounds)  # code of each cell's lowest value
+        above = torch.cat([bounds, bounds.new_tensor([float("inf")])])[first]  # the next bound up
+        _TABLES[key] = (first.to(torch.uint8), above, -lowest)
+    return _TABLES[key]
+
+
+def nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """uint8 index of the nearest entry of ``code`` for each value of ``scaled`` (|scaled| <= 1)."""
+    first, above, offset = _lookup_tables(code)
+    flat = scaled.reshape(-1)
+    cell = (_sortable(flat.view(torch.int32)) >> _CELL_SHIFT).add_(offset).clamp_(0, first.numel() - 1)
+    codes = first.index_select(0, cell)
+    return codes.add_(torch.lt(above.index_select(0, cell), flat).view(torch.uint8)).view(scaled.shape)
+
+
 def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x`` to (uint8 codes shaped like ``x``, fp32 absmax per block of ``blocksize``)."""
     blocks = _blocks(x.detach().float(), blocksize)
     absmax = blocks.abs().amax(dim=1)
     scale = 1.0 / absmax.clamp(min=torch.finfo(torch.float32).tiny)
-    scaled = blocks * scale[:, None]
-    bounds = (code[:-1] + code[1:]) / 2  # x == bound -> lower code (bucketize, right=False)
-    codes = torch.bucketize(scaled, bounds).to(torch.uint8)
+    codes = nearest_code((blocks * scale[:, None]).clamp_(-1.0, 1.0), code)
     return codes.reshape(-1)[: x.numel()].view(x.shape), absmax
 
 
@@ -74,7 +109,7 @@ def dequantize_blockwise(
     codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int = 256
 ) -> torch.Tensor:
     """Inverse of ``quantize_blockwise``: fp32 tensor shaped like ``codes``."""
-    values = _blocks(code[codes.long()], blocksize) * absmax.float()[:, None]
+    values = _blocks(code.index_select(0, codes.reshape(-1).int()), blocksize) * absmax.float()[:, None]
     return values.reshape(-1)[: codes.numel()].view(codes.shape)
 
 
