@@ -24,7 +24,8 @@ def test_registered_names():
 
 @pytest.mark.parametrize("name", ["galore_adamw", "apollo_adamw", "apollo_mini", "fira_adamw", "frugal",
                                   "frugal_svd", "adamw", "adafactor", "came", "galore_adafactor",
-                                  "adamw_8bit", "galore_adamw_8bit"])
+                                  "adamw_8bit", "galore_adamw_8bit", "came_8bit", "apollo_adamw_8bit",
+                                  "frugal_8bit"])
 def test_every_name_trains_a_tiny_llama(name):
     model = tiny_llama()
     rank = {"rank": 16} if name.startswith(("galore", "apollo_adamw", "fira")) else {}
@@ -38,6 +39,8 @@ def test_every_name_trains_a_tiny_llama(name):
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.3, losses
+    if name.endswith("_8bit"):  # the 64x64 (4096-element) weights really hold 8-bit codes
+        assert any(v.dtype == torch.uint8 for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
 
 
 def test_default_targets_are_attention_and_mlp_linears_only():

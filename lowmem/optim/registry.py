@@ -10,7 +10,7 @@ unknown name or option raises ``ValueError`` listing the valid ones and the clos
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
@@ -97,6 +97,13 @@ REGISTRY: dict[str, OptimizerSpec] = {
         FRUGAL, "FRUGAL with a GaLore-style SVD subspace (rank = density x dim) and a sign-SGD residual",
         ctor=dict(projection="svd", proj_side="std", svd_method="exact", **_FRUGAL)),
 }
+
+
+# "<name>_8bit": the same optimizer with blockwise 8-bit moments (tensors under 4096 elements stay fp32).
+for _base in ("came", "apollo_adamw", "frugal", "frugal_svd", "fira_adamw", "galore_adafactor"):
+    _spec = REGISTRY[_base]
+    REGISTRY[_base + "_8bit"] = replace(
+        _spec, summary=_spec.summary + "; moments in blockwise 8-bit", ctor={**_spec.ctor, "state_dtype": "8bit"})
 
 
 def available_optimizers() -> list[str]:
