@@ -148,9 +148,9 @@ class BlockwiseQuantStore:
             if working is not state[key]:
                 state[key].copy_(working)
             return
-        codes, absmax = quantize_blockwise(working, cached_map(signed, working.device), self.blocksize)
-        state[key].copy_(codes)
-        state[key + "_absmax"].copy_(absmax)
+        # the new tensors replace the old ones (no copy pass); they have the same shapes and dtypes
+        state[key], state[key + "_absmax"] = quantize_blockwise(working, cached_map(signed, working.device),
+                                                                self.blocksize)
         state[key + "_signed"] = bool(signed)
 
     def zero(self, state: dict, key: str) -> None:
