@@ -25,7 +25,7 @@ def test_registered_names():
 @pytest.mark.parametrize("name", ["galore_adamw", "apollo_adamw", "apollo_mini", "fira_adamw", "frugal",
                                   "frugal_svd", "adamw", "adafactor", "came", "galore_adafactor",
                                   "adamw_8bit", "galore_adamw_8bit", "came_8bit", "apollo_adamw_8bit",
-                                  "frugal_8bit"])
+                                  "frugal_8bit", "adam_mini", "adam_mini_8bit"])
 def test_every_name_trains_a_tiny_llama(name):
     model = tiny_llama()
     rank = {"rank": 16} if name.startswith(("galore", "apollo_adamw", "fira")) else {}

@@ -10,6 +10,7 @@ from .presets import (
     CAME,
     FRUGAL,
     Adafactor,
+    AdamMini,
     AdamW8bit,
     APOLLOAdamW,
     FiraAdamW,
@@ -22,6 +23,6 @@ from .targets import split_parameters
 
 __all__ = [
     "LowMemOptimizer", "GaLoreAdamW", "APOLLOAdamW", "FiraAdamW", "FRUGAL", "Adafactor", "CAME", "GaLoreAdafactor",
-    "AdamW8bit", "GaLoreAdamW8bit",
+    "AdamW8bit", "GaLoreAdamW8bit", "AdamMini",
     "create_optimizer", "available_optimizers", "split_parameters",
 ]

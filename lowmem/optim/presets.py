@@ -233,3 +233,25 @@ class GaLoreAdamW8bit(AdamW8bit):
                          min_8bit_size=min_8bit_size, state_dtype=state_dtype)
 
     normalize_group = GaLoreAdamW.normalize_group
+
+
+class AdamMini(LowMemOptimizer):
+    """Adam-mini with adam-mini 1.1.1's ``Adam_mini`` arguments (``named_parameters``, ``dim``, ``n_heads``,
+    ``n_kv_heads``...); pass ``model=`` instead of ``dim``/``n_heads`` to read them from ``model.config``.
+
+    Memory: about 4 B/param (fp32): the first moment plus one second moment per head / row / tensor.
+    """
+
+    def __init__(self, named_parameters, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
+                 model_sharding=None, dim=None, n_heads=None, n_kv_heads=None, verbose=False, model=None,
+                 state_dtype=None):
+        from .adam_mini_blocks import adam_mini_groups, model_dims
+
+        if model is not None and (dim is None or n_heads is None):
+            config_dim, config_heads = model_dims(getattr(model, "config", None))
+            dim, n_heads = dim or config_dim, n_heads or config_heads
+        if n_kv_heads is not None and n_heads and n_heads % n_kv_heads:
+            raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}")
+        groups = adam_mini_groups(list(named_parameters), dim, n_heads, weight_decay)
+        super().__init__(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rule="adam_mini",
+                         state_dtype=state_dtype)

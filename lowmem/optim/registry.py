@@ -19,6 +19,7 @@ from .presets import (
     CAME,
     FRUGAL,
     Adafactor,
+    AdamMini,
     AdamW8bit,
     APOLLOAdamW,
     FiraAdamW,
@@ -42,6 +43,8 @@ class OptimizerSpec:
     ctor: dict = field(default_factory=dict)
     group: dict = field(default_factory=dict)
     low_rank: bool = True
+    #: Builds the optimizer from the model itself (its names and config) instead of target groups.
+    from_model: bool = False
 
     def options(self) -> dict:
         targets = {"target_modules": None} if self.low_rank else {}
@@ -80,6 +83,9 @@ REGISTRY: dict[str, OptimizerSpec] = {
         GaLoreAdamW8bit, "GaLore with blockwise 8-bit moments of the projected gradient",
         ctor=dict(**_ADAM, eps=1e-8, min_8bit_size=4096, state_dtype="8bit"),
         group=dict(rank=128, scale=0.25, **_SVD)),
+    "adam_mini": OptimizerSpec(
+        AdamMini, "Adam-mini: one second moment per head / row / tensor (partition from names and config); ~4 B/param",
+        ctor=dict(**_ADAM, eps=1e-8), low_rank=False, from_model=True),
     "adafactor": OptimizerSpec(
         Adafactor, "Adafactor: factored second moment, update clipping; 4(m+n) bytes per m x n weight",
         ctor=_ADAFACTOR, low_rank=False),
@@ -100,7 +106,7 @@ REGISTRY: dict[str, OptimizerSpec] = {
 
 
 # "<name>_8bit": the same optimizer with blockwise 8-bit moments (tensors under 4096 elements stay fp32).
-for _base in ("came", "apollo_adamw", "frugal", "frugal_svd", "fira_adamw", "galore_adafactor"):
+for _base in ("adam_mini", "came", "apollo_adamw", "frugal", "frugal_svd", "fira_adamw", "galore_adafactor"):
     _spec = REGISTRY[_base]
     REGISTRY[_base + "_8bit"] = replace(
         _spec, summary=_spec.summary + "; moments in blockwise 8-bit", ctor={**_spec.ctor, "state_dtype": "8bit"})
@@ -140,6 +146,8 @@ def create_optimizer(name: str, model: nn.Module, **options) -> LowMemOptimizer:
     """Build optimizer ``name`` for ``model``'s trainable parameters (see ``available_optimizers()``)."""
     spec = get_spec(name)
     opts = check_options(name, options)
+    if spec.from_model:
+        return spec.cls(model.named_parameters(), model=model, **opts)
     split = split_parameters(model, opts.pop("target_modules")) if spec.low_rank else _no_split(model)
     group_opts = {k: opts.pop(k) for k in spec.group}
     ctor = {k: v for k, v in opts.items() if k in spec.ctor or k in COMMON_OPTIONS}

@@ -207,7 +207,55 @@ class CAME(Rule):
         return update, lr, lr
 
 
-RULES = ("adamw_hf", "adamw_torch", "adafactor", "came", "sign_sgd", "sgd")
+class AdamMini(Rule):
+    """Adam-mini (Zhang et al. 2024): Adam's first moment, but one second moment per block.
+
+    ``block``: ``elementwise`` (plain Adam, for biases), ``heads`` (one per attention head: the tensor
+    viewed as ``(-1, head_numel)``), ``rows`` (one per output neuron) or ``tensor`` (one scalar). The
+    moments use ``lerp`` and the torch-style eps placement, as adam-mini 1.1.1 does.
+    Memory: ``4mn`` bytes for m plus a handful for the block means (about 4 B/param; Adam: 8).
+    """
+
+    stateful = True
+    BLOCKS = ("elementwise", "heads", "rows", "tensor")
+
+    def __init__(self, betas=(0.9, 0.999), eps=1e-8, block="tensor", head_numel=None):
+        if block not in self.BLOCKS:
+            raise ValueError(f"unknown Adam-mini block {block!r}; use one of {self.BLOCKS}")
+        self.beta1, self.beta2 = betas
+        self.eps, self.block, self.head_numel = eps, block, head_numel
+
+    def direction(self, grad, state, store, lr, param):
+        b1, b2, t = self.beta1, self.beta2, state["step"]
+        g = grad.view(-1, self.head_numel) if self.block == "heads" else grad
+        if "exp_avg" not in state:
+            store.init(state, "exp_avg", g, signed=True)
+            if self.block == "elementwise":
+                second = g
+            elif self.block == "tensor":
+                second = g.new_zeros(())
+            else:  # one mean per row (neuron) or per head
+                second = g[:, :1]
+            store.init(state, "exp_avg_sq", second, signed=False)
+        v = store.load(state, "exp_avg_sq")
+        if self.block == "elementwise":
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        elif self.block == "tensor":
+            v.mul_(b2).add_(torch.sum(g * g) / g.numel(), alpha=1 - b2)
+        else:
+            v.mul_(b2).add_(torch.mean(g * g, dim=1, keepdim=True), alpha=1 - b2)
+        store.save(state, "exp_avg_sq", v, signed=False)
+        m = store.load(state, "exp_avg")
+        m.lerp_(g, 1 - b1)
+        store.save(state, "exp_avg", m, signed=True)
+        h = (v.sqrt() / math.sqrt(1 - b2**t)).add_(self.eps)
+        bias_correction1 = 1 - b1**t
+        if self.block == "elementwise":
+            return m / h, lr / bias_correction1, lr
+        return (m * ((1 / bias_correction1) / h)).view(grad.shape), lr, lr
+
+
+RULES = ("adamw_hf", "adamw_torch", "adafactor", "came", "adam_mini", "sign_sgd", "sgd")
 
 
 def make_rule(group: dict) -> Rule:
@@ -219,6 +267,8 @@ def make_rule(group: dict) -> Rule:
         return Adafactor(pair or (1e-30, 1e-3), group.get("clip_threshold", 1.0), group.get("decay_rate", -0.8),
                          group.get("beta1"), group.get("scale_parameter", True), group.get("relative_step", True),
                          group.get("warmup_init", False))
+    if name == "adam_mini":
+        return AdamMini(betas, eps, group.get("mini_block", "tensor"), group.get("head_numel"))
     if name == "came":
         return CAME(pair or (1e-30, 1e-16), group.get("clip_threshold", 1.0),
                     betas if len(betas) == 3 else (0.9, 0.999, 0.9999))
