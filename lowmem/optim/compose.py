@@ -11,7 +11,9 @@ Group keys (all optional; defaults in ``GROUP_DEFAULTS``):
 * projector: ``projector`` (identity | svd | random_orth | gaussian | coordinates | permutation |
   blocks), ``rank`` or ``density``, ``proj_type``, ``update_proj_gap``, ``svd_method``,
   ``coord_choice``, ``block_order``, ``reset_statistics``
-* rule: ``rule`` (adamw_hf | adamw_torch | sign_sgd | sgd), ``betas``, ``eps``, ``correct_bias``
+* rule: ``rule`` (adamw_hf | adamw_torch | adafactor | came | adam_mini | sign_sgd | sgd), ``betas``,
+  ``eps``, ``correct_bias``; Adafactor/CAME: ``clip_threshold``, ``decay_rate``, ``beta1``,
+  ``scale_parameter``, ``relative_step``, ``warmup_init``; Adam-mini: ``mini_block``, ``head_numel``
 * lift: ``lift`` (project_back | frugal | fira | apollo), ``scale``, ``scale_type``, ``scale_front``,
   ``disable_nl``, ``inactive_update_rule``, ``inactive_lr_scale``, ``proj_params_lr_scale``
 * storage: ``state_dtype`` (None = the gradient's dtype | float32 | bfloat16 | 8bit), ``min_8bit_size``

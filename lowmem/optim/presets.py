@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from .adam_mini_blocks import adam_mini_groups, model_dims
 from .compose import LowMemOptimizer
 
 _HF_CORE = dict(rule="adamw_hf")
@@ -245,8 +246,6 @@ class AdamMini(LowMemOptimizer):
     def __init__(self, named_parameters, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
                  model_sharding=None, dim=None, n_heads=None, n_kv_heads=None, verbose=False, model=None,
                  state_dtype=None):
-        from .adam_mini_blocks import adam_mini_groups, model_dims
-
         if model is not None and (dim is None or n_heads is None):
             config_dim, config_heads = model_dims(getattr(model, "config", None))
             dim, n_heads = dim or config_dim, n_heads or config_heads

@@ -95,8 +95,7 @@ class _MatrixProjector(Projector):
         """The rank for this shape: the fixed ``rank``, or FRUGAL's ``round(density * dim)``."""
         if self.density is None:
             return int(self.rank)
-        side = resolve_side(self.proj_type, shape)
-        dim = {"right": shape[1], "left": shape[0], "full": min(shape)}[side]
+        dim = {"right": shape[1], "left": shape[0], "full": min(shape)}[self.side(shape)]
         return round(dim * self.density)
 
     def check_shape(self, shape, name):
@@ -261,7 +260,7 @@ class CoordinateProjector(Projector):
     def refresh(self, state, grad):
         m, n = grad.shape
         if self.choice == "permutation":
-            side = resolve_side(self.permutation_side, grad.shape)
+            side = self.side(grad.shape)
             r = round({"right": n, "left": m, "full": min(m, n)}[side] * self.density)
             rows = cols = None
             # The reference builds identity-permutation matrices from CPU randperm draws, left first.

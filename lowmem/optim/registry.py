@@ -27,7 +27,7 @@ from .presets import (
     GaLoreAdamW,
     GaLoreAdamW8bit,
 )
-from .targets import split_parameters
+from .targets import plain_split, split_parameters
 
 #: Options every name accepts; low-rank names also take ``target_modules`` (which weights to project).
 COMMON_OPTIONS = dict(lr=1e-3, weight_decay=0.0, state_dtype=None)
@@ -148,7 +148,7 @@ def create_optimizer(name: str, model: nn.Module, **options) -> LowMemOptimizer:
     opts = check_options(name, options)
     if spec.from_model:
         return spec.cls(model.named_parameters(), model=model, **opts)
-    split = split_parameters(model, opts.pop("target_modules")) if spec.low_rank else _no_split(model)
+    split = split_parameters(model, opts.pop("target_modules")) if spec.low_rank else plain_split(model)
     group_opts = {k: opts.pop(k) for k in spec.group}
     ctor = {k: v for k, v in opts.items() if k in spec.ctor or k in COMMON_OPTIONS}
 
@@ -163,16 +163,4 @@ def create_optimizer(name: str, model: nn.Module, **options) -> LowMemOptimizer:
         groups.append(group(split.decay))
     if split.no_decay:
         groups.append(group(split.no_decay, weight_decay=0.0))
-    if spec.cls is LowMemOptimizer:
-        ctor["rule"] = "adamw_torch"
     return spec.cls(groups, **ctor)
-
-
-def _no_split(model: nn.Module):
-    from .targets import ParameterSplit
-
-    split = ParameterSplit()
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (split.no_decay if p.dim() < 2 else split.decay).append((name, p))
-    return split

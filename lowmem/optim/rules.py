@@ -29,7 +29,6 @@ from .states import StateStore
 class Rule:
     """Base rule: state-free SGD (``N = g``)."""
 
-    stateful = False
     #: Where the numeric core applies weight decay: ``mul_before``, ``add_before`` or ``after``.
     decay = "mul_before"
 
@@ -51,7 +50,6 @@ class SignSGD(Rule):
 class AdamW(Rule):
     """Adam moments with either numeric core (see the module docstring)."""
 
-    stateful = True
 
     def __init__(self, betas=(0.9, 0.999), eps: float = 1e-6, correct_bias: bool = True, core: str = "hf"):
         if core not in ("hf", "torch"):
@@ -133,7 +131,6 @@ class Adafactor(Rule):
     Memory: ``4(m + n)`` bytes for an m x n input (``+ 4mn`` with beta1), fp32.
     """
 
-    stateful = True
     decay = "add_before"
 
     def __init__(self, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8, beta1=None,
@@ -178,7 +175,6 @@ class CAME(Rule):
     Memory: ``4mn + 8(m + n)`` bytes for an m x n input (about 4 B/param), fp32.
     """
 
-    stateful = True
     decay = "add_before"
 
     def __init__(self, eps=(1e-30, 1e-16), clip_threshold=1.0, betas=(0.9, 0.999, 0.9999)):
@@ -216,7 +212,6 @@ class AdamMini(Rule):
     Memory: ``4mn`` bytes for m plus a handful for the block means (about 4 B/param; Adam: 8).
     """
 
-    stateful = True
     BLOCKS = ("elementwise", "heads", "rows", "tensor")
 
     def __init__(self, betas=(0.9, 0.999), eps=1e-8, block="tensor", head_numel=None):

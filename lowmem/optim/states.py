@@ -4,14 +4,18 @@ Rules never allocate or read state tensors directly: they ask a ``StateStore`` f
 for a working view to update, and hand the view back. For full-precision storage (fp32, bf16) the
 working view *is* the stored tensor and is updated in place, so the arithmetic is the same
 sequence of in-place ops the reference optimizers run (bit-identical in the same dtype). Blockwise
-8-bit storage (next issue) plugs in here: ``load`` dequantizes, ``save`` requantizes.
+8-bit storage (``quantized.BlockwiseQuantStore``) has the same interface: ``load`` dequantizes,
+``save`` requantizes.
 
-Memory: one tensor per moment with the low-rank gradient's shape, ``element_size(dtype)`` bytes each.
+Memory: one tensor per moment with the low-rank gradient's shape, ``element_size(dtype)`` bytes each
+(8-bit: one byte per element plus an fp32 absmax per block of 256).
 """
 
 from __future__ import annotations
 
 import torch
+
+from .quantized import BlockwiseQuantStore
 
 _DTYPES = {
     "float32": torch.float32,
@@ -19,8 +23,6 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
-
-
 
 
 class StateStore:
@@ -70,8 +72,6 @@ def make_store(name: str | torch.dtype | None, min_8bit_size: int = 4096) -> Sta
         return StateStore(name)
     key = str(name).lower()
     if key in _8BIT:
-        from .quantized import BlockwiseQuantStore
-
         return BlockwiseQuantStore(min_8bit_size=min_8bit_size)
     if key not in _DTYPES:
         raise ValueError(

@@ -83,6 +83,16 @@ def split_parameters(model: nn.Module, target_modules=None) -> ParameterSplit:
             f"{type(model).__name__}. Linear modules here include {linears}; pass target_modules as "
             "substrings of those names, a regex, or 'all-linear'."
         )
+    return _split(model, chosen)
+
+
+def plain_split(model: nn.Module) -> ParameterSplit:
+    """``model``'s trainable parameters with no low-rank targets (for full-rank optimizers)."""
+    return _split(model, {})
+
+
+def _split(model: nn.Module, chosen: dict[int, str]) -> ParameterSplit:
+    """Chosen weights (id -> module-derived name) become targets; the rest split by weight decay."""
     split = ParameterSplit()
     for name, p in model.named_parameters():
         if not p.requires_grad:
