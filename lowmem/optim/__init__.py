@@ -1,8 +1,9 @@
 """lowmem optimizers: one composable ``torch.optim.Optimizer`` and drop-in named presets.
 
 ``create_optimizer(name, model, **options)`` builds a registered optimizer for a model;
-``available_optimizers()`` lists the names. The classes accept the reference packages'
-constructors, so ``from lowmem.optim import GaLoreAdamW`` replaces galore-torch's.
+``available_optimizers()`` lists the names, and ``composition_parts()`` the parts of a generic
+``<method>+<rule>[+<precision>]`` name (e.g. ``"galore+came+8bit"``). The classes accept the
+reference packages' constructors, so ``from lowmem.optim import GaLoreAdamW`` replaces galore-torch's.
 """
 
 from .compose import LowMemOptimizer
@@ -18,11 +19,11 @@ from .presets import (
     GaLoreAdamW,
     GaLoreAdamW8bit,
 )
-from .registry import available_optimizers, create_optimizer
+from .registry import available_optimizers, composition_parts, create_optimizer
 from .targets import split_parameters
 
 __all__ = [
     "LowMemOptimizer", "GaLoreAdamW", "APOLLOAdamW", "FiraAdamW", "FRUGAL", "Adafactor", "CAME", "GaLoreAdafactor",
     "AdamW8bit", "GaLoreAdamW8bit", "AdamMini",
-    "create_optimizer", "available_optimizers", "split_parameters",
+    "create_optimizer", "available_optimizers", "composition_parts", "split_parameters",
 ]

@@ -140,7 +140,8 @@ class FRUGAL(LowMemOptimizer):
                 group.setdefault(key, value)
 
 
-def _check_adafactor_lr(lr, relative_step: bool, warmup_init: bool) -> None:
+def check_adafactor_lr(lr, relative_step: bool, warmup_init: bool) -> None:
+    """Raise a ``ValueError`` naming the fix when Adafactor's lr options contradict each other."""
     if lr is not None and relative_step:
         raise ValueError(
             "Adafactor got both lr and relative_step=True: the relative step computes its own lr. "
@@ -161,7 +162,7 @@ class Adafactor(LowMemOptimizer):
     def __init__(self, params: Iterable, lr=None, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8,
                  beta1=None, weight_decay=0.0, scale_parameter=True, relative_step=True, warmup_init=False,
                  state_dtype=None):
-        _check_adafactor_lr(lr, relative_step, warmup_init)
+        check_adafactor_lr(lr, relative_step, warmup_init)
         super().__init__(params, lr=lr, eps=tuple(eps), clip_threshold=clip_threshold, decay_rate=decay_rate,
                          beta1=beta1, weight_decay=weight_decay, scale_parameter=scale_parameter,
                          relative_step=relative_step, warmup_init=warmup_init, state_dtype=state_dtype,

@@ -5,6 +5,17 @@ parameters (see ``targets``), puts the attention/MLP weights in the low-rank gro
 defaults, and gives embeddings, the head and norms a plain AdamW group of the same numeric core.
 Biases and norm weights get no weight decay. Options are checked before anything is built: an
 unknown name or option raises ``ValueError`` listing the valid ones and the closest match.
+
+Besides the fixed names (``REGISTRY``), any ``<method>+<rule>[+<precision>]`` works, e.g.
+``"galore+came"``, ``"apollo+adamw+8bit"``, ``"frugal+adam_mini"``, ``"none+adafactor+bf16"``
+(the parts: ``composition_parts()``). The method brings its projector, lift and defaults from its
+registered name (``galore`` -> ``galore_adamw``); the rule replaces that name's AdamW in every param
+group, with the defaults of its own registered name (``came`` -> ``came``); the precision sets
+``state_dtype``. ``adamw`` is the method's own numeric core (``adamw_hf`` for GaLore / Fira / APOLLO,
+``adamw_torch`` otherwise), so ``"galore+adamw"`` is exactly ``"galore_adamw"``. With ``adam_mini``
+the projected weights keep one second moment per row of the projected gradient
+(``mini_block="rows"``) and the other parameters follow Adam-mini's partition from names and
+``model.config``.
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ from dataclasses import dataclass, field, replace
 
 from torch import nn
 
+from .adam_mini_blocks import adam_mini_groups, model_dims
 from .compose import LowMemOptimizer
 from .presets import (
     CAME,
@@ -26,7 +38,9 @@ from .presets import (
     GaLoreAdafactor,
     GaLoreAdamW,
     GaLoreAdamW8bit,
+    check_adafactor_lr,
 )
+from .states import make_store
 from .targets import plain_split, split_parameters
 
 #: Options every name accepts; low-rank names also take ``target_modules`` (which weights to project).
@@ -45,10 +59,16 @@ class OptimizerSpec:
     low_rank: bool = True
     #: Builds the optimizer from the model itself (its names and config) instead of target groups.
     from_model: bool = False
+    #: Generic names: the rule every param group runs (None: the class's own) ...
+    rule: str | None = None
+    #: ... and the options set on every param group (the rule's, ``min_8bit_size``).
+    every_group: dict = field(default_factory=dict)
+    #: Generic names: the state precision the name fixes (a different ``state_dtype`` is an error).
+    precision: str | None = None
 
     def options(self) -> dict:
         targets = {"target_modules": None} if self.low_rank else {}
-        return {**COMMON_OPTIONS, **targets, **self.ctor, **self.group}
+        return {**COMMON_OPTIONS, **targets, **self.ctor, **self.group, **self.every_group}
 
 
 _SVD = dict(update_proj_gap=200, proj_type="std", svd_method="exact")
@@ -112,8 +132,78 @@ for _base in ("adam_mini", "came", "apollo_adamw", "frugal", "frugal_svd", "fira
         _spec, summary=_spec.summary + "; moments in blockwise 8-bit", ctor={**_spec.ctor, "state_dtype": "8bit"})
 
 
+# Generic names "<method>+<rule>[+<precision>]".
+#: method -> (the registered name whose projector, lift and defaults it reuses, its AdamW numeric core).
+METHODS = {
+    "none": ("adamw", "adamw_torch"),
+    "galore": ("galore_adamw", "adamw_hf"),
+    "fira": ("fira_adamw", "adamw_hf"),
+    "apollo": ("apollo_adamw", "adamw_hf"),
+    "apollo_mini": ("apollo_mini", "adamw_hf"),
+    "frugal": ("frugal", "adamw_torch"),
+    "frugal_svd": ("frugal_svd", "adamw_torch"),
+}
+METHOD_ALIASES = {"dense": "none", "identity": "none"}
+#: rule -> the registered name whose defaults it takes (None: the method's AdamW, or no options).
+RULES = {"adamw": None, "adafactor": "adafactor", "came": "came", "adam_mini": "adam_mini", "sgd": None,
+         "sign_sgd": None}
+#: precision -> ``state_dtype``.
+PRECISIONS = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16", "8bit": "8bit"}
+_ADAMW_OPTIONS = ("betas", "eps")
+_GENERIC_FORM = "'<method>+<rule>[+<precision>]'"
+
+
+def composition_parts() -> dict[str, list[str]]:
+    """The valid parts of a generic name ``<method>+<rule>[+<precision>]``, by position."""
+    return {"method": [*METHODS, *METHOD_ALIASES], "rule": list(RULES), "precision": list(PRECISIONS)}
+
+
+def _parts_help() -> str:
+    return "; ".join(f"{pos}s: {', '.join(words)}" for pos, words in composition_parts().items())
+
+
+def _part(position: str, word: str, name: str) -> str:
+    """``word`` if it is a valid ``position`` part, else a ``ValueError`` listing them and the closest."""
+    valid = composition_parts()[position]
+    if word not in valid:
+        raise ValueError(f"unknown {position} {word!r} in optimizer {name!r}.{_closest(word, valid)} "
+                         f"Valid {position}s: {', '.join(valid)}.")
+    return word
+
+
+def compose_spec(name: str) -> OptimizerSpec:
+    """The spec of a generic name ``<method>+<rule>[+<precision>]`` (see the module docstring)."""
+    parts = [part.strip() for part in name.split("+")]
+    if len(parts) not in (2, 3):
+        raise ValueError(f"optimizer {name!r} has {len(parts)} parts; a generic name is {_GENERIC_FORM}, "
+                         f"e.g. 'galore+came' or 'galore+came+8bit' ({_parts_help()}).")
+    method = _part("method", parts[0], name)
+    method = METHOD_ALIASES.get(method, method)
+    rule = _part("rule", parts[1], name)
+    precision = PRECISIONS[_part("precision", parts[2], name)] if len(parts) == 3 else None
+    base_name, core = METHODS[method]
+    base = REGISTRY[base_name]
+    ctor = {k: v for k, v in base.ctor.items() if k not in _ADAMW_OPTIONS}
+    if rule == "adamw":
+        rule, every_group = core, {k: base.ctor[k] for k in _ADAMW_OPTIONS}
+    else:
+        every_group = dict(REGISTRY[RULES[rule]].ctor) if RULES[rule] else {}
+    if precision:
+        ctor["state_dtype"] = precision
+    if precision == "8bit":
+        every_group["min_8bit_size"] = 4096
+    summary = f"{method} projection and lift, {rule} moments, states in {precision or 'the gradient dtype'}"
+    return replace(base, summary=summary, ctor=ctor, rule=rule, every_group=every_group, precision=precision)
+
+
+REGISTRY["galore_came"] = replace(
+    compose_spec("galore+came"), summary="GaLore + CAME: CAME's confidence-weighted moments of the projected gradient")
+REGISTRY["galore_came_8bit"] = replace(
+    compose_spec("galore+came+8bit"), summary=REGISTRY["galore_came"].summary + "; moments in blockwise 8-bit")
+
+
 def available_optimizers() -> list[str]:
-    """The registered optimizer names."""
+    """The registered optimizer names (generic ``<method>+<rule>[+<precision>]`` names work too)."""
     return sorted(REGISTRY)
 
 
@@ -123,12 +213,15 @@ def _closest(word: str, choices) -> str:
 
 
 def get_spec(name: str) -> OptimizerSpec:
-    """The spec registered under ``name``; ``ValueError`` naming the valid names and the closest one."""
+    """The spec of a registered or generic name; ``ValueError`` naming the valid names and the closest one."""
     key = name.lower().replace("-", "_") if isinstance(name, str) else name
-    if key not in REGISTRY:
-        raise ValueError(f"unknown optimizer {name!r}.{_closest(str(name), REGISTRY)} "
-                         f"Available: {', '.join(available_optimizers())}.")
-    return REGISTRY[key]
+    if key in REGISTRY:
+        return REGISTRY[key]
+    if isinstance(key, str) and "+" in key:
+        return compose_spec(key)
+    raise ValueError(f"unknown optimizer {name!r}.{_closest(str(name), REGISTRY)} "
+                     f"Available: {', '.join(available_optimizers())}. "
+                     f"Or compose one as {_GENERIC_FORM}, e.g. 'galore+came+8bit' ({_parts_help()}).")
 
 
 def check_options(name: str, options: dict) -> dict:
@@ -139,28 +232,75 @@ def check_options(name: str, options: dict) -> dict:
         if key not in allowed:
             raise ValueError(f"optimizer {name!r} has no option {key!r}.{_closest(key, allowed)} "
                              f"Its options: {', '.join(sorted(allowed))}.")
-    return {**allowed, **options}
+    opts = {**allowed, **options}
+    if spec.rule:
+        _check_generic(name, spec, options.get("state_dtype"), opts)
+    if spec.precision:  # the name's precision wins over an equivalent spelling (torch.bfloat16, "bf16")
+        opts["state_dtype"] = spec.precision
+    return opts
+
+
+def _check_generic(name: str, spec: OptimizerSpec, state_dtype, opts: dict) -> None:
+    """A generic name's checks the preset classes would otherwise make: precision, tuple sizes, lr."""
+    if spec.precision and state_dtype is not None and not _same_storage(state_dtype, spec.precision):
+        raise ValueError(f"optimizer {name!r} keeps its states in {spec.precision!r} but state_dtype={state_dtype!r} "
+                         "was passed too; drop state_dtype, or change the name's precision part "
+                         f"({', '.join(PRECISIONS)}).")
+    for key, default in spec.every_group.items():
+        value = opts[key]
+        if isinstance(default, tuple) and not (isinstance(value, (tuple, list)) and len(value) == len(default)):
+            raise ValueError(f"{spec.rule}'s {key} takes {len(default)} values, e.g. {key}={default}; got {value!r}.")
+    if spec.rule == "adafactor":
+        check_adafactor_lr(opts["lr"], opts["relative_step"], opts["warmup_init"])
+    if opts["lr"] is None and (spec.rule != "adafactor" or spec.cls is FRUGAL):
+        raise ValueError(f"optimizer {name!r} needs an lr (e.g. lr=1e-3); only Adafactor's relative_step computes "
+                         "its own, and FRUGAL's state-free residual steps with the lr.")
+
+
+def _same_storage(a, b) -> bool:
+    """Whether two ``state_dtype`` values store states the same way."""
+    store_a, store_b = make_store(a), make_store(b)
+    return type(store_a) is type(store_b) and getattr(store_a, "dtype", None) == getattr(store_b, "dtype", None)
+
+
+def _group(pairs, **keys) -> dict:
+    return {"params": [p for _, p in pairs], "param_names": [n for n, _ in pairs], **keys}
+
+
+def _other_groups(spec: OptimizerSpec, model: nn.Module, split, weight_decay) -> list[dict]:
+    """Groups for the parameters that are not projected: Adam-mini's partition for the adam_mini rule,
+    else one group with weight decay and one (biases, norms) without."""
+    if spec.rule == "adam_mini":
+        rest = {id(p) for _, p in split.decay + split.no_decay}
+        named = [(n, p) for n, p in model.named_parameters() if id(p) in rest]
+        return adam_mini_groups(named, *model_dims(getattr(model, "config", None)), weight_decay)
+    groups = []
+    if split.decay:
+        groups.append(_group(split.decay))
+    if split.no_decay:
+        groups.append(_group(split.no_decay, weight_decay=0.0))
+    return groups
 
 
 def create_optimizer(name: str, model: nn.Module, **options) -> LowMemOptimizer:
-    """Build optimizer ``name`` for ``model``'s trainable parameters (see ``available_optimizers()``)."""
+    """Build optimizer ``name`` for ``model``'s trainable parameters: a registered name
+    (``available_optimizers()``) or a generic ``<method>+<rule>[+<precision>]`` (``composition_parts()``)."""
     spec = get_spec(name)
     opts = check_options(name, options)
     if spec.from_model:
         return spec.cls(model.named_parameters(), model=model, **opts)
     split = split_parameters(model, opts.pop("target_modules")) if spec.low_rank else plain_split(model)
     group_opts = {k: opts.pop(k) for k in spec.group}
+    shared = {k: opts.pop(k) for k in spec.every_group}
+    if spec.rule:
+        shared["rule"] = spec.rule
     ctor = {k: v for k, v in opts.items() if k in spec.ctor or k in COMMON_OPTIONS}
-
-    def group(pairs, **keys):
-        return {"params": [p for _, p in pairs], "param_names": [n for n, _ in pairs], **keys}
 
     groups = []
     if split.targets:
         target_keys = {"is_proj_params": True} if spec.cls is FRUGAL else group_opts
-        groups.append(group(split.targets, **target_keys))
-    if split.decay:
-        groups.append(group(split.decay))
-    if split.no_decay:
-        groups.append(group(split.no_decay, weight_decay=0.0))
+        if spec.rule == "adam_mini":
+            target_keys = {**target_keys, "mini_block": "rows"}
+        groups.append(_group(split.targets, **target_keys, **shared))
+    groups += [{**g, **shared} for g in _other_groups(spec, model, split, ctor["weight_decay"])]
     return spec.cls(groups, **ctor)
