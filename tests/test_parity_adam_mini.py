@@ -126,3 +126,18 @@ def test_resume_is_bit_identical(tmp_path, state_dtype):
     run(second, opt2, grads[3:])
     for (name, a), b in zip(straight.named_parameters(), second.parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("model_dtype, state_dtype", [(torch.float32, "bfloat16"), (torch.bfloat16, "8bit")])
+def test_states_in_another_dtype_than_the_gradient(model_dtype, state_dtype):
+    """bf16 states of an fp32 model, and 8-bit states (dequantized to fp32) of a bf16 model, both step."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LLAMA).to(model_dtype)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = AdamMini(model.named_parameters(), lr=1e-2, model=model, state_dtype=state_dtype)
+    for _ in range(2):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    for name, p in model.named_parameters():
+        assert p.dtype == model_dtype and torch.isfinite(p).all() and not torch.equal(p, start[name]), name
