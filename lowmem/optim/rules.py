@@ -23,6 +23,7 @@ import math
 
 import torch
 
+from ..kernels import adam_8bit
 from .states import StateStore
 
 
@@ -62,25 +63,32 @@ class AdamW(Rule):
         if "exp_avg" not in state:
             store.init(state, "exp_avg", grad, signed=True)
             store.init(state, "exp_avg_sq", grad, signed=False)
-        m, v = store.load(state, "exp_avg"), store.load(state, "exp_avg_sq")
         b1, b2, t = self.beta1, self.beta2, state["step"]
+        if adam_8bit.fused_applicable(state, grad):
+            bias_div = math.sqrt(1.0 - b2**t) if self.core == "torch" and self.correct_bias else 1.0
+            direction = adam_8bit.adam_step_8bit(state, grad, b1, b2, self.eps, bias_div)
+            if direction is not None:
+                return direction, lr * self._step_factor(t), lr
+        m, v = store.load(state, "exp_avg"), store.load(state, "exp_avg_sq")
         m.mul_(b1).add_(grad, alpha=1.0 - b1)
         v.mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
         denom = v.sqrt()
-        factor = 1.0
-        if self.core == "hf":
-            denom.add_(self.eps)
-            if self.correct_bias:
-                factor = math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
-        else:
-            if self.correct_bias:
-                denom.div_(math.sqrt(1.0 - b2**t))
-                factor = 1.0 / (1.0 - b1**t)
-            denom.add_(self.eps)
+        if self.core == "torch" and self.correct_bias:
+            denom.div_(math.sqrt(1.0 - b2**t))
+        denom.add_(self.eps)
         direction = torch.div(m, denom, out=denom)
         store.save(state, "exp_avg", m, signed=True)
         store.save(state, "exp_avg_sq", v, signed=False)
-        return direction, lr * factor, lr
+        return direction, lr * self._step_factor(t), lr
+
+    def _step_factor(self, t: int) -> float:
+        """The bias correction the step size carries: ``sqrt(1 - b2^t) / (1 - b1^t)`` (hf) or
+        ``1 / (1 - b1^t)`` (torch, whose second-moment correction sits in the denominator)."""
+        if not self.correct_bias:
+            return 1.0
+        if self.core == "hf":
+            return math.sqrt(1.0 - self.beta2**t) / (1.0 - self.beta1**t)
+        return 1.0 / (1.0 - self.beta1**t)
 
     def reset(self, state, store: StateStore):
         state["step"] = 0
@@ -93,10 +101,17 @@ def _rms(t: torch.Tensor) -> torch.Tensor:
     return t.norm(2) / (t.numel() ** 0.5)
 
 
-def _factored_rsqrt(row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
-    """``1 / sqrt(R C / mean(R))``: the rank-1 reconstruction of a factored second moment, inverted."""
+def _reusable(buffer: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """``buffer`` as the ``out=`` of a result in ``dtype`` (saves a full-size allocation), if the dtypes
+    agree; None (a fresh tensor, as before) when states and gradient differ in dtype."""
+    return buffer if buffer.dtype == dtype else None
+
+
+def _factored_rsqrt(row: torch.Tensor, col: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``1 / sqrt(R C / mean(R))``: the rank-1 reconstruction of a factored second moment, inverted
+    (written into ``out`` when given)."""
     r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
-    return torch.mul(r_factor, col.unsqueeze(-2).rsqrt())
+    return torch.mul(r_factor, col.unsqueeze(-2).rsqrt(), out=out)
 
 
 def _init_factored(state: dict, store: StateStore, prefix: str, grad: torch.Tensor) -> None:
@@ -109,18 +124,21 @@ def _init_factored(state: dict, store: StateStore, prefix: str, grad: torch.Tens
 
 
 def _update_factored(state: dict, store: StateStore, prefix: str, value: torch.Tensor, beta: float) -> torch.Tensor:
-    """EMA ``value`` into the (factored) statistics and return ``1 / sqrt(statistics)`` shaped like value."""
+    """EMA ``value`` into the (factored) statistics and return ``1 / sqrt(statistics)`` shaped like value.
+
+    ``value`` is a temporary the caller gives up: the result reuses its buffer when the dtypes agree.
+    """
     if value.dim() >= 2:
         row, col = store.load(state, prefix + "_row"), store.load(state, prefix + "_col")
         row.mul_(beta).add_(value.mean(dim=-1), alpha=1.0 - beta)
         col.mul_(beta).add_(value.mean(dim=-2), alpha=1.0 - beta)
         store.save(state, prefix + "_row", row, signed=False)
         store.save(state, prefix + "_col", col, signed=False)
-        return _factored_rsqrt(row, col)
+        return _factored_rsqrt(row, col, out=_reusable(value, row.dtype))
     full = store.load(state, prefix)
     full.mul_(beta).add_(value, alpha=1.0 - beta)
     store.save(state, prefix, full, signed=False)
-    return full.rsqrt()
+    return torch.rsqrt(full, out=_reusable(value, full.dtype))
 
 
 class Adafactor(Rule):
@@ -157,14 +175,15 @@ class Adafactor(Rule):
         t = state["step"]
         step = self.step_size(t, lr, param)
         beta2t = 1.0 - math.pow(t, self.decay_rate)
-        update = _update_factored(state, store, "exp_avg_sq", g**2 + self.eps1, beta2t).mul_(g)
+        # One full-size temporary per step: g^2 + eps1, then 1/sqrt(V) in its buffer, then the update.
+        update = _update_factored(state, store, "exp_avg_sq", torch.square(g).add_(self.eps1), beta2t).mul_(g)
         update.div_((_rms(update) / self.clip).clamp_(min=1.0))
         update.mul_(step)
         if self.beta1 is not None:
             m = store.load(state, "exp_avg")
             m.mul_(self.beta1).add_(update, alpha=1 - self.beta1)
             store.save(state, "exp_avg", m, signed=True)
-            update = m.clone()
+            update.copy_(m)  # a copy: the lift may scale its direction in place
         return update, 1.0, step
 
 
@@ -190,16 +209,18 @@ class CAME(Rule):
             _init_factored(state, store, "exp_avg_sq", g)
             if factored:
                 _init_factored(state, store, "exp_avg_res", g)
-        update = _update_factored(state, store, "exp_avg_sq", g**2 + self.eps1, self.beta2).mul_(g)
+        # One full-size temporary per step, reused: g^2 + eps1 -> U -> (U - m)^2 + eps2 -> the direction.
+        update = _update_factored(state, store, "exp_avg_sq", torch.square(g).add_(self.eps1), self.beta2).mul_(g)
         update.div_((_rms(update) / self.clip).clamp_(min=1.0))
         m = store.load(state, "exp_avg")
         m.mul_(self.beta1).add_(update, alpha=1 - self.beta1)
         store.save(state, "exp_avg", m, signed=True)
         if factored:
-            instability = (update - m) ** 2 + self.eps2
+            instability = torch.sub(update, m, out=_reusable(update, torch.result_type(update, m)))
+            instability.square_().add_(self.eps2)
             update = _update_factored(state, store, "exp_avg_res", instability, self.beta3).mul_(m)
         else:
-            update = m.clone()
+            update.copy_(m)  # a copy: the lift may scale its direction in place
         return update, lr, lr
 
 
@@ -233,21 +254,25 @@ class AdamMini(Rule):
                 second = g[:, :1]
             store.init(state, "exp_avg_sq", second, signed=False)
         v = store.load(state, "exp_avg_sq")
+        square = None
         if self.block == "elementwise":
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
-        elif self.block == "tensor":
-            v.mul_(b2).add_(torch.sum(g * g) / g.numel(), alpha=1 - b2)
         else:
-            v.mul_(b2).add_(torch.mean(g * g, dim=1, keepdim=True), alpha=1 - b2)
+            square = g * g  # the step's one full-size temporary; its buffer then takes the direction
+            if self.block == "tensor":
+                v.mul_(b2).add_(torch.sum(square) / g.numel(), alpha=1 - b2)
+            else:
+                v.mul_(b2).add_(torch.mean(square, dim=1, keepdim=True), alpha=1 - b2)
         store.save(state, "exp_avg_sq", v, signed=False)
         m = store.load(state, "exp_avg")
-        m.lerp_(g, 1 - b1)
+        m.lerp_(g if g.dtype == m.dtype else g.to(m.dtype), 1 - b1)  # states may differ from the grad's dtype
         store.save(state, "exp_avg", m, signed=True)
         h = (v.sqrt() / math.sqrt(1 - b2**t)).add_(self.eps)
         bias_correction1 = 1 - b1**t
         if self.block == "elementwise":
-            return m / h, lr / bias_correction1, lr
-        return (m * ((1 / bias_correction1) / h)).view(grad.shape), lr, lr
+            return torch.div(m, h, out=_reusable(h, torch.result_type(m, h))), lr / bias_correction1, lr
+        scale = (1 / bias_correction1) / h
+        return torch.mul(m, scale, out=_reusable(square, torch.result_type(m, scale))).view(grad.shape), lr, lr
 
 
 RULES = ("adamw_hf", "adamw_torch", "adafactor", "came", "adam_mini", "sign_sgd", "sgd")
