@@ -60,13 +60,16 @@ def _blocks(x: torch.Tensor, blocksize: int) -> torch.Tensor:
     return flat.view(-1, blocksize)
 
 
-# Nearest-code search by table lookup: the float's sign, exponent and top 8 mantissa bits index a table
-# holding the code of the cell's lowest value and the next bound above it; one compare finishes the
-# search. Exact (equal to ``torch.bucketize(x, bounds)``, ties to the lower code) because no gap
-# between codes is narrower than a cell (2**-8 relative; the narrowest gap, 0.99297 -> 1, is 0.7%).
+# Nearest-code search by table lookup: the float's sign, exponent and top 8 mantissa bits pick a *cell*;
+# one int32 table entry per cell packs the code of the cell's lowest value (high 16 bits) and where,
+# inside the cell, the next bound up lies (low 16 bits: the bound's low 15 key bits, or 0x7FFF when
+# the bound is past the cell). One gather and one compare finish the search. Exact (equal to
+# ``torch.bucketize(x, bounds)``, ties to the lower code) because no gap between codes is narrower than
+# a cell (2**-8 relative; the narrowest gap, 0.99297 -> 1, is 0.7%), so a cell holds at most one bound.
 _CELL_SHIFT = 23 - 8
+_IN_CELL = (1 << _CELL_SHIFT) - 1  # the key bits below the cell index
 _ONE_BITS = 0x3F800000  # float32 1.0: |x| <= 1 after scaling by the block's absmax
-_TABLES: dict[tuple[bool, torch.device], tuple[torch.Tensor, torch.Tensor, int]] = {}
+_TABLES: dict[tuple[bool, torch.device], tuple[torch.Tensor, int]] = {}
 
 
 def _sortable(bits: torch.Tensor) -> torch.Tensor:
@@ -74,34 +77,47 @@ def _sortable(bits: torch.Tensor) -> torch.Tensor:
     return torch.bitwise_xor(bits, (bits >> 31) & 0x7FFFFFFF)
 
 
-def _lookup_tables(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+def lookup_table(code: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(packed int32 table, cell offset) for ``nearest_code`` on ``code``, built once per map and device."""
     key = (bool(code[0] < 0), code.device)
     if key not in _TABLES:
         bounds = (code[:-1] + code[1:]) / 2
         lowest = -(_ONE_BITS >> _CELL_SHIFT) - 1
         cells = torch.arange(lowest, (_ONE_BITS >> _CELL_SHIFT) + 1, device=code.device)
-        edges = _sortable((cells << _CELL_SHIFT).to(torch.int32)).view(torch.float32)
+        starts = cells << _CELL_SHIFT
+        edges = _sortable(starts.to(torch.int32)).view(torch.float32)
         first = torch.bucketize(edges, bounds)  # code of each cell's lowest value
         above = torch.cat([bounds, bounds.new_tensor([float("inf")])])[first]  # the next bound up
-        _TABLES[key] = (first.to(torch.uint8), above, -lowest)
+        inside = _sortable(above.view(torch.int32)).long() - starts  # where it lies from the cell's start
+        threshold = torch.where(inside <= _IN_CELL, inside, _IN_CELL)
+        _TABLES[key] = (((first << 16) | threshold).to(torch.int32), -lowest)
     return _TABLES[key]
+
+
+def codes_from_table(scaled: torch.Tensor, table: torch.Tensor, offset: int) -> torch.Tensor:
+    """uint8 nearest codes of ``scaled`` (|scaled| <= 1) from a ``lookup_table``; runs eagerly or compiled."""
+    key = _sortable(scaled.view(torch.int32))
+    cell = (key >> _CELL_SHIFT).add_(offset).clamp_(0, table.numel() - 1)
+    entry = table.index_select(0, cell.reshape(-1)).view(cell.shape)
+    return ((entry >> 16) + ((key & _IN_CELL) > (entry & 0xFFFF)).to(torch.int32)).to(torch.uint8)
 
 
 def nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """uint8 index of the nearest entry of ``code`` for each value of ``scaled`` (|scaled| <= 1)."""
-    first, above, offset = _lookup_tables(code)
-    flat = scaled.reshape(-1)
-    cell = (_sortable(flat.view(torch.int32)) >> _CELL_SHIFT).add_(offset).clamp_(0, first.numel() - 1)
-    codes = first.index_select(0, cell)
-    return codes.add_(torch.lt(above.index_select(0, cell), flat).view(torch.uint8)).view(scaled.shape)
+    return codes_from_table(scaled, *lookup_table(code))
+
+
+def block_codes(blocks: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, offset: int) -> torch.Tensor:
+    """Codes of ``blocks`` (n_blocks, blocksize) scaled by their ``absmax``; runs eagerly or compiled."""
+    scale = 1.0 / absmax.clamp(min=torch.finfo(torch.float32).tiny)
+    return codes_from_table((blocks * scale[:, None]).clamp(-1.0, 1.0), table, offset)
 
 
 def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x`` to (uint8 codes shaped like ``x``, fp32 absmax per block of ``blocksize``)."""
     blocks = _blocks(x.detach().float(), blocksize)
     absmax = blocks.abs().amax(dim=1)
-    scale = 1.0 / absmax.clamp(min=torch.finfo(torch.float32).tiny)
-    codes = nearest_code((blocks * scale[:, None]).clamp_(-1.0, 1.0), code)
+    codes = block_codes(blocks, absmax, *lookup_table(code))
     return codes.reshape(-1)[: x.numel()].view(x.shape), absmax
 
 
