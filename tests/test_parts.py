@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lowmem.optim import LowMemOptimizer
+from lowmem.optim.compose import build_parts
 from lowmem.optim.lifts import limit_norm_growth
 from lowmem.optim.projectors import (
     BlockProjector,
@@ -158,3 +159,25 @@ def test_parts_compose_beyond_the_papers():
     state = opt.state[w]
     assert state["exp_avg"].dtype == torch.bfloat16 and state["exp_avg"].shape == (32, 4)
     assert not torch.equal(w.detach(), before) and torch.isfinite(w).all()
+
+
+@pytest.mark.parametrize("rule,extra", [("adamw_hf", {}), ("adamw_torch", {}), ("adam_mini", {"mini_block": "rows"}),
+                                        ("adafactor", {"beta1": 0.9, "relative_step": False}), ("came", {})])
+@pytest.mark.parametrize("state_dtype", [None, "8bit"])
+def test_reset_zeroes_every_statistic_of_every_rule(rule, extra, state_dtype):
+    """FRUGAL's reset_statistics calls rule.reset: it must clear all the rule keeps (and restart the step)."""
+    w = torch.nn.Parameter(torch.randn(128, 64))
+    betas = (0.9, 0.999, 0.9999) if rule == "came" else (0.9, 0.999)
+    eps = (1e-30, 1e-3) if rule in ("adafactor", "came") else 1e-8
+    opt = LowMemOptimizer([w], lr=1e-3, rule=rule, betas=betas, eps=eps, state_dtype=state_dtype,
+                          min_8bit_size=0, **extra)
+    for _ in range(3):
+        w.grad = torch.randn_like(w)
+        opt.step()
+    state, parts = opt.state[w], build_parts(opt.param_groups[0])
+    stats = {k for k, v in state.items() if torch.is_tensor(v) and not k.endswith("_absmax")}
+    assert stats and stats <= set(parts.rule.moments)  # every tensor the rule keeps is one reset knows
+    parts.rule.reset(state, parts.store)
+    assert state["step"] == 0
+    for key in stats:
+        assert not parts.store.load(state, key).any(), key

@@ -32,6 +32,8 @@ class Rule:
 
     #: Where the numeric core applies weight decay: ``mul_before``, ``add_before`` or ``after``.
     decay = "mul_before"
+    #: The state keys holding the rule's statistics (what ``reset`` zeroes).
+    moments: tuple[str, ...] = ()
 
     def direction(self, grad: torch.Tensor, state: dict, store: StateStore, lr: float, param: torch.Tensor):
         return grad, lr, lr
@@ -39,6 +41,9 @@ class Rule:
     def reset(self, state: dict, store: StateStore) -> None:
         """Zero the statistics and restart bias correction (FRUGAL's ``reset_statistics``)."""
         state["step"] = 0
+        for key in self.moments:
+            if key in state:
+                store.zero(state, key)
 
 
 class SignSGD(Rule):
@@ -51,6 +56,7 @@ class SignSGD(Rule):
 class AdamW(Rule):
     """Adam moments with either numeric core (see the module docstring)."""
 
+    moments = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, betas=(0.9, 0.999), eps: float = 1e-6, correct_bias: bool = True, core: str = "hf"):
         if core not in ("hf", "torch"):
@@ -89,12 +95,6 @@ class AdamW(Rule):
         if self.core == "hf":
             return math.sqrt(1.0 - self.beta2**t) / (1.0 - self.beta1**t)
         return 1.0 / (1.0 - self.beta1**t)
-
-    def reset(self, state, store: StateStore):
-        state["step"] = 0
-        for key in ("exp_avg", "exp_avg_sq"):
-            if key in state:
-                store.zero(state, key)
 
 
 def _rms(t: torch.Tensor) -> torch.Tensor:
@@ -149,6 +149,8 @@ class Adafactor(Rule):
     Memory: ``4(m + n)`` bytes for an m x n input (``+ 4mn`` with beta1), fp32.
     """
 
+    moments = ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq", "exp_avg")
+
     decay = "add_before"
 
     def __init__(self, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8, beta1=None,
@@ -194,6 +196,8 @@ class CAME(Rule):
     Memory: ``4mn + 8(m + n)`` bytes for an m x n input (about 4 B/param), fp32.
     """
 
+    moments = Adafactor.moments + ("exp_avg_res_row", "exp_avg_res_col")
+
     decay = "add_before"
 
     def __init__(self, eps=(1e-30, 1e-16), clip_threshold=1.0, betas=(0.9, 0.999, 0.9999)):
@@ -234,6 +238,7 @@ class AdamMini(Rule):
     """
 
     BLOCKS = ("elementwise", "heads", "rows", "tensor")
+    moments = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, betas=(0.9, 0.999), eps=1e-8, block="tensor", head_numel=None):
         if block not in self.BLOCKS:
