@@ -41,13 +41,14 @@ def dequantize_moments(m_codes, m_absmax, v_codes, v_absmax, signed_map, unsigne
     return m.view(-1), v.view(-1)
 
 
-def update_and_requantize(m, v, grad, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, bias_div,
-                          signed_table, unsigned_table, offset: int):
+def update_and_requantize(m, v, grad, coefficients, signed_table, unsigned_table, offset: int):
     """Adam moments and direction ``m / (sqrt(v) / bias_div + eps)``, the moments requantized.
 
-    ``1 - beta`` comes in computed in double, as the eager twin's ``alpha`` (1 - fp32(0.999) is 1.3e-5 off).
-    Returns (direction, m codes, m absmax, v codes, v absmax), all flat.
+    ``coefficients`` = (beta1, 1 - beta1, beta2, 1 - beta2, eps, bias_div) in one fp32 tensor (one input to
+    guard, not six); ``1 - beta`` comes computed in double, as the eager twin's ``alpha`` (1 - fp32(0.999)
+    is 1.3e-5 off). Returns (direction, m codes, m absmax, v codes, v absmax), all flat.
     """
+    beta1, one_minus_beta1, beta2, one_minus_beta2, eps, bias_div = coefficients.unbind()
     g = grad.float()
     m = m * beta1 + g * one_minus_beta1
     v = v * beta2 + g * g * one_minus_beta2
@@ -90,11 +91,11 @@ def adam_step_8bit(state: dict, grad: torch.Tensor, beta1: float, beta2: float, 
     signed_table, offset = lookup_table(cached_map(True))
     unsigned_table, _ = lookup_table(cached_map(False))
     _dynamic(m_codes, v_codes, m_absmax, v_absmax, g)
-    scalars = [torch.tensor(x, dtype=torch.float32) for x in (beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, bias_div)]
+    coefficients = torch.tensor([beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, bias_div], dtype=torch.float32)
     try:
         m, v = _compiled("dequantize")(m_codes, m_absmax, v_codes, v_absmax, cached_map(True), cached_map(False))
         _dynamic(m, v)
-        out = _compiled("update")(m, v, g, *scalars, signed_table, unsigned_table, offset)
+        out = _compiled("update")(m, v, g, coefficients, signed_table, unsigned_table, offset)
     except Exception as err:  # no C++ compiler, an unsupported platform: keep training on the eager twin
         _disabled_reason = f"{type(err).__name__}: {err}"
         warnings.warn(f"lowmem: compiled 8-bit Adam unavailable, using the eager path ({_disabled_reason[:200]})",
