@@ -2,7 +2,8 @@
 
 The corpus is the Python standard library's own source (present on every machine), read as bytes,
 so nothing is downloaded: the vocabulary is the 256 byte values. Run ``python -m lowmem.example``
-(``--optimizer apollo_mini``, ``--steps 60``, ... ; ``--help`` for all options).
+(``--optimizer apollo_mini``, ``--optimizer galore+came+8bit``, ``--steps 60``, ... ; ``--help`` for all
+options).
 """
 
 from __future__ import annotations
@@ -49,13 +50,16 @@ def batches(data: torch.Tensor, batch: int, seq: int, generator: torch.Generator
         yield torch.stack([data[s : s + seq] for s in starts.tolist()]).long()
 
 
+def rank_option(optimizer: str, rank: int) -> dict:
+    """``{"rank": rank}`` for the low-rank optimizers, nothing for the rest (and APOLLO-Mini's fixed rank 1)."""
+    return {"rank": rank} if get_spec(optimizer).group.get("rank", 0) > 1 else {}
+
+
 def train(optimizer: str, steps: int, lr: float, rank: int, seed: int = 0, log_every: int | None = 10) -> dict:
     """Train and return the first/last loss and the optimizer's state bytes."""
     torch.manual_seed(seed)
     model = tiny_llama()
-    takes_rank = "rank" in get_spec(optimizer).group and optimizer != "apollo_mini"
-    options = {"rank": rank} if takes_rank else {}
-    opt = create_optimizer(optimizer, model, lr=lr, **options)
+    opt = create_optimizer(optimizer, model, lr=lr, **rank_option(optimizer, rank))
     data, gen = stdlib_bytes(), torch.Generator().manual_seed(seed)
     losses, start = [], time.perf_counter()
     for step, ids in zip(range(1, steps + 1), batches(data, batch=8, seq=128, generator=gen), strict=False):
@@ -73,9 +77,19 @@ def train(optimizer: str, steps: int, lr: float, rank: int, seed: int = 0, log_e
     }
 
 
+def optimizer_name(name: str) -> str:
+    """A registered or generic (``galore+came+8bit``) optimizer name, else argparse's error with the fix."""
+    try:
+        get_spec(name)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return name
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--optimizer", default="galore_adamw", choices=available_optimizers())
+    parser.add_argument("--optimizer", default="galore_adamw", type=optimizer_name,
+                        help=f"one of {', '.join(available_optimizers())}, or <method>+<rule>[+<precision>]")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--rank", type=int, default=32)

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -48,3 +50,14 @@ def test_example_trains_and_reports_state_bytes():
     ours, adamw = (int(match.group(i).replace(",", "")) for i in (3, 4))
     assert last < first - 1.0
     assert ours < 0.5 * adamw
+
+
+def test_example_takes_generic_names_and_rejects_unknown_parts(capsys):
+    from lowmem.example import main, rank_option, train
+
+    assert rank_option("galore+came+8bit", 32) == {"rank": 32} == rank_option("fira_adamw", 32)
+    assert rank_option("apollo_mini+came", 32) == {} == rank_option("apollo_mini", 32) == rank_option("came", 32)
+    assert train("galore+came+8bit", 3, 1e-3, 32, log_every=None)["state_bytes"] > 0
+    with pytest.raises(SystemExit):
+        main(["--optimizer", "galore+cam"])
+    assert "unknown rule 'cam'" in capsys.readouterr().err
