@@ -181,3 +181,24 @@ def test_reset_zeroes_every_statistic_of_every_rule(rule, extra, state_dtype):
     assert state["step"] == 0
     for key in stats:
         assert not parts.store.load(state, key).any(), key
+
+
+@pytest.mark.parametrize("rule,options,message", [
+    ("came", dict(betas=(0.9, 0.99)), r"rule 'came' takes 3 betas, e.g. betas=\(0.9, 0.999, 0.9999\)"),
+    ("came", dict(eps=1e-6), r"rule 'came' takes an eps pair \(eps1, eps2\), e.g. eps=\(1e-30, 1e-16\)"),
+    ("adafactor", dict(eps=(1e-30,)), r"rule 'adafactor' takes an eps pair"),
+    ("adamw_torch", dict(betas=(0.9, 0.999, 0.9999)), r"rule 'adamw_torch' takes 2 betas"),
+    ("adam_mini", dict(eps=(1e-30, 1e-3)), r"rule 'adam_mini' takes one eps"),
+])
+def test_rule_options_of_the_wrong_form_are_clear_errors_at_construction(rule, options, message):
+    w = torch.nn.Parameter(torch.randn(8, 6))
+    with pytest.raises(ValueError, match=message):
+        LowMemOptimizer([w], rule=rule, **options)
+
+
+def test_factored_rules_take_their_own_defaults_in_place_of_the_adamw_ones():
+    w = torch.nn.Parameter(torch.randn(8, 6))
+    came = build_parts(LowMemOptimizer([w], rule="came").param_groups[0]).rule
+    assert (came.beta1, came.beta2, came.beta3, came.eps1, came.eps2) == (0.9, 0.999, 0.9999, 1e-30, 1e-16)
+    adafactor = build_parts(LowMemOptimizer([w], rule="adafactor", lr=None).param_groups[0]).rule
+    assert (adafactor.eps1, adafactor.eps2) == (1e-30, 1e-3)

@@ -29,14 +29,14 @@ import torch
 
 from .lifts import Lift, make_lift
 from .projectors import GaussianProjector, Projector, make_projector
-from .rules import Rule, make_rule
+from .rules import DEFAULT_BETAS, DEFAULT_EPS, Rule, make_rule
 from .states import StateStore, make_store, state_bytes
 
 GROUP_DEFAULTS = dict(
     lr=1e-3,
     weight_decay=0.0,
-    betas=(0.9, 0.999),
-    eps=1e-8,
+    betas=DEFAULT_BETAS,
+    eps=DEFAULT_EPS,
     correct_bias=True,
     state_dtype=None,
 )

@@ -150,10 +150,11 @@ class Adafactor(Rule):
     """
 
     moments = ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq", "exp_avg")
+    EPS = (1e-30, 1e-3)
 
     decay = "add_before"
 
-    def __init__(self, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8, beta1=None,
+    def __init__(self, eps=EPS, clip_threshold=1.0, decay_rate=-0.8, beta1=None,
                  scale_parameter=True, relative_step=True, warmup_init=False):
         self.eps1, self.eps2 = eps
         self.clip, self.decay_rate, self.beta1 = clip_threshold, decay_rate, beta1
@@ -197,10 +198,11 @@ class CAME(Rule):
     """
 
     moments = Adafactor.moments + ("exp_avg_res_row", "exp_avg_res_col")
+    EPS, BETAS = (1e-30, 1e-16), (0.9, 0.999, 0.9999)
 
     decay = "add_before"
 
-    def __init__(self, eps=(1e-30, 1e-16), clip_threshold=1.0, betas=(0.9, 0.999, 0.9999)):
+    def __init__(self, eps=EPS, clip_threshold=1.0, betas=BETAS):
         self.eps1, self.eps2 = eps
         self.clip = clip_threshold
         self.beta1, self.beta2, self.beta3 = betas
@@ -283,20 +285,47 @@ class AdamMini(Rule):
 RULES = ("adamw_hf", "adamw_torch", "adafactor", "came", "adam_mini", "sign_sgd", "sgd")
 
 
+#: The AdamW defaults every param group starts with (``compose.GROUP_DEFAULTS``); the factored rules replace them
+#: by their own when left as they are.
+DEFAULT_BETAS, DEFAULT_EPS = (0.9, 0.999), 1e-8
+
+
+def _options(name: str, betas, eps, n_betas: int, eps_pair: tuple | None):
+    """``(betas, eps)`` checked for rule ``name``: ``n_betas`` betas; an ``(eps1, eps2)`` pair when ``eps_pair`` is
+    the rule's default pair, else one eps. The untouched AdamW defaults become the rule's own."""
+    betas = tuple(betas)
+    if eps_pair is not None:
+        if eps == DEFAULT_EPS:
+            eps = eps_pair
+        elif not (isinstance(eps, (tuple, list)) and len(eps) == 2):
+            raise ValueError(f"rule {name!r} takes an eps pair (eps1, eps2), e.g. eps={eps_pair}; got eps={eps!r}")
+        eps = tuple(eps)
+    elif isinstance(eps, (tuple, list)):
+        raise ValueError(f"rule {name!r} takes one eps (e.g. eps=1e-8); got eps={eps!r}")
+    if n_betas == 3 and betas == DEFAULT_BETAS:
+        betas = CAME.BETAS
+    if len(betas) != n_betas:
+        example = CAME.BETAS if n_betas == 3 else DEFAULT_BETAS
+        raise ValueError(f"rule {name!r} takes {n_betas} betas, e.g. betas={example}; got betas={betas!r}")
+    return betas, eps
+
+
 def make_rule(group: dict) -> Rule:
-    """Build the rule named by ``group['rule']`` from the group's options."""
+    """Build the rule named by ``group['rule']`` from the group's options (a clear error on a wrong one)."""
     name = group.get("rule", "adamw_torch")
-    betas, eps, correct_bias = tuple(group["betas"]), group["eps"], group["correct_bias"]
-    pair = tuple(eps) if isinstance(eps, (tuple, list)) else None  # Adafactor/CAME take (eps1, eps2)
+    betas, eps, correct_bias = group["betas"], group["eps"], group["correct_bias"]
     if name == "adafactor":
-        return Adafactor(pair or (1e-30, 1e-3), group.get("clip_threshold", 1.0), group.get("decay_rate", -0.8),
+        _, pair = _options(name, DEFAULT_BETAS, eps, 2, Adafactor.EPS)
+        return Adafactor(pair, group.get("clip_threshold", 1.0), group.get("decay_rate", -0.8),
                          group.get("beta1"), group.get("scale_parameter", True), group.get("relative_step", True),
                          group.get("warmup_init", False))
+    if name == "came":
+        betas, pair = _options(name, betas, eps, 3, CAME.EPS)
+        return CAME(pair, group.get("clip_threshold", 1.0), betas)
+    if name in ("adam_mini", "adamw_hf", "adamw_torch"):
+        betas, eps = _options(name, betas, eps, 2, None)
     if name == "adam_mini":
         return AdamMini(betas, eps, group.get("mini_block", "tensor"), group.get("head_numel"))
-    if name == "came":
-        return CAME(pair or (1e-30, 1e-16), group.get("clip_threshold", 1.0),
-                    betas if len(betas) == 3 else (0.9, 0.999, 0.9999))
     if name == "adamw_hf":
         return AdamW(betas, eps, correct_bias, core="hf")
     if name == "adamw_torch":
