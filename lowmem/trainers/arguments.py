@@ -1,0 +1,112 @@
+"""``TrainingArguments`` whose ``optim`` takes every lowmem optimizer name as well as transformers' own.
+
+``optim="galore_adamw"`` (a registry name) or ``"galore+came+8bit"`` (a generic one) picks lowmem's optimizer;
+lowmem's names win where transformers has the same one (``galore_adamw``, ``apollo_adamw``, ``adafactor``,
+``adamw_8bit``...), since lowmem's need no extra package and resume through the Trainer's ``weights_only``
+loader. Any other transformers name passes through unchanged. ``optim_args`` is transformers' string
+(``"rank=64, update_proj_gap=100, scale=0.25"``, values read as Python literals) or a dict; it and the name are
+checked when the arguments are built, so a typo fails before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+
+import transformers
+from transformers.training_args import OptimizerNames
+
+from ..optim.registry import check_options, get_spec
+
+#: TrainingArguments fields that become optimizer options, where the optimizer takes them in this form.
+_ADAM_FIELDS = ("adam_beta1", "adam_beta2", "adam_epsilon")
+
+
+def parse_optim_args(optim_args) -> dict:
+    """``optim_args`` as a dict: a dict as is, or transformers' ``"key=value, key=value"`` string with each value
+    read as a Python literal where it is one (``64``, ``0.25``, ``(0.9, 0.95)``) and kept as a string otherwise."""
+    if optim_args is None or optim_args == "":
+        return {}
+    if isinstance(optim_args, dict):
+        return dict(optim_args)
+    options = {}
+    for item in _split_top_level(str(optim_args)):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"optim_args item {item!r} is not key=value; "
+                             'write e.g. optim_args="rank=64, scale=0.25"')
+        try:
+            options[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            options[key.strip()] = value.strip()
+    return options
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas outside brackets, so ``betas=(0.9, 0.95)`` stays one item."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += char in "([{"
+        depth -= char in ")]}"
+        if char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return [item for item in (i.strip() for i in items) if item]
+
+
+def is_lowmem_name(name: str) -> bool:
+    """Whether ``name`` is a lowmem registry name or a valid generic ``<method>+<rule>[+<precision>]``."""
+    try:
+        get_spec(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _transformers_names() -> set[str]:
+    return {member.value for member in OptimizerNames}
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    """transformers' ``TrainingArguments``; ``optim`` also takes lowmem's names (see the module docstring).
+
+    For a lowmem name, ``learning_rate``, ``weight_decay``, ``adam_beta1/2`` and ``adam_epsilon`` reach the optimizer
+    wherever it takes them in that form (CAME's three betas and the factored rules' eps pair come from
+    ``optim_args``), ``optim_args`` overrides them, and ``optim_target_modules`` picks the projected weights.
+    """
+
+    def __post_init__(self):
+        name = self.optim.value if isinstance(self.optim, OptimizerNames) else str(self.optim)
+        if not is_lowmem_name(name):
+            if name not in _transformers_names():
+                get_spec(name)  # raises: lowmem's names, the closest match and the generic spelling
+            self.lowmem_optim = None
+            super().__post_init__()
+            return
+        self.lowmem_optim = name
+        self.optim = OptimizerNames.ADAMW_TORCH  # the parent's enum check; restored below
+        super().__post_init__()
+        self.optim = name
+        self.lowmem_options()  # check optim_args and the target modules now, not at the first step
+
+    def lowmem_options(self) -> dict:
+        """The options ``lowmem.create_optimizer`` gets for this run (checked against the optimizer's)."""
+        spec = get_spec(self.lowmem_optim)
+        allowed = spec.options()
+        options = {"lr": self.learning_rate, "weight_decay": self.weight_decay}
+        if len(allowed.get("betas", ())) == 2:
+            options["betas"] = (self.adam_beta1, self.adam_beta2)
+        if isinstance(allowed.get("eps"), float):
+            options["eps"] = self.adam_epsilon
+        if self.optim_target_modules is not None:
+            if "target_modules" not in allowed:
+                raise ValueError(f"optim={self.lowmem_optim!r} projects nothing, so optim_target_modules does not "
+                                 "apply; drop it or pick a low-rank optimizer (e.g. 'galore_adamw', 'galore+came').")
+            options["target_modules"] = self.optim_target_modules
+        extra = parse_optim_args(self.optim_args)
+        try:
+            return check_options(self.lowmem_optim, {**options, **extra})
+        except ValueError as err:
+            raise ValueError(f"optim_args={self.optim_args!r}: {err}") from None

@@ -1,0 +1,48 @@
+"""``Trainer`` that builds lowmem optimizers by name, through the Trainer's own ``create_optimizer`` override point.
+
+``Trainer(model, args, optim="galore_adamw", optim_args="rank=64", optim_target_modules=["attn", "mlp"])`` works
+as well as putting those three in ``TrainingArguments``. The training loop, scheduler, checkpointing and
+resume are transformers' own; a lowmem optimizer's state is tensors and plain numbers, so the Trainer's
+``weights_only=True`` loader restores it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import transformers
+
+from ..optim.registry import create_optimizer
+from .arguments import TrainingArguments
+
+_OPTIM_FIELDS = ("optim", "optim_args", "optim_target_modules")
+
+
+class Trainer(transformers.Trainer):
+    """transformers' ``Trainer``; with lowmem's ``TrainingArguments`` its ``optim`` may name any lowmem optimizer."""
+
+    def __init__(self, model=None, args=None, *positional, optim=None, optim_args=None, optim_target_modules=None,
+                 **kwargs):
+        overrides = {k: v for k, v in zip(_OPTIM_FIELDS, (optim, optim_args, optim_target_modules), strict=True)
+                     if v is not None}
+        if overrides:
+            args = _with_optimizer(args, overrides)
+        super().__init__(model, args, *positional, **kwargs)
+
+    def create_optimizer(self, *args, **kwargs):
+        """A lowmem optimizer when ``args.optim`` names one, else transformers' own choice."""
+        name = getattr(self.args, "lowmem_optim", None)
+        if name is None:
+            return super().create_optimizer(*args, **kwargs)
+        if self.optimizer is None:
+            model = args[0] if args else kwargs.get("model") or self.model
+            self.optimizer = create_optimizer(name, model, **self.args.lowmem_options())
+        return self.optimizer
+
+
+def _with_optimizer(args, overrides: dict) -> TrainingArguments:
+    """lowmem ``TrainingArguments`` equal to ``args`` (or the defaults) with the optimizer fields replaced."""
+    if args is None:
+        return TrainingArguments(output_dir="trainer_output", **overrides)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(transformers.TrainingArguments) if f.init}
+    return TrainingArguments(**{**values, **overrides})
