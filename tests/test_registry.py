@@ -138,3 +138,22 @@ def test_bad_frugal_options():
 def test_bad_state_dtype():
     with pytest.raises(ValueError, match="unknown state_dtype 'int4'"):
         lowmem.create_optimizer("galore_adamw", tiny_llama(), rank=8, state_dtype="int4")
+
+
+@pytest.mark.parametrize("name", ["adamw_8bit", "adam_mini_8bit", "galore+adamw+8bit"])
+def test_8bit_names_keep_embedding_states_in_fp32(name):
+    """A rare token's tiny second moment rounds to zero in an 8-bit block shared with frequent tokens and its
+    Adam step explodes; transformers keeps bitsandbytes' embedding states in 32-bit for this reason."""
+    torch.manual_seed(0)
+    model = tiny_llama()
+    embedding = model.get_input_embeddings().weight
+    before = embedding.detach().clone()
+    opt = lowmem.create_optimizer(name, model, lr=1e-3, **({"rank": 8} if name.startswith("galore") else {}))
+    assert [g["state_dtype"] for g in opt.param_groups if any(p is embedding for p in g["params"])] == ["float32"]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        ids = torch.randint(0, 32, (2, 16), generator=gen)  # a quarter of the vocabulary is ever seen
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert (embedding - before).abs().max() < 0.05  # 4 steps of lr 1e-3; an exploded step moves it by ~1

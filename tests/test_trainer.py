@@ -1,39 +1,18 @@
 """The real Hugging Face Trainer with lowmem optimizers by name: training, options reaching the optimizer,
 transformers' names passing through, and users' mistakes failing when the arguments are built."""
 
+import copy
+
 import pytest
 import torch
+import transformers
+from trainer_helpers import StdlibText, args, losses
 
-from lowmem.example import batches, stdlib_bytes, tiny_llama
+from lowmem.example import tiny_llama
 from lowmem.optim import AdamW8bit, GaLoreAdamW, LowMemOptimizer
-from lowmem.trainers import Trainer, TrainingArguments, parse_optim_args
+from lowmem.trainers import Trainer, parse_optim_args
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
-
-
-class StdlibText(torch.utils.data.Dataset):
-    """Byte-level 128-token windows of the standard library's source (the corpus of ``lowmem.example``)."""
-
-    def __init__(self, n: int = 96):
-        gen = torch.Generator().manual_seed(0)
-        chunks = next(batches(stdlib_bytes(), batch=n, seq=128, generator=gen))
-        self.rows = [{"input_ids": row, "labels": row} for row in chunks]
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
-
-
-def args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=20, learning_rate=3e-3,
-                logging_steps=5, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
-    return TrainingArguments(**{**base, **kw})
-
-
-def losses(trainer):
-    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
 @pytest.mark.parametrize("optim,optim_args", [
@@ -108,3 +87,55 @@ def test_targets_matching_nothing_fail_before_training(tmp_path):
                                                     optim_target_modules=["conv"]), train_dataset=StdlibText(8))
     with pytest.raises(ValueError, match="matched no trainable nn.Linear"):
         trainer.train()
+
+
+def train_copy(tmp_path, model, optim, **kw):
+    model = copy.deepcopy(model)
+    a = args(tmp_path, optim=optim, max_steps=6, logging_steps=1, gradient_accumulation_steps=2, **kw)
+    trainer = Trainer(model=model, args=a, train_dataset=StdlibText(64))
+    trainer.train()
+    return model, trainer
+
+
+@pytest.mark.parametrize("optim,optim_args", [("galore_adamw", "rank=8, update_proj_gap=2"), ("adam_mini", None)])
+def test_layerwise_trainer_with_accumulation_equals_the_plain_update(tmp_path, optim, optim_args):
+    torch.manual_seed(0)
+    model = tiny_llama(hidden=64, layers=2)
+    plain, t_plain = train_copy(tmp_path / "a", model, optim, optim_args=optim_args, max_grad_norm=0)
+    layerwise, t_layer = train_copy(tmp_path / "b", model, optim + "_layerwise", optim_args=optim_args)
+    assert t_layer.args.max_grad_norm == 0  # layer-wise cannot clip: its default is 0
+    for p, q in zip(plain.parameters(), layerwise.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    # One schedule drives every group (no per-parameter schedulers), and it logs like the plain run.
+    optimizer = t_layer.layerwise_updates().optimizer
+    assert t_layer.lr_scheduler.optimizer.param_groups is optimizer.param_groups
+    assert {g["lr"] for g in optimizer.param_groups} == {t_layer.lr_scheduler.get_last_lr()[0]}
+    logged = [{k: e[k] for k in ("learning_rate", "grad_norm")} for e in t_layer.state.log_history if "loss" in e]
+    plain_logged = [{k: e[k] for k in ("learning_rate", "grad_norm")} for e in t_plain.state.log_history
+                    if "loss" in e]
+    assert len(logged) == 6 and all(e["grad_norm"] > 0 for e in logged)
+    assert [e["learning_rate"] for e in logged] == [e["learning_rate"] for e in plain_logged]
+    if optim == "adam_mini":  # no projection: the logged norm is the full summed gradient's
+        assert [e["grad_norm"] for e in logged] == pytest.approx([e["grad_norm"] for e in plain_logged], rel=1e-5)
+
+
+def test_transformers_layerwise_names_get_lowmem(tmp_path):
+    a = args(tmp_path, optim="galore_adamw_layerwise", optim_args="rank=8")
+    assert a.lowmem_optim == "galore_adamw_layerwise"
+    opt = Trainer(model=tiny_llama(hidden=64, layers=1), args=a, train_dataset=StdlibText(8)).create_optimizer()
+    assert isinstance(opt, GaLoreAdamW) and opt.layerwise is not None
+
+
+def test_layerwise_mistakes_fail_when_the_arguments_are_built(tmp_path):
+    with pytest.raises(ValueError, match=r"max_grad_norm=1.0 cannot clip by the global norm.*max_grad_norm=0"):
+        args(tmp_path, optim="galore_adamw_layerwise", max_grad_norm=1.0)
+    with pytest.raises(ValueError, match=r"cannot clip"):
+        args(tmp_path, optim="came", optim_args="layerwise=True", max_grad_norm=0.5)
+    with pytest.raises(ValueError, match=r"fp16.*Use bf16=True"):
+        args(tmp_path, optim="adamw_layerwise", fp16=True)
+    with pytest.raises(ValueError, match=r"layerwise_accumulation='sum'"):
+        args(tmp_path, optim="galore_adamw_layerwise", optim_args="layerwise_accumulation=sum")
+    # A plain transformers TrainingArguments with its default max_grad_norm still works with a layer-wise name.
+    plain = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    trainer = Trainer(model=tiny_llama(hidden=64, layers=1), args=plain, optim="apollo_mini_layerwise")
+    assert trainer.args.max_grad_norm == 0

@@ -68,10 +68,23 @@ class LowMemOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, **defaults):
         self._params_seen = 0
+        self._step_parts: dict[int, Parts] = {}  # per param group, built once per step
+        self._blocks_chosen: set[int] = set()  # groups whose block projector has chosen this step
+        #: ``LayerwiseUpdates`` once ``enable_layerwise()`` ran: updates then run inside backward.
+        self.layerwise = None
         merged = {**GROUP_DEFAULTS, **defaults}
         if merged["lr"] is not None and merged["lr"] < 0:
             raise ValueError(f"Invalid learning rate: {merged['lr']} - should be >= 0.0")
         super().__init__(params, merged)
+
+    def __setstate__(self, state: dict) -> None:
+        """torch calls this from ``load_state_dict`` (new group dicts: drop the per-step caches) and when copying
+        or unpickling, which keep only groups and state (rebuild the rest; a copy has no layer-wise hooks)."""
+        super().__setstate__(state)
+        self._step_parts, self._blocks_chosen = {}, set()
+        if not hasattr(self, "layerwise"):
+            self.layerwise = None
+            self._params_seen = sum(len(g["params"]) for g in self.param_groups)
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group after checking its parts and every parameter's shape (errors before any step)."""
@@ -97,19 +110,47 @@ class LowMemOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
-        """One update of every parameter that has a gradient."""
+        """One update of every parameter that has a gradient.
+
+        In layer-wise mode most parameters were already updated inside backward (their gradient is
+        gone); this updates any that still hold one and closes the step.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            parts = build_parts(group)
-            if parts.projector.group_level:
-                self._choose_blocks(group, parts.projector)
+        for index, group in enumerate(self.param_groups):
+            parts = self.parts_for_step(index)
             for p in group["params"]:
                 if p.grad is not None:
-                    self._update(p, group, parts)
+                    if self.layerwise is not None:
+                        self.layerwise.count_norm(p.grad)
+                    self.update_param(p, group, parts)
+        if self.layerwise is not None:
+            self.layerwise.end_step()
+        self._step_parts.clear()
+        self._blocks_chosen.clear()
         return loss
+
+    def parts_for_step(self, index: int, choose_blocks: bool = True) -> Parts:
+        """Param group ``index``'s parts, built once per step; a block projector chooses its active
+        tensors the first time this is asked with ``choose_blocks`` (before any of them updates)."""
+        parts = self._step_parts.get(index)
+        if parts is None:
+            parts = self._step_parts[index] = build_parts(self.param_groups[index])
+        if choose_blocks and parts.projector.group_level and index not in self._blocks_chosen:
+            self._blocks_chosen.add(index)
+            self._choose_blocks(self.param_groups[index], parts.projector)
+        return parts
+
+    def enable_layerwise(self, accumulation: str = "projected"):
+        """Run each parameter's update inside backward, as soon as its gradient is complete, and free
+        that gradient (see ``layerwise``). Returns the ``LayerwiseUpdates`` that holds the hooks."""
+        from .layerwise import LayerwiseUpdates
+
+        if self.layerwise is None:
+            self.layerwise = LayerwiseUpdates(self, accumulation)
+        return self.layerwise
 
     def _choose_blocks(self, group: dict, projector) -> None:
         states = [self.state[p] for p in group["params"]]
@@ -122,17 +163,20 @@ class LowMemOptimizer(torch.optim.Optimizer):
         for i in projector.choose(group, len(states)):
             states[i]["active"] = True
 
-    def _update(self, p: torch.Tensor, group: dict, parts: Parts) -> None:
+    def update_param(self, p: torch.Tensor, group: dict, parts: Parts, low: torch.Tensor | None = None) -> None:
+        """Update ``p`` from ``p.grad``; ``low``: its projection already summed over micro-batches (no refresh
+        is due then, and the lift only reads ``p.grad``'s shape and dtype)."""
         grad = p.grad
         if grad.is_sparse:
             raise RuntimeError("lowmem optimizers do not support sparse gradients")
         state = self.state[p]
         lr, wd = group["lr"], group["weight_decay"]
-        if parts.projector.needs_refresh(state):
-            parts.projector.refresh(state, grad)
-            if group.get("reset_statistics") and "step" in state:
-                parts.rule.reset(state, parts.store)
-        low = parts.projector.down(state, grad)
+        if low is None:
+            if parts.projector.needs_refresh(state):
+                parts.projector.refresh(state, grad)
+                if group.get("reset_statistics") and "step" in state:
+                    parts.rule.reset(state, parts.store)
+            low = parts.projector.down(state, grad)
         state["step"] = state.get("step", 0) + 1
         if low is None:
             direction, step_size, decay_lr = None, lr, lr

@@ -71,6 +71,10 @@ def channel_ratio(direction: torch.Tensor, low: torch.Tensor, side: str, scale_t
 class Lift:
     """Base lift: ``W -= s * alpha * up(N)`` (GaLore's back-projection; plain AdamW when alpha = 1)."""
 
+    #: Whether the update reads the full gradient, not only its projection (then layer-wise gradient
+    #: accumulation cannot be kept in the projected space).
+    needs_full_gradient = False
+
     def __init__(self, scale: float = 1.0):
         self.scale = scale
 
@@ -88,6 +92,8 @@ def _like(direction: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 class FrugalLift(Lift):
     """FRUGAL: the stateful subspace update plus a state-free update of the residual."""
+
+    needs_full_gradient = True
 
     RULES = ("sign_sgd", "sgd", "no")
 
@@ -121,6 +127,8 @@ class FrugalLift(Lift):
 class FiraLift(Lift):
     """Fira: back-projection plus the norm-scaled residual, alpha inside the residual as the reference."""
 
+    needs_full_gradient = True
+
     def apply(self, p, grad, low, direction, step_size, state, projector, lr):
         direction = _like(direction, grad)
         phi = channel_ratio(direction, low, projector.side(grad.shape), "channel")
@@ -132,6 +140,8 @@ class FiraLift(Lift):
 
 class ApolloLift(Lift):
     """APOLLO / APOLLO-Mini: scale the raw gradient channel- or tensor-wise, times sqrt(alpha)."""
+
+    needs_full_gradient = True
 
     def __init__(self, scale=1.0, scale_type="channel", scale_front=False, limiter=True):
         if scale_type not in ("channel", "tensor"):

@@ -27,6 +27,7 @@ from torch import nn
 
 from .adam_mini_blocks import adam_mini_groups, model_dims
 from .compose import LowMemOptimizer
+from .layerwise import check_accumulation
 from .presets import (
     CAME,
     FRUGAL,
@@ -40,12 +41,14 @@ from .presets import (
     GaLoreAdamW8bit,
     check_adafactor_lr,
 )
-from .states import make_store
+from .states import BlockwiseQuantStore, make_store
 from .targets import plain_split, split_parameters
 
 #: Options every name accepts; low-rank names also take ``target_modules`` (which weights to project).
-COMMON_OPTIONS = dict(lr=1e-3, weight_decay=0.0, state_dtype=None)
+COMMON_OPTIONS = dict(lr=1e-3, weight_decay=0.0, state_dtype=None, layerwise=False, layerwise_accumulation="projected")
 _ADAM = dict(betas=(0.9, 0.999))
+#: ``<name>_layerwise`` is ``<name>`` with ``layerwise=True``.
+LAYERWISE_SUFFIX = "_layerwise"
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,8 @@ class OptimizerSpec:
     every_group: dict = field(default_factory=dict)
     #: Generic names: the state precision the name fixes (a different ``state_dtype`` is an error).
     precision: str | None = None
+    #: ``<name>_layerwise``: updates run inside backward.
+    layerwise: bool = False
 
     def options(self) -> dict:
         targets = {"target_modules": None} if self.low_rank else {}
@@ -215,6 +220,8 @@ def _closest(word: str, choices) -> str:
 def get_spec(name: str) -> OptimizerSpec:
     """The spec of a registered or generic name; ``ValueError`` naming the valid names and the closest one."""
     key = name.lower().replace("-", "_") if isinstance(name, str) else name
+    if isinstance(key, str) and key.endswith(LAYERWISE_SUFFIX) and key != LAYERWISE_SUFFIX:
+        return replace(get_spec(key[:-len(LAYERWISE_SUFFIX)]), layerwise=True)
     if key in REGISTRY:
         return REGISTRY[key]
     if isinstance(key, str) and "+" in key:
@@ -233,6 +240,7 @@ def check_options(name: str, options: dict) -> dict:
             raise ValueError(f"optimizer {name!r} has no option {key!r}.{_closest(key, allowed)} "
                              f"Its options: {', '.join(sorted(allowed))}.")
     opts = {**allowed, **options}
+    check_accumulation(opts["layerwise_accumulation"])
     if spec.rule:
         _check_generic(name, spec, options.get("state_dtype"), opts)
     if spec.precision:  # the name's precision wins over an equivalent spelling (torch.bfloat16, "bf16")
@@ -284,9 +292,24 @@ def _other_groups(spec: OptimizerSpec, model: nn.Module, split, weight_decay) ->
 
 def create_optimizer(name: str, model: nn.Module, **options) -> LowMemOptimizer:
     """Build optimizer ``name`` for ``model``'s trainable parameters: a registered name
-    (``available_optimizers()``) or a generic ``<method>+<rule>[+<precision>]`` (``composition_parts()``)."""
+    (``available_optimizers()``) or a generic ``<method>+<rule>[+<precision>]`` (``composition_parts()``).
+
+    With ``layerwise=True`` (or a ``<name>_layerwise`` name) every update runs inside backward (see ``layerwise``).
+    With 8-bit states, embedding weights keep fp32 states, as transformers does for bitsandbytes: a rare token's
+    tiny second moment rounds to zero in a block shared with frequent ones, and its step blows up.
+    """
     spec = get_spec(name)
     opts = check_options(name, options)
+    layerwise, accumulation = opts.pop("layerwise") or spec.layerwise, opts.pop("layerwise_accumulation")
+    optimizer = _build(spec, model, opts)
+    if isinstance(make_store(opts["state_dtype"]), BlockwiseQuantStore):
+        _embedding_states_in_fp32(optimizer, model)
+    if layerwise:
+        optimizer.enable_layerwise(accumulation)
+    return optimizer
+
+
+def _build(spec: OptimizerSpec, model: nn.Module, opts: dict) -> LowMemOptimizer:
     if spec.from_model:
         return spec.cls(model.named_parameters(), model=model, **opts)
     split = split_parameters(model, opts.pop("target_modules")) if spec.low_rank else plain_split(model)
@@ -304,3 +327,23 @@ def create_optimizer(name: str, model: nn.Module, **options) -> LowMemOptimizer:
         groups.append(_group(split.targets, **target_keys, **shared))
     groups += [{**g, **shared} for g in _other_groups(spec, model, split, ctor["weight_decay"])]
     return spec.cls(groups, **ctor)
+
+
+def _embedding_states_in_fp32(optimizer: LowMemOptimizer, model: nn.Module) -> None:
+    """Move the embedding weights of every param group into a copy of that group with fp32 states."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for group in list(optimizer.param_groups):
+        keep = [i for i, p in enumerate(group["params"]) if id(p) not in embeddings]
+        if len(keep) == len(group["params"]):
+            continue
+        if not keep:
+            group["state_dtype"] = "float32"
+            continue
+        moved = {key: value for key, value in group.items() if key not in ("params", "param_names")}
+        names = group.get("param_names")
+        moved["params"] = [p for i, p in enumerate(group["params"]) if i not in keep]
+        if names:
+            moved["param_names"] = [n for i, n in enumerate(names) if i not in keep]
+            group["param_names"] = [names[i] for i in keep]
+        group["params"] = [group["params"][i] for i in keep]
+        optimizer.add_param_group({**moved, "state_dtype": "float32"})

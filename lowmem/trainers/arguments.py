@@ -11,7 +11,7 @@ checked when the arguments are built, so a typo fails before any model is loaded
 from __future__ import annotations
 
 import ast
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import transformers
 from transformers.training_args import OptimizerNames
@@ -75,9 +75,21 @@ class TrainingArguments(transformers.TrainingArguments):
     For a lowmem name, ``learning_rate``, ``weight_decay``, ``adam_beta1/2`` and ``adam_epsilon`` reach the optimizer
     wherever it takes them in that form (CAME's three betas and the factored rules' eps pair come from
     ``optim_args``), ``optim_args`` overrides them, and ``optim_target_modules`` picks the projected weights.
+
+    Layer-wise names (``"galore_adamw_layerwise"``, or ``optim_args="layerwise=True"``) update each weight inside
+    backward, so gradients cannot be clipped by their global norm: ``max_grad_norm`` defaults to 0 for them (to
+    1.0 otherwise, as in transformers), and an explicit positive value is an error. They also refuse fp16
+    (its loss scaling reaches the update unscaled; use bf16) and more than one process (DDP reduces gradients
+    after the hooks have used them).
     """
 
+    max_grad_norm: float | None = field(default=None, metadata={
+        "help": "Max gradient norm (default 1.0; 0 for layer-wise lowmem optimizers, which cannot clip)."})
+
     def __post_init__(self):
+        self.max_grad_norm_given = self.max_grad_norm is not None
+        if self.max_grad_norm is None:
+            self.max_grad_norm = 1.0
         name = self.optim.value if isinstance(self.optim, OptimizerNames) else str(self.optim)
         if not is_lowmem_name(name):
             if name not in _transformers_names():
@@ -89,7 +101,26 @@ class TrainingArguments(transformers.TrainingArguments):
         self.optim = OptimizerNames.ADAMW_TORCH  # the parent's enum check; restored below
         super().__post_init__()
         self.optim = name
-        self.lowmem_options()  # check optim_args and the target modules now, not at the first step
+        options = self.lowmem_options()  # checks optim_args and the target modules now, not at the first step
+        if options["layerwise"] or get_spec(name).layerwise:
+            self._check_layerwise()
+
+    def _check_layerwise(self) -> None:
+        name = self.lowmem_optim
+        if not self.max_grad_norm_given:
+            self.max_grad_norm = 0.0
+        elif self.max_grad_norm > 0:
+            raise ValueError(f"optim={name!r} updates each weight inside backward, before the other gradients exist, "
+                             f"so max_grad_norm={self.max_grad_norm} cannot clip by the global norm. Set "
+                             "max_grad_norm=0 (the logged grad_norm is still the real one), or drop '_layerwise' "
+                             "to clip.")
+        if self.fp16:
+            raise ValueError(f"optim={name!r} with fp16: the loss scaler's scaled gradients would reach the "
+                             "layer-wise update before they are unscaled. Use bf16=True, or drop '_layerwise'.")
+        if self.world_size > 1:
+            raise ValueError(f"optim={name!r} cannot run under DDP with {self.world_size} processes: DDP reduces "
+                             "the gradients after the layer-wise hooks have already used them. Drop '_layerwise' "
+                             "for distributed training.")
 
     def lowmem_options(self) -> dict:
         """The options ``lowmem.create_optimizer`` gets for this run (checked against the optimizer's)."""

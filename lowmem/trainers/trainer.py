@@ -36,8 +36,36 @@ class Trainer(transformers.Trainer):
             return super().create_optimizer(*args, **kwargs)
         if self.optimizer is None:
             model = args[0] if args else kwargs.get("model") or self.model
-            self.optimizer = create_optimizer(name, model, **self.args.lowmem_options())
+            optimizer = create_optimizer(name, model, **self.args.lowmem_options())
+            if optimizer.layerwise is not None and self.accelerator.num_processes > 1:
+                optimizer.layerwise.remove()
+                raise ValueError(f"optim={name!r} cannot run under DDP ({self.accelerator.num_processes} processes): "
+                                 "DDP reduces gradients after the layer-wise hooks used them. Drop '_layerwise'.")
+            self.optimizer = optimizer
         return self.optimizer
+
+    def layerwise_updates(self):
+        """The optimizer's ``LayerwiseUpdates`` when it updates inside backward, else None."""
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
+        return getattr(optimizer, "layerwise", None)
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        """transformers' step; a layer-wise optimizer updates only in the last micro-batch of each step."""
+        updates = self.layerwise_updates()
+        if updates is None:
+            return super().training_step(model, inputs, *args, **kwargs)
+        updates.sync = self.accelerator.sync_gradients
+        try:
+            return super().training_step(model, inputs, *args, **kwargs)
+        finally:
+            updates.sync = True
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """transformers' log; in layer-wise mode ``grad_norm`` is the real norm (transformers would log 0)."""
+        updates = self.layerwise_updates()
+        if updates is not None and "loss" in logs and updates.last_grad_norm is not None:
+            logs["grad_norm"] = updates.last_grad_norm
+        super().log(logs, *args, **kwargs)
 
 
 def _with_optimizer(args, overrides: dict) -> TrainingArguments:
@@ -45,4 +73,6 @@ def _with_optimizer(args, overrides: dict) -> TrainingArguments:
     if args is None:
         return TrainingArguments(output_dir="trainer_output", **overrides)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(transformers.TrainingArguments) if f.init}
+    if not getattr(args, "max_grad_norm_given", args.max_grad_norm != 1.0):
+        values["max_grad_norm"] = None  # unset: the default suits the new optimizer (0 for layer-wise ones)
     return TrainingArguments(**{**values, **overrides})

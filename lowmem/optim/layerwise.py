@@ -1,0 +1,128 @@
+"""Layer-wise updates: a ``LowMemOptimizer`` updates each parameter inside backward, then frees its gradient.
+
+``optimizer.enable_layerwise()`` registers a post-accumulate-grad hook on every trainable parameter. When a
+parameter's gradient is complete, the hook runs that parameter's ordinary update (the same code as
+``step()``, so the result is the same) and drops the gradient, so the whole set of gradients never exists at
+once. The optimizer stays one object: one set of param groups (one learning-rate schedule drives them all),
+one ``state_dict`` with every moment and projector, and ``step()`` still closes each step.
+
+Gradient accumulation. Only the last micro-batch of a step updates; the earlier ones run under
+``with updates.accumulating():`` (the lowmem Trainer does this for you). What the gradients cost then:
+
+* no accumulation: one parameter's gradient at a time;
+* ``accumulation="projected"`` (default): a weight whose update reads only its projected gradient (GaLore's
+  back-projection lift, any rule) keeps the running sum in the projected space, ``r x n`` instead of ``m x n``,
+  except in a step where its projector refreshes: the new subspace needs the whole step's gradient, so that step
+  keeps the full sum. FRUGAL, Fira and APOLLO read the full gradient (the residual / the channel scaling), and
+  unprojected parameters have no smaller space: they keep a full-size sum in ``.grad`` as without layer-wise;
+* ``accumulation="full"``: every parameter keeps its full-size sum in ``.grad`` (no saving on gradients).
+
+Projection is linear, so the projected sum equals the projection of the summed gradient up to rounding.
+
+``last_grad_norm`` is the 2-norm of the gradients the step used, taken before any update; in a projected
+accumulation step a projected weight counts with its projected sum (the part its update sees).
+Gradients cannot be clipped by their global norm here: each weight updates before the other gradients exist.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+ACCUMULATION_MODES = ("projected", "full")
+
+
+def check_accumulation(mode: str) -> None:
+    """``ValueError`` naming the valid modes unless ``mode`` is one."""
+    if mode not in ACCUMULATION_MODES:
+        raise ValueError(f"layerwise_accumulation={mode!r}: use one of {ACCUMULATION_MODES} "
+                         "('projected' keeps GaLore's accumulated gradient in its subspace).")
+
+
+class LayerwiseUpdates:
+    """The hooks that run a ``LowMemOptimizer``'s per-parameter updates inside backward (see the module doc)."""
+
+    def __init__(self, optimizer, accumulation: str = "projected"):
+        check_accumulation(accumulation)
+        self.optimizer = optimizer
+        self.accumulation = accumulation
+        #: False while a backward only accumulates (a micro-batch before the last of a step).
+        self.sync = True
+        #: The 2-norm of the last finished step's gradients (None before the first).
+        self.last_grad_norm: float | None = None
+        self._squared_norm: torch.Tensor | None = None
+        self._projected_sums: dict[torch.Tensor, torch.Tensor] = {}
+        self._group_index: dict[torch.Tensor, int] = {}
+        self._handles = []
+        for index, group in enumerate(optimizer.param_groups):
+            for p in group["params"]:
+                if p.requires_grad:
+                    self._group_index[p] = index
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._on_gradient))
+
+    @contextlib.contextmanager
+    def accumulating(self):
+        """Backward passes inside only accumulate gradients (micro-batches before a step's last)."""
+        self.sync = False
+        try:
+            yield
+        finally:
+            self.sync = True
+
+    @torch.no_grad()
+    def _on_gradient(self, p: torch.Tensor) -> None:
+        index = self._group_index[p]
+        group = self.optimizer.param_groups[index]
+        if not self.sync:
+            self._accumulate(p, self.optimizer.parts_for_step(index, choose_blocks=False))
+            return
+        parts = self.optimizer.parts_for_step(index)
+        low = self._projected_sums.pop(p, None)
+        if low is not None:
+            low.add_(parts.projector.down(self.optimizer.state[p], p.grad))
+        self.count_norm(p.grad if low is None else low)
+        self.optimizer.update_param(p, group, parts, low)
+        p.grad = None
+
+    def _accumulate(self, p: torch.Tensor, parts) -> None:
+        """Move ``p.grad`` into its projected running sum where that is exact; else leave it in ``.grad``."""
+        if self.accumulation != "projected" or parts.lift.needs_full_gradient or parts.projector.side(p.shape) is None:
+            return
+        state = self.optimizer.state[p]
+        running = self._projected_sums.get(p)
+        if running is None:
+            if parts.projector.needs_refresh(state):
+                return  # the refresh at this step's update needs the full summed gradient
+            self._projected_sums[p] = parts.projector.down(state, p.grad)
+        else:
+            running.add_(parts.projector.down(state, p.grad))
+        p.grad = None
+
+    def count_norm(self, grad: torch.Tensor) -> None:
+        """Add a gradient to this step's norm (no host sync)."""
+        squared = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+        self._squared_norm = squared if self._squared_norm is None else self._squared_norm + squared
+
+    @torch.no_grad()
+    def end_step(self) -> None:
+        """Close a step (``optimizer.step()`` calls this): update weights whose projected sum got nothing from
+        the last micro-batch, and record the step's gradient norm."""
+        for p, low in list(self._projected_sums.items()):
+            index = self._group_index[p]
+            p.grad = torch.zeros_like(p)  # the lift reads only its shape and dtype
+            self.count_norm(low)
+            self.optimizer.update_param(p, self.optimizer.param_groups[index], self.optimizer.parts_for_step(index),
+                                        low)
+            p.grad = None
+        self._projected_sums.clear()
+        if self._squared_norm is not None:
+            self.last_grad_norm = self._squared_norm.sqrt().item()
+        self._squared_norm = None
+
+    def remove(self) -> None:
+        """Remove the hooks; the optimizer goes back to updating in ``step()``."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.optimizer.layerwise = None
