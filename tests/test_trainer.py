@@ -10,7 +10,7 @@ from trainer_helpers import StdlibText, args, losses
 
 from lowmem.example import tiny_llama
 from lowmem.optim import AdamW8bit, GaLoreAdamW, LowMemOptimizer
-from lowmem.trainers import Trainer, parse_optim_args
+from lowmem.trainers import Trainer, TrainingArguments, parse_optim_args
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -139,3 +139,16 @@ def test_layerwise_mistakes_fail_when_the_arguments_are_built(tmp_path):
     plain = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     trainer = Trainer(model=tiny_llama(hidden=64, layers=1), args=plain, optim="apollo_mini_layerwise")
     assert trainer.args.max_grad_norm == 0
+
+
+def test_command_line_takes_every_lowmem_name(tmp_path):
+    """HfArgumentParser would restrict --optim to transformers' enum; lowmem's field takes any name."""
+    parser = transformers.HfArgumentParser(TrainingArguments)
+    common = ["--output_dir", str(tmp_path), "--use_cpu", "--report_to", "none"]
+    for name, layerwise in [("galore+came+8bit", False), ("apollo_mini_layerwise", True), ("adamw_torch", False)]:
+        (parsed,) = parser.parse_args_into_dataclasses([*common, "--optim", name])
+        assert parsed.max_grad_norm == (0.0 if layerwise else 1.0)
+        assert parsed.lowmem_optim == (None if name == "adamw_torch" else name)
+    (parsed,) = parser.parse_args_into_dataclasses([*common, "--optim", "galore_adamw", "--optim_args",
+                                                    "rank=8, scale=0.5"])
+    assert parsed.lowmem_options()["rank"] == 8

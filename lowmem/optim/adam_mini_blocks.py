@@ -6,6 +6,9 @@ value, attention output and MLP -> one block per output row (``rows``); anything
 block for the tensor. Names containing ``norm``, ``ln`` or ``bias`` get no weight decay.
 ``head_numel = dim * dim / n_heads`` (one head's slice of a q/k weight; GQA-safe, as the k weight
 holds n_kv_heads such slices), with ``dim`` and ``n_heads`` read from ``model.config`` when not given.
+
+peft's LoRA factors (``...q_proj.lora_A.default.weight``) get one block per row, like the linears they adapt:
+adam-mini has no rule for them, and its per-head split of q/k does not fit an ``r``-row factor.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ QUERY_KEY = ("k_proj", "q_proj", "wq", "wk", "query", "key")
 VALUE = ("v_proj", "wv", "value")
 ATTN_OUT = ("o_proj", "wo", "attn.proj")
 MLP = ("feed_forward", "linear", "mlp")
+LORA = "lora_"
 
 
 def block_kind(name: str, ndim: int) -> str:
@@ -23,6 +27,8 @@ def block_kind(name: str, ndim: int) -> str:
     name = name.lower()
     if "bias" in name:
         return "elementwise"
+    if LORA in name:
+        return "rows" if ndim >= 2 else "tensor"
     if any(k in name for k in QUERY_KEY):
         return "heads"
     if any(k in name for k in EMBEDDING + OUTPUT + VALUE + ATTN_OUT + MLP) and ndim >= 2:

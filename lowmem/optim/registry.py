@@ -42,7 +42,7 @@ from .presets import (
     check_adafactor_lr,
 )
 from .states import BlockwiseQuantStore, make_store
-from .targets import plain_split, split_parameters
+from .targets import check_not_lora, plain_split, split_parameters
 
 #: Options every name accepts; low-rank names also take ``target_modules`` (which weights to project).
 COMMON_OPTIONS = dict(lr=1e-3, weight_decay=0.0, state_dtype=None, layerwise=False, layerwise_accumulation="projected")
@@ -301,7 +301,7 @@ def create_optimizer(name: str, model: nn.Module, **options) -> LowMemOptimizer:
     spec = get_spec(name)
     opts = check_options(name, options)
     layerwise, accumulation = opts.pop("layerwise") or spec.layerwise, opts.pop("layerwise_accumulation")
-    optimizer = _build(spec, model, opts)
+    optimizer = _build(name, spec, model, opts)
     if isinstance(make_store(opts["state_dtype"]), BlockwiseQuantStore):
         _embedding_states_in_fp32(optimizer, model)
     if layerwise:
@@ -309,7 +309,9 @@ def create_optimizer(name: str, model: nn.Module, **options) -> LowMemOptimizer:
     return optimizer
 
 
-def _build(spec: OptimizerSpec, model: nn.Module, opts: dict) -> LowMemOptimizer:
+def _build(name: str, spec: OptimizerSpec, model: nn.Module, opts: dict) -> LowMemOptimizer:
+    if spec.low_rank:
+        check_not_lora(model, name)
     if spec.from_model:
         return spec.cls(model.named_parameters(), model=model, **opts)
     split = split_parameters(model, opts.pop("target_modules")) if spec.low_rank else plain_split(model)

@@ -49,6 +49,20 @@ def _matches(name: str, targets) -> bool:
     return any(t in name or re.fullmatch(t, name) for t in targets)
 
 
+def check_not_lora(model: nn.Module, optimizer: str) -> None:
+    """A clear error when a low-rank optimizer meets a LoRA-wrapped model: its trainable weights are the LoRA
+    factors, already rank r, so there is nothing left to project."""
+    lora = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    if lora:
+        raise ValueError(
+            f"optimizer {optimizer!r} projects the gradients of full weight matrices to save optimizer memory, but "
+            f"this model is LoRA-wrapped: its trainable weights are LoRA factors such as '{lora[0]}' (already "
+            "low-rank; the base weights are frozen), so there is nothing to project. With LoRA use a dense rule "
+            "('adamw', 'adam_mini', 'came', 'adamw_8bit', 'none+came+8bit'); for GaLore's saving, train the full "
+            "weights without LoRA."
+        )
+
+
 def split_parameters(model: nn.Module, target_modules=None) -> ParameterSplit:
     """Split ``model``'s trainable parameters for a low-rank optimizer; raise if targets match nothing."""
     explicit = target_modules is not None

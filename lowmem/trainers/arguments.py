@@ -83,6 +83,9 @@ class TrainingArguments(transformers.TrainingArguments):
     after the hooks have used them).
     """
 
+    optim: str = field(default=transformers.TrainingArguments.__dataclass_fields__["optim"].default, metadata={
+        "help": "A lowmem optimizer (see lowmem.available_optimizers(); also '<method>+<rule>[+<precision>]' and "
+                "'<name>_layerwise') or a transformers OptimizerNames value."})
     max_grad_norm: float | None = field(default=None, metadata={
         "help": "Max gradient norm (default 1.0; 0 for layer-wise lowmem optimizers, which cannot clip)."})
 
