@@ -106,6 +106,22 @@ def build_model(args) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).float()
 
 
+def state_bytes(optimizer, model) -> dict[str, int]:
+    """Exact bytes of the ``optimizer.state`` tensors: their elements (``nbytes``), split into the decoder layers'
+    linear weights (GaLore / APOLLO's targets) and the rest, and the storages they keep alive (a view keeps its
+    whole base storage)."""
+    linear = {id(p) for n, p in model.named_parameters() if ".layers." in n and n.endswith("proj.weight")}
+    out = dict(linear=0, rest=0, storage=0)
+    storages = {}
+    for p, s in optimizer.state.items():
+        for t in s.values():
+            if torch.is_tensor(t):
+                out["linear" if id(p) in linear else "rest"] += t.nbytes
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    out["storage"] = sum(storages.values())
+    return out
+
+
 def run_config(args, label: str, name: str | None, accum: int) -> list[dict]:
     model = build_model(args)
     counter = GradCounter(model)  # before the optimizer: its hooks must run first
@@ -142,7 +158,7 @@ def run_config(args, label: str, name: str | None, accum: int) -> list[dict]:
             optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - t0
         peak = by_name(tracker.get_tracker_snapshot("peak"))
-        state = sum(t.nbytes for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+        state = state_bytes(optimizer, model)
         rows.append(dict(label=label, step=step, accum=accum, layerwise=layerwise is not None, peak=peak,
                          max=dict(tracker.category_max), hook_grad=counter.max_grad, sums=counter.max_sums,
                          held=held, largest=largest, state=state, seconds=seconds))
@@ -170,21 +186,28 @@ def tables(rows: list[dict]) -> str:
     lines += ["", "The same, exact bytes:", "", head.replace("**total peak**", "total peak"), sep]
     lines += [f"| {r['label']} | {r['step']} | " + " | ".join(f"{r['peak'].get(c, 0):,}" for c in CATEGORIES)
               + f" | {r['peak']['Total']:,} |" for r in rows]
-    lines += ["", "Gradients and state, bytes (max = each category's own maximum over the step):", "",
-              "| optimizer | step | max Gradient (MemTracker) | max sum of p.grad (hooks) | projected sums (max) "
-              "| held between micro-batches | largest param grad | bound | check | optimizer.state tensors "
-              "| max Optstate (MemTracker) |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+    lines += ["", "Gradient check, bytes (max = the largest value during the step):", "",
+              "| optimizer | step | max Gradient (MemTracker) | max sum of p.grad (hooks) | held between micro-batches "
+              "(of it, projected sums) | largest param grad | bound = largest + held | check |",
+              "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if r["layerwise"]:
             bound, ok_tracker, ok_hooks = check(r)
-            verdict = "pass" if ok_tracker and ok_hooks else f"FAIL (tracker {ok_tracker}, hooks {ok_hooks})"
             bound_text = f"{bound:,}"
+            verdict = "pass" if ok_tracker and ok_hooks else f"**FAIL** (MemTracker {ok_tracker}, hooks {ok_hooks})"
         else:
             bound_text, verdict = "-", "- (not layer-wise)"
-        lines.append(f"| {r['label']} | {r['step']} | {r['max']['Gradient']:,} | {r['hook_grad']:,} | {r['sums']:,} "
-                     f"| {r['held']:,} | {r['largest']:,} | {bound_text} | {verdict} | {r['state']:,} "
-                     f"| {r['max']['Optstate']:,} |")
+        lines.append(f"| {r['label']} | {r['step']} | {r['max']['Gradient']:,} | {r['hook_grad']:,} "
+                     f"| {r['held']:,} ({r['sums']:,}) | {r['largest']:,} | {bound_text} | {verdict} |")
+    lines += ["", "Optimizer state after the step, bytes (optimizer.state tensors; MemTracker's Optstate also counts "
+              "what is created inside optimizer.step()):", "",
+              "| optimizer | step | state tensors (nbytes) | of it, decoder linear weights | of it, embeddings + head "
+              "+ norms | storages they keep alive | max Optstate (MemTracker) |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        st = r["state"]
+        lines.append(f"| {r['label']} | {r['step']} | {st['linear'] + st['rest']:,} | {st['linear']:,} "
+                     f"| {st['rest']:,} | {st['storage']:,} | {r['max']['Optstate']:,} |")
     return "\n".join(lines)
 
 

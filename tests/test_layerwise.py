@@ -162,3 +162,18 @@ def test_remove_goes_back_to_stepping(model):
 def test_bad_accumulation_mode():
     with pytest.raises(ValueError, match=r"layerwise_accumulation='sum'.*\('projected', 'full'\)"):
         create_optimizer("galore_adamw_layerwise", tiny_llama(hidden=64, layers=1), layerwise_accumulation="sum")
+
+
+def test_a_new_layerwise_optimizer_replaces_the_old_hooks(model):
+    """Building a second layer-wise optimizer on the same weights (a Trainer rebuilding its optimizer) must not
+    leave the first one's hooks updating them too."""
+    m = copy.deepcopy(model)
+    first = create_optimizer("adamw", m, lr=1e-3, layerwise=True)
+    second = create_optimizer("adamw", m, lr=1e-3, layerwise=True)
+    assert first.layerwise is None and second.layerwise is not None
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    m(input_ids=ids, labels=ids).loss.backward()
+    assert not first.state and len(second.state) == sum(1 for _ in m.parameters())
+    other = copy.deepcopy(m)  # a copy's weights are not the optimizer's: its hooks stay
+    create_optimizer("adamw", other, lr=1e-3, layerwise=True)
+    assert second.layerwise is not None

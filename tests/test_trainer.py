@@ -23,6 +23,11 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWa
     ("came", "lr=1e-3"),
     ("adamw_8bit", None),
     ("galore+came+8bit", "rank=16, min_8bit_size=0"),
+    ("fira_adamw", "rank=16"),
+    ("apollo_adamw", "rank=16"),
+    ("adafactor", None),
+    ("galore_adafactor", "rank=16"),
+    ("frugal_svd", None),
 ])
 def test_trainer_trains_a_tiny_llama_with_each_family(tmp_path, optim, optim_args):
     torch.manual_seed(0)
@@ -33,6 +38,19 @@ def test_trainer_trains_a_tiny_llama_with_each_family(tmp_path, optim, optim_arg
                       LowMemOptimizer)
     logged = losses(trainer)
     assert len(logged) == 4 and logged[-1] < logged[0] - 0.5, logged
+
+
+@pytest.mark.parametrize("optim", ["galore_adamw_layerwise", "apollo_mini_layerwise"])
+def test_layerwise_trains_with_accumulation_and_gradient_checkpointing(tmp_path, optim):
+    torch.manual_seed(0)
+    options = "rank=16, update_proj_gap=10" if optim.startswith("galore") else "update_proj_gap=10"
+    trainer = Trainer(model=tiny_llama(), args=args(tmp_path, optim=optim, optim_args=options,
+                                                    per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                                                    gradient_checkpointing=True), train_dataset=StdlibText())
+    trainer.train()
+    logged = losses(trainer)
+    assert len(logged) == 4 and logged[-1] < logged[0] - 0.5, logged
+    assert all(p.grad is None for p in trainer.model.parameters())
 
 
 def test_training_arguments_reach_the_optimizer(tmp_path):

@@ -27,10 +27,13 @@ Gradients cannot be clipped by their global norm here: each weight updates befor
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 
 ACCUMULATION_MODES = ("projected", "full")
+#: Parameter attribute naming the ``LayerwiseUpdates`` whose hook updates it (a weak reference).
+_OWNER = "_lowmem_layerwise_owner"
 
 
 def check_accumulation(mode: str) -> None:
@@ -58,6 +61,7 @@ class LayerwiseUpdates:
         for index, group in enumerate(optimizer.param_groups):
             for p in group["params"]:
                 if p.requires_grad:
+                    _take_over(p, self)
                     self._group_index[p] = index
                     self._handles.append(p.register_post_accumulate_grad_hook(self._on_gradient))
 
@@ -125,4 +129,23 @@ class LayerwiseUpdates:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for p in self._group_index:
+            if _owner(p) is self:
+                delattr(p, _OWNER)
+        self._group_index.clear()
         self.optimizer.layerwise = None
+
+
+def _owner(p: torch.Tensor):
+    ref = getattr(p, _OWNER, None)
+    owner = ref() if ref is not None else None
+    return owner if owner is not None and p in owner._group_index else None
+
+
+def _take_over(p: torch.Tensor, updates: LayerwiseUpdates) -> None:
+    """One layer-wise optimizer per parameter: a new one (say, the Trainer rebuilding its optimizer) removes the
+    hooks of the one before, which would otherwise update the weight a second time."""
+    previous = _owner(p)
+    if previous is not None and previous is not updates:
+        previous.remove()
+    setattr(p, _OWNER, weakref.ref(updates))
