@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from lowmem.optim import FRUGAL, APOLLOAdamW, FiraAdamW, GaLoreAdamW, LowMemOptimizer
+from lowmem.example import tiny_llama
+from lowmem.optim import FRUGAL, APOLLOAdamW, FiraAdamW, GaLoreAdamW, LowMemOptimizer, create_optimizer
+from lowmem.optim.registry import get_spec
 from lowmem.optim.states import state_bytes
 
 M, N, R = 96, 64, 8  # a tall weight (m >= n); the wide case swaps the roles
@@ -102,3 +104,20 @@ def test_load_state_dict_keeps_state_dtypes(tmp_path):
         assert after == before
     assert opt.state[w]["exp_avg"].dtype == torch.float32
     assert frugal.state[v]["proj_idx"].dtype == torch.int64
+
+
+@pytest.mark.parametrize("name", ["galore_adamw", "galore_adamw_8bit", "fira_adamw", "frugal_svd", "galore_adafactor",
+                                  "galore+came+bf16", "apollo_adamw", "adam_mini", "came_8bit"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_bytes_are_the_bytes_kept_alive(name, dtype):
+    """Every state tensor owns exactly its own storage: a view into a bigger temporary (say, a slice of the full SVD
+    factor) would keep memory alive that state_bytes() does not count."""
+    model = tiny_llama(hidden=64, layers=1).to(dtype)
+    opt = create_optimizer(name, model, lr=1e-3, **({"rank": 8} if "rank" in get_spec(name).options() else {}))
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    for state in opt.state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                assert value.untyped_storage().nbytes() == value.nbytes, (key, tuple(value.shape))

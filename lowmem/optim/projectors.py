@@ -148,7 +148,9 @@ class _MatrixProjector(Projector):
 
 
 def _to_grad_dtype(t: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    return t if grad.dtype == torch.float32 else t.to(grad.device, grad.dtype)
+    """``t`` in the gradient's dtype, as a compact tensor of its own: a slice of the full SVD factor would keep the
+    whole factor alive in the optimizer state (an m x min(m, n) matrix for a rank-r projector)."""
+    return t.clone() if grad.dtype == torch.float32 else t.to(grad.device, grad.dtype)
 
 
 class SVDProjector(_MatrixProjector):
