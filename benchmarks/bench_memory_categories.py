@@ -14,8 +14,10 @@ Gradient check (the script exits 1 if it fails): in layer-wise mode at most one 
 (plus, with accumulation, what is held between micro-batches). Checked twice: with MemTracker's per-category
 maximum over the step, and independently with post-accumulate-grad hooks registered before the optimizer's
 (so they run before a layer-wise update frees the gradient) that sum ``p.grad.nbytes`` over all parameters.
-GaLore's projected running sums (``optimizer.layerwise._projected_sums``) are counted by hand (MemTracker files
-them under ``Temp``: they are created inside backward).
+"Held between micro-batches" = the bytes of every ``.grad`` still set plus GaLore's projected running sums
+(``optimizer.layerwise._projected_sums``), measured right after each accumulating backward; the sums are counted by
+hand because MemTracker files them under ``Temp`` (they are created inside backward). Likewise, a layer-wise
+optimizer creates its state inside backward in step 1, so MemTracker calls it ``Temp`` until ``step()`` ends.
 
 Run: ``PYTHONPATH=. .venv/bin/python benchmarks/bench_memory_categories.py``.
 """
@@ -51,6 +53,7 @@ class StepTracker(MemTracker):
     def __init__(self):
         super().__init__()
         self.category_max: dict[str, int] = {}
+        self.phase = self.peak_phase = ""  # set by the caller: where in the step we are / where the total peaked
 
     def __enter__(self):
         super().__enter__()
@@ -60,7 +63,10 @@ class StepTracker(MemTracker):
     def _update_snap(self, *args, **kwargs):
         super()._update_snap(*args, **kwargs)
         for name, value in by_name(self._curr_mem_snap).items():
-            self.category_max[name] = max(self.category_max.get(name, 0), value)
+            if value > self.category_max.get(name, 0):
+                self.category_max[name] = value
+                if name == "Total":
+                    self.peak_phase = self.phase
 
 
 def by_name(snapshot: dict) -> dict[str, int]:
@@ -147,13 +153,16 @@ def run_config(args, label: str, name: str | None, accum: int) -> list[dict]:
                 last = micro == accum - 1
                 context = contextlib.nullcontext() if last else layerwise.accumulating()
                 with context:
+                    tracker.phase = f"forward {micro + 1}" if accum > 1 else "forward"
                     tokens = torch.randint(args.vocab, (args.batch, args.seq), generator=gen)
                     loss = model(tokens, labels=tokens).loss / accum
+                    tracker.phase = tracker.phase.replace("forward", "backward")
                     loss.backward()
                 del loss
                 counter.sample()
                 if not last:
                     held = max(held, counter.grad_bytes() + counter.sums_bytes())
+            tracker.phase = "optimizer.step()"
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - t0
@@ -161,8 +170,11 @@ def run_config(args, label: str, name: str | None, accum: int) -> list[dict]:
         state = state_bytes(optimizer, model)
         rows.append(dict(label=label, step=step, accum=accum, layerwise=layerwise is not None, peak=peak,
                          max=dict(tracker.category_max), hook_grad=counter.max_grad, sums=counter.max_sums,
-                         held=held, largest=largest, state=state, seconds=seconds))
+                         held=held, largest=largest, state=state, seconds=seconds,
+                         phase=tracker.peak_phase))
         print(f"  {label}: step {step} took {seconds:.1f} s, peak {peak['Total'] / MIB:.2f} MiB", flush=True)
+        if tracker.category_max["Total"] != peak["Total"]:  # MemTracker samples its peak after each op
+            print(f"  note: highest total seen between ops {tracker.category_max['Total']:,} B; 'peak in' refers to it")
     return rows
 
 
@@ -180,9 +192,10 @@ def mib(n: int) -> str:
 def tables(rows: list[dict]) -> str:
     head = "| optimizer | step | " + " | ".join(CATEGORIES) + " | **total peak** |"
     sep = "|---|---:|" + "---:|" * (len(CATEGORIES) + 1)
-    lines = ["Live bytes by category at the step's total peak (MemTracker), MiB:", "", head, sep]
+    lines = ["Live bytes by category at the step's total peak (MemTracker), MiB:", "",
+             head + " peak in |", sep + "---|"]
     lines += [f"| {r['label']} | {r['step']} | " + " | ".join(mib(r["peak"].get(c, 0)) for c in CATEGORIES)
-              + f" | **{mib(r['peak']['Total'])}** |" for r in rows]
+              + f" | **{mib(r['peak']['Total'])}** | {r['phase']} |" for r in rows]
     lines += ["", "The same, exact bytes:", "", head.replace("**total peak**", "total peak"), sep]
     lines += [f"| {r['label']} | {r['step']} | " + " | ".join(f"{r['peak'].get(c, 0):,}" for c in CATEGORIES)
               + f" | {r['peak']['Total']:,} |" for r in rows]
@@ -226,10 +239,13 @@ def main() -> int:
     # MemTracker's own post-accumulate-grad hook runs after a layer-wise update has set p.grad to None and warns.
     warnings.filterwarnings("ignore", message="Expected a tensor or a traceable wrapper-subclass")
 
-    n_params = sum(p.numel() for p in build_model(args).parameters())
+    model = build_model(args)
+    n_params = sum(p.numel() for p in model.parameters())
     print(f"model: LLaMA {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, "
-          f"{args.heads} heads, vocab {args.vocab}, untied, fp32: {n_params:,} parameters; "
-          f"batch {args.batch} x {args.seq} tokens; {args.steps} steps per optimizer; torch {torch.__version__}")
+          f"{args.heads} heads, vocab {args.vocab}, untied, fp32, attention {model.config._attn_implementation}: "
+          f"{n_params:,} parameters{'' if n_params >= 50_000_000 else ' (under 50M)'}; batch {args.batch} x "
+          f"{args.seq} tokens; {args.steps} steps per optimizer; torch {torch.__version__}")
+    del model
     t0 = time.perf_counter()
     rows = []
     for label, name, accum in CONFIGS:
