@@ -61,7 +61,8 @@ class Trainer(transformers.Trainer):
             updates.sync = True
 
     def log(self, logs: dict, *args, **kwargs) -> None:
-        """transformers' log; in layer-wise mode ``grad_norm`` is the real norm (transformers would log 0)."""
+        """transformers' log; in layer-wise mode ``grad_norm`` is the real norm (transformers 5.x would log 0, and
+        4.57 nothing, since the gradients are gone by the time it looks)."""
         updates = self.layerwise_updates()
         if updates is not None and "loss" in logs and updates.last_grad_norm is not None:
             logs["grad_norm"] = updates.last_grad_norm
