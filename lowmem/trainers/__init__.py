@@ -1,7 +1,8 @@
 """Hugging Face Trainer integration: ``Trainer(optim="galore_adamw")`` with every lowmem optimizer name.
 
-``TrainingArguments`` and ``Trainer`` subclass transformers' own (extended only through ``__post_init__`` and
-``create_optimizer``). Layer-wise updates, the ZO trainer and distributed checks arrive in later increments.
+``TrainingArguments`` and ``Trainer`` subclass transformers' own, extended only through ``__post_init__`` and the
+Trainer's override points (``create_optimizer``, ``training_step``, ``log``): layer-wise updates with gradient
+accumulation, the real ``grad_norm``, and errors for what cannot work (clipping, fp16 or DDP with layer-wise).
 """
 
 from .arguments import TrainingArguments, parse_optim_args

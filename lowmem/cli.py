@@ -1,0 +1,56 @@
+"""The ``lowmem`` command: ``lowmem train RECIPE [key=value ...]`` and ``lowmem list``.
+
+A mistake in the user's input prints one line (``lowmem: error: ...``) and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lowmem", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train a recipe (a YAML path or a bundled name such as cpu-tiny)")
+    train.add_argument("recipe")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe keys")
+    commands.add_parser("list", help="every optimizer name with its state bytes per parameter")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            return _train(args.recipe, args.overrides)
+        return _list()
+    except (ValueError, FileNotFoundError) as err:
+        print(f"lowmem: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _train(name: str, overrides: list[str]) -> int:
+    from .recipe import parse_recipe, read_values, recipe_path
+    from .train import run
+
+    recipe = parse_recipe(read_values(recipe_path(name), overrides))
+    report = run(recipe)
+    mib = 2**20
+    print(f"parameters: {report['parameters']:,}; optimizer state: {report['optimizer_state_bytes']:,} bytes "
+          f"({report['optimizer_state_bytes'] / mib:.1f} MiB); peak RSS {report['peak_rss_bytes'] / mib:.0f} MiB"
+          + (f"; peak CUDA {report['cuda_max_allocated_bytes'] / mib:.0f} MiB" if "cuda_max_allocated_bytes" in report
+             else ""))
+    print(f"saved to {recipe.train.output_dir} (model, memory.json"
+          + (", loss.png)" if recipe.method.plot_loss else ")"))
+    return 0
+
+
+def _list() -> int:
+    from .optim.registry import REGISTRY
+
+    width = max(len(name) for name in REGISTRY)
+    for name in sorted(REGISTRY):
+        print(f"{name:<{width}}  {REGISTRY[name].summary}")
+    print("\nAlso: any '<method>+<rule>[+<precision>]' (lowmem.composition_parts()) and any name + '_layerwise'.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

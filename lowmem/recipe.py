@@ -1,0 +1,178 @@
+"""Recipe YAML -> (model, data, method, TrainingArguments), in LLaMA-Factory's flat style.
+
+A recipe is one flat mapping (``### model`` / ``### method`` / ``### dataset`` / ``### output`` / ``### train`` are
+comments that group it): every key is a lowmem ``TrainingArguments`` field (so ``optim: galore_adamw``,
+``optim_args``, ``learning_rate``...) or one of the model / data / method keys below. ``key=value`` overrides
+from the command line are read as YAML values. Every key is checked before anything runs: an unknown key names
+the closest valid one. Keys that differ between transformers 4.57 and 5.x are translated (``warmup_ratio`` is
+``warmup_steps`` below 1 on 5.x; ``overwrite_output_dir`` is gone in 5.x and dropped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .trainers import TrainingArguments
+
+#: Where ``lowmem train NAME`` finds a recipe given by name.
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train."""
+
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Hub id or local dir (fine-tuning)."})
+    model_config: dict | str | None = field(default=None, metadata={
+        "help": "From-scratch model: a config JSON path or an inline mapping (model_type defaults to llama)."})
+    tokenizer: str | None = field(default=None, metadata={
+        "help": "'bpe' trains a byte-level BPE on the dataset (vocab = model_config's vocab_size); else a hub id or "
+                "dir. Default: model_name_or_path's tokenizer."})
+    trust_remote_code: bool = False
+    pure_bf16: bool = field(default=False, metadata={"help": "Weights in bf16, no mixed precision."})
+    stand_in: str | None = field(default=None, metadata={
+        "help": "'tiny': replace the model by a tiny LLaMA and the tokenizer by a BPE trained on the data, keeping "
+                "everything else (tests every recipe in seconds, offline)."})
+
+
+@dataclass
+class DataArguments:
+    """What to train on."""
+
+    dataset: str | None = field(default=None, metadata={
+        "help": "Text files / folders, comma-separated, or 'python-stdlib'."})
+    cutoff_len: int = field(default=1024, metadata={"help": "Tokens per packed training sequence."})
+    max_samples: int | None = field(default=None, metadata={"help": "Use at most this many packed sequences."})
+    max_bytes: int | None = field(default=None, metadata={"help": "Read only the leading files up to this size."})
+
+
+@dataclass
+class MethodArguments:
+    """How to train."""
+
+    stage: str = field(default="pt", metadata={"help": "'pt': causal-LM pretraining on raw text."})
+    finetuning_type: str = field(default="full", metadata={"help": "'full': every weight trains."})
+    plot_loss: bool = field(default=True, metadata={"help": "Save the loss curve as loss.png in output_dir."})
+
+
+@dataclass
+class Recipe:
+    model: ModelArguments
+    data: DataArguments
+    method: MethodArguments
+    train: TrainingArguments
+
+
+SECTIONS = (ModelArguments, DataArguments, MethodArguments, TrainingArguments)
+STAGES = ("pt",)
+FINETUNING_TYPES = ("full",)
+
+
+def recipe_path(name: str) -> Path:
+    """A recipe file: a path, or the name of a bundled recipe (``cpu-tiny``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    bundled = RECIPES_DIR / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if bundled.is_file():
+        return bundled
+    names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    raise FileNotFoundError(f"recipe {name!r} does not exist; give a YAML path or one of: {', '.join(names)}")
+
+
+def read_values(path: Path, overrides: list[str] = ()) -> dict:
+    """The recipe's flat mapping with ``key=value`` overrides applied (values read as YAML)."""
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {err}".replace("\n", " ")) from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must be a mapping of key: value lines, got a {type(values).__name__}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {item!r} is not key=value (e.g. max_steps=10)")
+        values[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return values
+
+
+def parse_recipe(values: dict) -> Recipe:
+    """Check every key and value, translate version-specific keys, and build the argument objects."""
+    values = _translate(dict(values))
+    known = {f.name: (section, f) for section in SECTIONS for f in dataclasses.fields(section) if f.init}
+    for key in values:
+        if key not in known:
+            match = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+            hint = f" Did you mean {match[0]!r}?" if match else ""
+            raise ValueError(f"unknown recipe key {key!r}.{hint} Keys are TrainingArguments fields and "
+                             f"{', '.join(f.name for s in SECTIONS[:3] for f in dataclasses.fields(s))}.")
+    parts = {section: {} for section in SECTIONS}
+    for key, value in values.items():
+        section, _ = known[key]
+        parts[section][key] = _coerce(key, value, typing.get_type_hints(section)[key])
+    model, data, method = (section(**parts[section]) for section in SECTIONS[:3])
+    _check(model, data, method)
+    return Recipe(model, data, method, TrainingArguments(**parts[TrainingArguments]))
+
+
+def _translate(values: dict) -> dict:
+    """Keys that exist only in transformers 4.57 or only in 5.x, moved to what this version takes."""
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    if "warmup_ratio" in values and "warmup_ratio" not in fields:
+        ratio = values.pop("warmup_ratio")
+        if ratio:
+            values.setdefault("warmup_steps", float(ratio))  # 5.x: warmup_steps below 1 is a ratio
+    if isinstance(values.get("warmup_steps"), float) and values["warmup_steps"] < 1 and "warmup_ratio" in fields:
+        values["warmup_ratio"] = values.pop("warmup_steps")  # 4.57: a ratio has its own key
+    if "overwrite_output_dir" not in fields:
+        values.pop("overwrite_output_dir", None)
+    return values
+
+
+def _coerce(key: str, value, annotation):
+    """YAML reads ``1e-5`` as a string (``1.0e-5`` is a float) and ``no`` as False: convert them back for fields
+    that take numbers or strings."""
+    kinds = _field_kinds(annotation)
+    if isinstance(value, bool) and bool not in kinds and str in kinds:
+        return "yes" if value else "no"  # save_strategy: no
+    if isinstance(value, str) and str not in kinds:
+        for kind in (int, float):
+            if kind in kinds:
+                try:
+                    return kind(value)
+                except ValueError:
+                    pass
+        if kinds & {int, float}:
+            raise ValueError(f"recipe key {key!r} takes a number, got {value!r}")
+    return value
+
+
+def _field_kinds(annotation) -> set:
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return set(typing.get_args(annotation))
+    return {annotation}
+
+
+def _check(model: ModelArguments, data: DataArguments, method: MethodArguments) -> None:
+    if method.stage not in STAGES:
+        raise ValueError(f"stage={method.stage!r} is not available yet; use one of {STAGES} (raw-text pretraining)")
+    if method.finetuning_type not in FINETUNING_TYPES:
+        raise ValueError(f"finetuning_type={method.finetuning_type!r} is not available yet; use one of "
+                         f"{FINETUNING_TYPES}")
+    if not data.dataset:
+        raise ValueError("the recipe needs a dataset: text files or folders, comma-separated, or 'python-stdlib'")
+    if model.stand_in not in (None, "tiny"):
+        raise ValueError(f"stand_in={model.stand_in!r}: the only stand-in is 'tiny'")
+    if model.stand_in is None and (model.model_name_or_path is None) == (model.model_config is None):
+        raise ValueError("give exactly one of model_name_or_path (fine-tune a model) and model_config "
+                         "(pretrain from scratch)")
+    if model.model_name_or_path is None and model.stand_in is None and model.tokenizer is None:
+        raise ValueError("a from-scratch model_config needs a tokenizer: 'bpe' (trained on the dataset) or a "
+                         "hub id / dir")

@@ -1,0 +1,139 @@
+"""Run a recipe: tokenizer, data, model, the lowmem Trainer, then a memory report and the loss curve.
+
+Everything that can fail on the user's input (the recipe, the paths, the data, the optimizer options) is checked
+before the Trainer starts, so a mistake leaves no half-written output directory.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+from .data import STDLIB, pretraining_dataset, text_files, train_bpe_tokenizer
+from .recipe import Recipe
+
+#: The model ``stand_in: tiny`` trains instead of the recipe's (any recipe runs in seconds on a CPU, offline).
+TINY_CONFIG = dict(model_type="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096, vocab_size=512)
+#: How much text a stand-in reads, and a BPE tokenizer trains on, when the recipe sets no ``max_bytes``.
+STAND_IN_BYTES = 1_000_000
+
+
+def load_tokenizer(recipe: Recipe, files: list[Path]):
+    model = recipe.model
+    if model.stand_in:
+        return train_bpe_tokenizer(files, TINY_CONFIG["vocab_size"])
+    if model.tokenizer == "bpe":
+        return train_bpe_tokenizer(files, int(_config_values(model.model_config).get("vocab_size", 32000)))
+    from transformers import AutoTokenizer
+
+    source = model.tokenizer or model.model_name_or_path
+    tokenizer = _load(AutoTokenizer, source, trust_remote_code=model.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(recipe: Recipe, tokenizer):
+    """The recipe's model; a from-scratch config gets the tokenizer's vocabulary and pad id (the GaLore configs'
+    32000 vocab does not match the T5 tokenizer they train with, and they have no valid pad id)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_args = recipe.model
+    dtype = torch.bfloat16 if model_args.pure_bf16 else None
+    if model_args.model_name_or_path and not model_args.stand_in:
+        return _load(AutoModelForCausalLM, model_args.model_name_or_path, dtype=dtype,
+                     trust_remote_code=model_args.trust_remote_code)
+    values = dict(TINY_CONFIG) if model_args.stand_in else _config_values(model_args.model_config)
+    model_type = values.pop("model_type", "llama")
+    values.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **values))
+    return model.to(dtype) if dtype else model
+
+
+def _config_values(config) -> dict:
+    if isinstance(config, dict):
+        return dict(config)
+    path = Path(str(config))
+    if not path.is_file():
+        raise FileNotFoundError(f"model_config {str(config)!r} does not exist (give a config JSON path or an inline "
+                                "mapping)")
+    return json.loads(path.read_text())
+
+
+def _load(auto_class, source: str, **kwargs):
+    try:
+        return auto_class.from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise FileNotFoundError(f"cannot load {source!r}: not a local directory, and not on the Hugging Face Hub "
+                                f"from here ({str(err).splitlines()[0]})") from None
+
+
+def prepare(recipe: Recipe):
+    """Tokenizer, dataset and model for ``recipe``; raises on bad input before anything is written."""
+    limit = recipe.data.max_bytes or (STAND_IN_BYTES if recipe.model.stand_in else None)
+    files = text_files(recipe.data.dataset or STDLIB, limit_bytes=limit)
+    tokenizer = load_tokenizer(recipe, files)
+    dataset = pretraining_dataset(files, tokenizer, recipe.data.cutoff_len, recipe.data.max_samples)
+    return tokenizer, dataset, load_model(recipe, tokenizer)
+
+
+def run(recipe: Recipe) -> dict:
+    """Train ``recipe`` with the lowmem Trainer; returns the memory report (also written to output_dir)."""
+    from transformers import DataCollatorForLanguageModeling
+
+    from .trainers import Trainer
+
+    tokenizer, dataset, model = prepare(recipe)
+    trainer = Trainer(model=model, args=recipe.train, train_dataset=dataset, processing_class=tokenizer,
+                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    trainer.create_optimizer()  # optimizer mistakes (options, targets) surface before the first step
+    trainer.train(resume_from_checkpoint=recipe.train.resume_from_checkpoint)
+    trainer.save_model()
+    out = Path(recipe.train.output_dir)
+    trainer.state.save_to_json(str(out / "trainer_state.json"))  # the loss history, with or without checkpoints
+    report = memory_report(trainer, model)
+    (out / "memory.json").write_text(json.dumps(report, indent=2) + "\n")
+    if recipe.method.plot_loss:
+        plot_loss(trainer.state.log_history, out / "loss.png")
+    return report
+
+
+def memory_report(trainer, model) -> dict:
+    """Peak memory of the run and the optimizer state's exact bytes."""
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    state = sum(t.nbytes for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+    report = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameter_bytes": sum(p.nbytes for p in model.parameters()),
+        "optimizer_state_bytes": state,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin"
+                                                                                else 1024),  # KiB on Linux
+    }
+    if torch.cuda.is_available():
+        report["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    return report
+
+
+def plot_loss(log_history: list[dict], path: Path) -> None:
+    """The training loss against the step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    points = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
+    if not points:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(*zip(*points, strict=True))
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,91 @@
+"""``lowmem train`` and its recipes: every bundled recipe runs with the tiny stand-in model, and a mistake in the
+input is one line on stderr, exit status 2, and nothing written."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lowmem import cli
+from lowmem.recipe import RECIPES_DIR, parse_recipe
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
+QUICK = ["stand_in=tiny", "max_steps=2", "max_bytes=200000", "cutoff_len=64", "logging_steps=1",
+         "per_device_train_batch_size=2", "save_strategy=no"]
+
+
+def test_cpu_tiny_is_bundled_and_linked_from_the_repo():
+    assert (RECIPES_DIR / "cpu-tiny.yaml").is_file()
+    assert (Path(__file__).parents[1] / "recipes" / "cpu-tiny.yaml").is_file()
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_every_recipe_runs_two_steps_with_the_tiny_stand_in(recipe, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["train", str(recipe), *QUICK, f"output_dir={out}"]) == 0
+    report = json.loads((out / "memory.json").read_text())
+    assert report["optimizer_state_bytes"] > 0 and report["peak_rss_bytes"] > 0
+    assert (out / "loss.png").stat().st_size > 1000 and (out / "model.safetensors").is_file()
+    assert "optimizer state:" in capsys.readouterr().out
+
+
+def test_cpu_tiny_trains_galore_from_scratch(tmp_path):
+    """The embedded default without the stand-in, shortened: GaLore, a BPE tokenizer trained on the fly, the
+    vocabulary and pad id of the model following the tokenizer, and the loss going down."""
+    out = tmp_path / "out"
+    overrides = ["max_steps=30", "max_bytes=300000", "logging_steps=10", "save_strategy=no", f"output_dir={out}"]
+    assert cli.main(["train", "cpu-tiny", *overrides]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["vocab_size"] == 4096 and config["pad_token_id"] is not None
+    state = json.loads((out / "trainer_state.json").read_text())
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert state["global_step"] == 30 and len(losses) == 3 and losses[-1] < losses[0] - 1.0, losses
+    report = json.loads((out / "memory.json").read_text())
+    assert report["parameters"] > 1_000_000
+
+
+@pytest.mark.parametrize("text,overrides,message", [
+    ("dataset: python-stdlib\nlearning_rat: 1.0e-3\n", [], "unknown recipe key 'learning_rat'. Did you mean "
+                                                          "'learning_rate'?"),
+    ("dataset: [unclosed\n", [], "is not valid YAML"),
+    ("dataset: /no/such/folder\nmodel_config: {hidden_size: 64}\ntokenizer: bpe\n", [],
+     "dataset '/no/such/folder' does not exist"),
+    ("dataset: python-stdlib\nmodel_name_or_path: /no/such/model\n", [], "cannot load '/no/such/model'"),
+    ("dataset: python-stdlib\nmodel_config: {hidden_size: 64}\n", [], "needs a tokenizer"),
+    ("dataset: python-stdlib\nmodel_config: {hidden_size: 64}\ntokenizer: bpe\noptim: galore_adamw\n",
+     ["optim_args=rnk=8"], "no option 'rnk'"),
+    ("dataset: python-stdlib\nmodel_config: {hidden_size: 64}\ntokenizer: bpe\n", ["max_steps=ten"],
+     "'max_steps' takes a number"),
+    ("dataset: python-stdlib\n", ["stage=sft"], "stage='sft' is not available yet"),
+])
+def test_mistakes_are_one_line_and_write_nothing(tmp_path, capsys, text, overrides, message):
+    recipe = tmp_path / "r.yaml"
+    out = tmp_path / "out"
+    recipe.write_text(text + f"output_dir: {out}\n")
+    assert cli.main(["train", str(recipe), *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lowmem: error: ") and message in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_unknown_recipe_name_lists_the_bundled_ones(capsys):
+    assert cli.main(["train", "gpu-huge"]) == 2
+    assert "cpu-tiny" in capsys.readouterr().err
+
+
+def test_version_specific_keys_are_translated():
+    """warmup_ratio is gone in transformers 5.x, where warmup_steps below 1 is the ratio; 1e-5 is a YAML string."""
+    recipe = parse_recipe({"dataset": "python-stdlib", "model_config": {"hidden_size": 64}, "tokenizer": "bpe",
+                           "warmup_ratio": 0.1, "learning_rate": "1e-5", "overwrite_output_dir": True,
+                           "output_dir": "unused"})
+    assert recipe.train.learning_rate == 1e-5
+    assert getattr(recipe.train, "warmup_ratio", None) == 0.1 or recipe.train.warmup_steps == 0.1
+
+
+def test_list_names_every_optimizer(capsys):
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("galore_adamw", "apollo_mini", "adam_mini", "came_8bit", "frugal"):
+        assert f"\n{name} " in "\n" + out
