@@ -1,4 +1,4 @@
-"""The ``lowmem`` command: ``lowmem train RECIPE [key=value ...]`` and ``lowmem list``.
+"""The ``lowmem`` command: ``lowmem train RECIPE [key=value ...]``, ``lowmem plan MODEL`` and ``lowmem list``.
 
 A mistake in the user's input prints one line (``lowmem: error: ...``) and exits with status 2.
 """
@@ -15,11 +15,20 @@ def main(argv: list[str] | None = None) -> int:
     train = commands.add_parser("train", help="train a recipe (a YAML path or a bundled name such as cpu-tiny)")
     train.add_argument("recipe")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe keys")
-    commands.add_parser("list", help="every optimizer name with its state bytes per parameter")
+    plan = commands.add_parser("plan", help="what fits on a card: bytes of weights, gradients, optimizer state, "
+                                            "activations and logits for every optimizer and mode")
+    plan.add_argument("model", help="a config JSON, a model directory or a Hub id (only the config is read)")
+    plan.add_argument("--seq", type=int, default=1024, help="tokens per sequence (default 1024)")
+    plan.add_argument("--batch", type=int, default=1, help="sequences per micro-batch (default 1)")
+    plan.add_argument("--card-gib", type=float, default=24.0, help="the card's memory in GiB (default 24)")
+    plan.add_argument("--bf16", action="store_true", help="weights in bf16 (pure_bf16) instead of fp32")
+    commands.add_parser("list", help="every optimizer name with a one-line summary")
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
             return _train(args.recipe, args.overrides)
+        if args.command == "plan":
+            return _plan(args)
         return _list()
     except (ValueError, FileNotFoundError) as err:
         print(f"lowmem: error: {err}", file=sys.stderr)
@@ -39,6 +48,14 @@ def _train(name: str, overrides: list[str]) -> int:
              else ""))
     print(f"saved to {recipe.train.output_dir} (model, memory.json"
           + (", loss.png)" if recipe.method.plot_loss else ")"))
+    return 0
+
+
+def _plan(args) -> int:
+    from .memory import format_plan, plan
+
+    rows = plan(args.model, args.seq, args.batch, args.card_gib, "bf16" if args.bf16 else "fp32")
+    print(format_plan(rows, args.card_gib))
     return 0
 
 

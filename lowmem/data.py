@@ -1,45 +1,68 @@
 """Training data for recipes: raw text for pretraining, tokenized and packed into ``cutoff_len``-token blocks.
 
-``dataset`` is a comma-separated list of text files and folders (every ``*.txt``, ``*.md``, ``*.py`` and ``*.json``
-file under a folder), or ``python-stdlib``: the Python standard library's own source files, a real corpus that
-exists on every machine. Files are read whole (one document each) with ``datasets``' ``text`` builder, tokenized
-with an end-of-text token after each document, and concatenated into blocks, as the GaLore / APOLLO pretraining
-scripts pack C4. A byte-level BPE tokenizer can be trained on the same files on the fly (``train_bpe_tokenizer``).
+``dataset`` is a comma-separated list of sources, each one of:
+
+* ``python-stdlib``: the Python standard library's own source files, a real corpus on every machine;
+* a text file or a folder: ``.txt`` / ``.md`` / ``.py`` files are read whole (one document each), ``.jsonl`` /
+  ``.json`` / ``.parquet`` / ``.csv`` files give the ``text_column`` of each record;
+* a Hugging Face dataset name (``allenai/c4`` with ``dataset_config: en``), when online.
+
+Documents are tokenized with an end-of-text token after each and concatenated into blocks, as the GaLore / APOLLO
+pretraining scripts use C4 but without their padding waste. ``streaming: true`` reads lazily (large corpora; then
+``max_steps`` bounds the run). A byte-level BPE tokenizer can be trained on the same text (``train_bpe_tokenizer``).
 """
 
 from __future__ import annotations
 
+import itertools
 import sysconfig
+from collections.abc import Iterable
 from pathlib import Path
 
 STDLIB = "python-stdlib"
-TEXT_SUFFIXES = (".txt", ".md", ".py", ".json")
+RAW_SUFFIXES = (".txt", ".md", ".py")
+#: Structured files: suffix -> the ``datasets`` builder that reads them.
+RECORD_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 EOS = "<|endoftext|>"
 
 
 def text_files(dataset: str, limit_bytes: int | None = None) -> list[Path]:
-    """The files a ``dataset`` value names, sorted; ``FileNotFoundError`` naming any path that does not exist."""
+    """The local files a ``dataset`` value names (hub names are skipped), sorted; an error for a missing path."""
     files: list[Path] = []
-    for item in (part.strip() for part in dataset.split(",")):
-        if not item:
-            continue
+    for item in _items(dataset):
         if item == STDLIB:
             files += sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
-            continue
-        path = Path(item).expanduser()
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
-            if not found:
-                raise ValueError(f"dataset folder {item!r} has no {', '.join(TEXT_SUFFIXES)} files")
-            files += found
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"dataset {item!r} does not exist (give text files or folders, comma-separated, "
-                                    f"or {STDLIB!r})")
-    if not files:
-        raise ValueError(f"dataset {dataset!r} names no files")
+        elif _is_local(item):
+            files += _local_files(Path(item).expanduser())
     return _first_bytes(files, limit_bytes) if limit_bytes else files
+
+
+def _items(dataset: str) -> list[str]:
+    items = [part.strip() for part in dataset.split(",") if part.strip()]
+    if not items:
+        raise ValueError(f"dataset {dataset!r} names nothing")
+    return items
+
+
+def _is_local(item: str) -> bool:
+    """A path (exists, or looks like one); a hub name is ``owner/name`` or ``name`` that does not exist here."""
+    path = Path(item).expanduser()
+    if path.exists():
+        return True
+    if item.startswith((".", "/", "~")) or path.suffix in RAW_SUFFIXES or path.suffix in RECORD_BUILDERS:
+        raise FileNotFoundError(f"dataset {item!r} does not exist (give text files or folders, comma-separated, "
+                                f"{STDLIB!r}, or a Hugging Face dataset name)")
+    return False
+
+
+def _local_files(path: Path) -> list[Path]:
+    suffixes = RAW_SUFFIXES + tuple(RECORD_BUILDERS)
+    if path.is_file():
+        return [path]
+    found = sorted(p for p in path.rglob("*") if p.suffix in suffixes and p.is_file())
+    if not found:
+        raise ValueError(f"dataset folder {str(path)!r} has no {', '.join(suffixes)} files")
+    return found
 
 
 def _first_bytes(files: list[Path], limit: int) -> list[Path]:
@@ -53,8 +76,57 @@ def _first_bytes(files: list[Path], limit: int) -> list[Path]:
     return kept
 
 
-def train_bpe_tokenizer(files: list[Path], vocab_size: int):
-    """A byte-level BPE tokenizer trained on ``files`` (seconds for a few MB), with ``<|endoftext|>`` as its
+def load_text(dataset: str, *, config: str | None = None, text_column: str = "text", streaming: bool = False,
+              limit_bytes: int | None = None):
+    """One ``datasets`` dataset with a single ``text`` column from every source ``dataset`` names."""
+    from datasets import concatenate_datasets, load_dataset
+
+    parts = []
+    files = text_files(dataset, limit_bytes)
+    raw = [str(f) for f in files if f.suffix in RAW_SUFFIXES]
+    if raw:
+        parts.append(load_dataset("text", data_files=raw, sample_by="document", split="train", streaming=streaming))
+    for suffix, builder in RECORD_BUILDERS.items():
+        records = [str(f) for f in files if f.suffix == suffix]
+        if records:
+            parts.append(_text_column(load_dataset(builder, data_files=records, split="train", streaming=streaming),
+                                      text_column, ", ".join(records)))
+    for name in (item for item in _items(dataset) if item != STDLIB and not _is_local(item)):
+        parts.append(_text_column(_hub_dataset(name, config, streaming), text_column, name))
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def _hub_dataset(name: str, config: str | None, streaming: bool):
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(name, config, split="train", streaming=streaming)
+    except Exception as err:  # offline, unknown name, gated: the message says which
+        raise FileNotFoundError(f"dataset {name!r} is not a local path and could not be loaded from the Hugging Face "
+                                f"Hub ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+
+
+def _text_column(data, column: str, source: str):
+    names = data.column_names
+    if names is not None and column not in names:
+        raise ValueError(f"dataset {source!r} has no {column!r} column (columns: {', '.join(names)}); set "
+                         "text_column")
+    keep = data.select_columns([column])
+    return keep.rename_column(column, "text") if column != "text" else keep
+
+
+def sample_texts(data, limit_bytes: int) -> Iterable[str]:
+    """The leading documents of ``data`` up to about ``limit_bytes`` (what a tokenizer is trained on)."""
+    total = 0
+    for row in data:
+        yield row["text"]
+        total += len(row["text"])
+        if total >= limit_bytes:
+            return
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on ``texts`` (seconds for a few MB), with ``<|endoftext|>`` as its
     end-of-text and padding token, wrapped as a transformers fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -64,34 +136,31 @@ def train_bpe_tokenizer(files: list[Path], vocab_size: int):
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train([str(f) for f in files], trainer)
+    tokenizer.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, pad_token=EOS)
 
 
-def pretraining_dataset(files: list[Path], tokenizer, cutoff_len: int, max_samples: int | None = None):
-    """``datasets.Dataset`` of ``input_ids`` blocks of exactly ``cutoff_len`` tokens packed from ``files``."""
-    from datasets import load_dataset
-
+def pack(data, tokenizer, cutoff_len: int, max_samples: int | None = None):
+    """``input_ids`` blocks of exactly ``cutoff_len`` tokens from ``data``'s ``text`` documents."""
     if cutoff_len < 2:
         raise ValueError(f"cutoff_len={cutoff_len} must be at least 2 tokens")
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no end-of-text token to separate documents; set tokenizer.eos_token")
-    raw = load_dataset("text", data_files=[str(f) for f in files], sample_by="document", split="train")
     eos = tokenizer.eos_token_id
 
     def tokenize(batch):
         ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
         return {"input_ids": [doc + [eos] for doc in ids]}
 
-    def pack(batch):
-        flat = [token for doc in batch["input_ids"] for token in doc]
+    def blocks(batch):
+        flat = list(itertools.chain.from_iterable(batch["input_ids"]))
         usable = len(flat) // cutoff_len * cutoff_len
         return {"input_ids": [flat[i:i + cutoff_len] for i in range(0, usable, cutoff_len)]}
 
-    tokens = raw.map(tokenize, batched=True, remove_columns=raw.column_names)
-    blocks = tokens.map(pack, batched=True, batch_size=1000)
-    if len(blocks) == 0:
+    tokens = data.map(tokenize, batched=True, remove_columns=["text"])
+    packed = tokens.map(blocks, batched=True, batch_size=1000)
+    if not hasattr(packed, "__len__"):  # streaming
+        return packed.take(max_samples) if max_samples else packed
+    if len(packed) == 0:
         raise ValueError(f"dataset has fewer than cutoff_len={cutoff_len} tokens; add text or lower cutoff_len")
-    if max_samples is not None:
-        blocks = blocks.select(range(min(max_samples, len(blocks))))
-    return blocks
+    return packed.select(range(min(max_samples, len(packed)))) if max_samples else packed

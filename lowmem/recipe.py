@@ -5,7 +5,8 @@ comments that group it): every key is a lowmem ``TrainingArguments`` field (so `
 ``optim_args``, ``learning_rate``...) or one of the model / data / method keys below. ``key=value`` overrides
 from the command line are read as YAML values. Every key is checked before anything runs: an unknown key names
 the closest valid one. Keys that differ between transformers 4.57 and 5.x are translated (``warmup_ratio`` is
-``warmup_steps`` below 1 on 5.x; ``overwrite_output_dir`` is gone in 5.x and dropped).
+``warmup_steps`` below 1 on 5.x; ``gradient_checkpointing`` is ``activation_checkpointing`` on 5.x;
+``overwrite_output_dir`` is gone in 5.x and dropped).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class ModelArguments:
     pure_bf16: bool = field(default=False, metadata={"help": "Weights in bf16, no mixed precision."})
     stand_in: str | None = field(default=None, metadata={
         "help": "'tiny': replace the model by a tiny LLaMA and the tokenizer by a BPE trained on the data, keeping "
-                "everything else (tests every recipe in seconds, offline)."})
+                "everything else but capping a low-rank optimizer's rank at 16 (tests every recipe in seconds)."})
 
 
 @dataclass
@@ -47,7 +48,10 @@ class DataArguments:
     """What to train on."""
 
     dataset: str | None = field(default=None, metadata={
-        "help": "Text files / folders, comma-separated, or 'python-stdlib'."})
+        "help": "Text files / folders, comma-separated, 'python-stdlib', or a Hugging Face dataset name."})
+    dataset_config: str | None = field(default=None, metadata={"help": "A hub dataset's configuration (c4: en)."})
+    text_column: str = field(default="text", metadata={"help": "The column of JSON / parquet / CSV / hub records."})
+    streaming: bool = field(default=False, metadata={"help": "Read lazily (large corpora); needs max_steps."})
     cutoff_len: int = field(default=1024, metadata={"help": "Tokens per packed training sequence."})
     max_samples: int | None = field(default=None, metadata={"help": "Use at most this many packed sequences."})
     max_bytes: int | None = field(default=None, metadata={"help": "Read only the leading files up to this size."})
@@ -118,8 +122,9 @@ def parse_recipe(values: dict) -> Recipe:
         section, _ = known[key]
         parts[section][key] = _coerce(key, value, typing.get_type_hints(section)[key])
     model, data, method = (section(**parts[section]) for section in SECTIONS[:3])
-    _check(model, data, method)
-    return Recipe(model, data, method, TrainingArguments(**parts[TrainingArguments]))
+    train = TrainingArguments(**parts[TrainingArguments])
+    _check(model, data, method, train)
+    return Recipe(model, data, method, train)
 
 
 def _translate(values: dict) -> dict:
@@ -133,6 +138,10 @@ def _translate(values: dict) -> dict:
         values["warmup_ratio"] = values.pop("warmup_steps")  # 4.57: a ratio has its own key
     if "overwrite_output_dir" not in fields:
         values.pop("overwrite_output_dir", None)
+    renamed = ("gradient_checkpointing", "activation_checkpointing")  # 4.57 name, 5.x name (the old one deprecated)
+    old, new = renamed if "activation_checkpointing" in fields else renamed[::-1]
+    if old in values and new in fields:
+        values.setdefault(new, values.pop(old))
     return values
 
 
@@ -160,19 +169,26 @@ def _field_kinds(annotation) -> set:
     return {annotation}
 
 
-def _check(model: ModelArguments, data: DataArguments, method: MethodArguments) -> None:
+def _check(model: ModelArguments, data: DataArguments, method: MethodArguments, train: TrainingArguments) -> None:
+    if data.streaming and train.max_steps <= 0:
+        raise ValueError("streaming: true reads a dataset of unknown length: set max_steps")
     if method.stage not in STAGES:
         raise ValueError(f"stage={method.stage!r} is not available yet; use one of {STAGES} (raw-text pretraining)")
     if method.finetuning_type not in FINETUNING_TYPES:
         raise ValueError(f"finetuning_type={method.finetuning_type!r} is not available yet; use one of "
                          f"{FINETUNING_TYPES}")
     if not data.dataset:
-        raise ValueError("the recipe needs a dataset: text files or folders, comma-separated, or 'python-stdlib'")
+        raise ValueError("the recipe needs a dataset: text files or folders, comma-separated, 'python-stdlib', or a "
+                         "Hugging Face dataset name")
     if model.stand_in not in (None, "tiny"):
         raise ValueError(f"stand_in={model.stand_in!r}: the only stand-in is 'tiny'")
     if model.stand_in is None and (model.model_name_or_path is None) == (model.model_config is None):
         raise ValueError("give exactly one of model_name_or_path (fine-tune a model) and model_config "
                          "(pretrain from scratch)")
+    for key in ("model_name_or_path", "tokenizer", "model_config"):
+        value = getattr(model, key)
+        if isinstance(value, str) and value.startswith(("/", ".", "~")) and not Path(value).expanduser().exists():
+            raise FileNotFoundError(f"{key} {value!r} does not exist (give a local path or a Hugging Face Hub id)")
     if model.model_name_or_path is None and model.stand_in is None and model.tokenizer is None:
         raise ValueError("a from-scratch model_config needs a tokenizer: 'bpe' (trained on the dataset) or a "
                          "hub id / dir")

@@ -13,22 +13,25 @@ from pathlib import Path
 
 import torch
 
-from .data import STDLIB, pretraining_dataset, text_files, train_bpe_tokenizer
+from .data import load_text, pack, sample_texts, train_bpe_tokenizer
 from .recipe import Recipe
 
 #: The model ``stand_in: tiny`` trains instead of the recipe's (any recipe runs in seconds on a CPU, offline).
 TINY_CONFIG = dict(model_type="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096, vocab_size=512)
-#: How much text a stand-in reads, and a BPE tokenizer trains on, when the recipe sets no ``max_bytes``.
+#: The largest rank a low-rank optimizer keeps on the stand-in (its weights are 64 wide).
+STAND_IN_RANK = 16
+#: How much text a stand-in reads when the recipe sets no ``max_bytes``, and the most a BPE tokenizer trains on.
 STAND_IN_BYTES = 1_000_000
+TOKENIZER_TRAIN_BYTES = 20_000_000
 
 
-def load_tokenizer(recipe: Recipe, files: list[Path]):
+def load_tokenizer(recipe: Recipe, data):
+    """The recipe's tokenizer; ``bpe`` (and the stand-in) train one on the leading text of ``data``."""
     model = recipe.model
-    if model.stand_in:
-        return train_bpe_tokenizer(files, TINY_CONFIG["vocab_size"])
-    if model.tokenizer == "bpe":
-        return train_bpe_tokenizer(files, int(_config_values(model.model_config).get("vocab_size", 32000)))
+    if model.stand_in or model.tokenizer == "bpe":
+        vocab = TINY_CONFIG["vocab_size"] if model.stand_in else _config_values(model.model_config).get("vocab_size")
+        return train_bpe_tokenizer(sample_texts(data, TOKENIZER_TRAIN_BYTES), int(vocab or 32000))
     from transformers import AutoTokenizer
 
     source = model.tokenizer or model.model_name_or_path
@@ -76,10 +79,12 @@ def _load(auto_class, source: str, **kwargs):
 
 def prepare(recipe: Recipe):
     """Tokenizer, dataset and model for ``recipe``; raises on bad input before anything is written."""
-    limit = recipe.data.max_bytes or (STAND_IN_BYTES if recipe.model.stand_in else None)
-    files = text_files(recipe.data.dataset or STDLIB, limit_bytes=limit)
-    tokenizer = load_tokenizer(recipe, files)
-    dataset = pretraining_dataset(files, tokenizer, recipe.data.cutoff_len, recipe.data.max_samples)
+    data_args = recipe.data
+    limit = data_args.max_bytes or (STAND_IN_BYTES if recipe.model.stand_in else None)
+    text = load_text(data_args.dataset, config=data_args.dataset_config, text_column=data_args.text_column,
+                     streaming=data_args.streaming, limit_bytes=limit)
+    tokenizer = load_tokenizer(recipe, text)
+    dataset = pack(text, tokenizer, data_args.cutoff_len, data_args.max_samples)
     return tokenizer, dataset, load_model(recipe, tokenizer)
 
 
@@ -90,6 +95,8 @@ def run(recipe: Recipe) -> dict:
     from .trainers import Trainer
 
     tokenizer, dataset, model = prepare(recipe)
+    if recipe.model.stand_in:
+        _fit_rank_to_stand_in(recipe.train)
     trainer = Trainer(model=model, args=recipe.train, train_dataset=dataset, processing_class=tokenizer,
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
     trainer.create_optimizer()  # optimizer mistakes (options, targets) surface before the first step
@@ -102,6 +109,15 @@ def run(recipe: Recipe) -> dict:
     if recipe.method.plot_loss:
         plot_loss(trainer.state.log_history, out / "loss.png")
     return report
+
+
+def _fit_rank_to_stand_in(args) -> None:
+    """A recipe's rank (128 ... 1024) does not fit the tiny stand-in's 64-wide weights: cap it at 16."""
+    from .trainers import parse_optim_args
+
+    options = parse_optim_args(args.optim_args)
+    if getattr(args, "lowmem_optim", None) and options.get("rank", 0) > STAND_IN_RANK:
+        args.optim_args = {**options, "rank": STAND_IN_RANK}
 
 
 def memory_report(trainer, model) -> dict:

@@ -12,8 +12,10 @@ from lowmem.recipe import RECIPES_DIR, parse_recipe
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
 RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
-QUICK = ["stand_in=tiny", "max_steps=2", "max_bytes=200000", "cutoff_len=64", "logging_steps=1",
-         "per_device_train_batch_size=2", "save_strategy=no"]
+#: Every recipe with the documented stand-in, on local text, for 2 steps (the GPU recipes stream C4 from the Hub).
+QUICK = ["stand_in=tiny", "dataset=python-stdlib", "streaming=false", "max_steps=2", "max_bytes=200000",
+         "cutoff_len=64", "logging_steps=1", "per_device_train_batch_size=2", "gradient_accumulation_steps=1",
+         "save_strategy=no"]
 
 
 def test_cpu_tiny_is_bundled_and_linked_from_the_repo():
@@ -52,7 +54,8 @@ def test_cpu_tiny_trains_galore_from_scratch(tmp_path):
     ("dataset: [unclosed\n", [], "is not valid YAML"),
     ("dataset: /no/such/folder\nmodel_config: {hidden_size: 64}\ntokenizer: bpe\n", [],
      "dataset '/no/such/folder' does not exist"),
-    ("dataset: python-stdlib\nmodel_name_or_path: /no/such/model\n", [], "cannot load '/no/such/model'"),
+    ("dataset: python-stdlib\nmodel_name_or_path: /no/such/model\n", [],
+     "model_name_or_path '/no/such/model' does not exist"),
     ("dataset: python-stdlib\nmodel_config: {hidden_size: 64}\n", [], "needs a tokenizer"),
     ("dataset: python-stdlib\nmodel_config: {hidden_size: 64}\ntokenizer: bpe\noptim: galore_adamw\n",
      ["optim_args=rnk=8"], "no option 'rnk'"),
@@ -82,6 +85,9 @@ def test_version_specific_keys_are_translated():
                            "output_dir": "unused"})
     assert recipe.train.learning_rate == 1e-5
     assert getattr(recipe.train, "warmup_ratio", None) == 0.1 or recipe.train.warmup_steps == 0.1
+    checkpointing = parse_recipe({"dataset": "python-stdlib", "model_config": {}, "tokenizer": "bpe",
+                                  "gradient_checkpointing": True, "output_dir": "unused"}).train
+    assert getattr(checkpointing, "activation_checkpointing", None) or checkpointing.gradient_checkpointing
 
 
 def test_list_names_every_optimizer(capsys):
@@ -89,3 +95,29 @@ def test_list_names_every_optimizer(capsys):
     out = capsys.readouterr().out
     for name in ("galore_adamw", "apollo_mini", "adam_mini", "came_8bit", "frugal"):
         assert f"\n{name} " in "\n" + out
+
+
+def test_jsonl_records_stream_and_a_missing_column_is_named(tmp_path, capsys):
+    """Structured files give their text column; streaming reads lazily and needs max_steps."""
+    corpus = tmp_path / "corpus.jsonl"
+    source = (Path(json.__file__).read_text() * 3).split("\n\n")
+    corpus.write_text("\n".join(json.dumps({"content": doc, "id": i}) for i, doc in enumerate(source)) + "\n")
+    out = tmp_path / "out"
+    base = ["train", "cpu-tiny", f"dataset={corpus}", "stand_in=tiny", "cutoff_len=32", "max_steps=2",
+            "per_device_train_batch_size=2", "save_strategy=no", f"output_dir={out}"]
+    assert cli.main([*base, "text_column=content", "streaming=true"]) == 0
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+    assert cli.main([*base, f"output_dir={tmp_path / 'other'}"]) == 2
+    assert "has no 'text' column (columns: content, id); set text_column" in capsys.readouterr().err
+    assert cli.main([*base, "text_column=content", "streaming=true", "max_steps=-1"]) == 2
+    assert "set max_steps" in capsys.readouterr().err
+
+
+def test_an_unreachable_hub_dataset_is_one_line(tmp_path, capsys, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "out"
+    assert cli.main(["train", "cpu-tiny", "dataset=someone/no-such-corpus", f"output_dir={out}"]) == 2
+    assert "'someone/no-such-corpus' is not a local path and could not be loaded" in capsys.readouterr().err
+    assert not out.exists()

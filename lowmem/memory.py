@@ -1,0 +1,501 @@
+"""Memory planner: bytes of weights, gradients, optimizer state, activations and logits of one training step.
+
+``plan(model, seq_len, batch_size, card_gib)`` reads only the model's config, builds the model on the ``meta``
+device (shapes, no weights: a 7B config plans in about a second), builds each optimizer on it with
+``lowmem.create_optimizer`` (so the param groups, ranks and state precisions are lowmem's own) and prices every
+category by formula. ``format_plan(rows)`` prints the table and the recommendation.
+
+Where the numbers come from:
+
+* optimizer state: per parameter, from its group's projector / rule / lift / store (``param_state_bytes``); equal
+  to ``optimizer.state_bytes()`` after the first step, byte for byte (tests/test_memory_plan.py, every name);
+* activations and logits: coefficients measured with ``MemTracker`` on small LLaMAs (``activation_bytes``);
+* peak: the largest of the phases of a step (``peak_bytes``), as seen in benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+GIB = 2**30
+BLOCK = 256  # blockwise 8-bit: one fp32 absmax per 256 codes (lowmem.optim.quantized)
+
+
+# --- config and model
+def load_config(model):
+    """A ``transformers.PretrainedConfig`` from a config JSON path, a local model dir, an inline dict, a config
+    object or a hub id (the hub needs a network connection; only the config is read, never weights)."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(model, PretrainedConfig):
+        return model
+    if isinstance(model, dict):
+        return _config_from_dict(model)
+    path = os.fspath(model)
+    if path.endswith(".json"):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file {path!r} does not exist: pass a config.json path, a model "
+                                    "directory holding one, or a hub id such as 'meta-llama/Llama-3.2-1B'")
+        with open(path) as f:
+            return _config_from_dict(json.load(f))
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"model directory {path!r} has no config.json")
+        return AutoConfig.from_pretrained(path)
+    if os.path.sep in path and not _looks_like_hub_id(path) or path.startswith((".", "~")):
+        raise FileNotFoundError(f"no such file or directory: {path!r} (a config.json path, a model directory "
+                                "or a hub id 'org/name')")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as err:  # offline, unknown id, private repo
+        raise ValueError(f"could not read the config of {path!r} from the Hugging Face hub ({type(err).__name__}: "
+                         f"{str(err)[:200]}). Offline, pass a config.json path, a local model directory or a "
+                         "dict of config fields instead.") from err
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    return path.count("/") == 1 and not os.path.exists(path.split("/")[0])
+
+
+def _config_from_dict(fields: dict):
+    from transformers import AutoConfig
+
+    fields = dict(fields)
+    model_type = fields.pop("model_type", "llama")
+    return AutoConfig.for_model(model_type, **fields)
+
+
+def meta_model(config, dtype: torch.dtype = torch.float32, lora: dict | None = None) -> nn.Module:
+    """The causal LM of ``config`` on the ``meta`` device (shapes and dtypes only, nothing allocated); with
+    ``lora`` (peft ``LoraConfig`` fields, e.g. ``dict(r=16, target_modules=[...])``) wrapped by peft."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if lora:
+        model = _with_lora(model, lora)
+    return model
+
+
+def _with_lora(model: nn.Module, lora: dict) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    with torch.device("meta"):
+        return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
+
+
+def nbytes(numel: int, dtype: torch.dtype) -> int:
+    return int(numel) * torch.empty((), dtype=dtype).element_size()
+
+
+# --- optimizer state
+def store_bytes(numel: int, like_dtype: torch.dtype, store) -> int:
+    """Bytes one moment of ``numel`` elements takes in ``store`` (``lowmem.optim.states``): the store's dtype or
+    the tensor's own; blockwise 8-bit: 1 B per element + a 4 B absmax per block, fp32 under ``min_8bit_size``."""
+    from .optim.quantized import BlockwiseQuantStore
+
+    if isinstance(store, BlockwiseQuantStore):
+        if numel < store.min_8bit_size:
+            return 4 * numel
+        return numel + 4 * math.ceil(numel / store.blocksize)
+    return nbytes(numel, store.dtype or like_dtype)
+
+
+def _projected(shape: tuple, projector) -> tuple[tuple, int]:
+    """(shape of the projected gradient, elements of the projector's stored tensors) for one parameter."""
+    from .optim.projectors import CoordinateProjector, GaussianProjector, _MatrixProjector
+
+    if isinstance(projector, GaussianProjector):  # the matrix is regenerated from a seed: nothing stored
+        m, n = shape
+        r = projector.rank_for(shape)
+        return ((m, r) if projector.side(shape) == "right" else (r, n)), 0
+    if isinstance(projector, _MatrixProjector):
+        m, n = shape
+        r, side = projector.rank_for(shape), projector.side(shape)
+        low = {"right": (m, r), "left": (r, n), "full": (r, r)}[side]
+        stored = {"right": r * n, "left": m * r, "full": m * r + r * n}[side]
+        return low, stored
+    if isinstance(projector, CoordinateProjector):
+        m, n = shape
+        if projector.choice == "permutation":
+            side = projector.side(shape)
+            r = round({"right": n, "left": m, "full": min(m, n)}[side] * projector.density)
+            return {"right": (m, r), "left": (r, n), "full": (r, r)}[side], (2 * r if side == "full" else r)
+        length = {"columns": n, "rows": m, "randk": m * n}[projector.choice]
+        k = int(length * projector.density)
+        return {"columns": (m, k), "rows": (k, n), "randk": (k,)}[projector.choice], k
+    return tuple(shape), 0
+
+
+def _moment_shapes(low: tuple, rule, float_dtype: torch.dtype) -> list[tuple[tuple, torch.dtype]]:
+    """(shape, dtype the store is handed) of each moment a rule keeps for a gradient of shape ``low``
+    (``lowmem.optim.rules``: Adafactor/CAME work in fp32, the others in the gradient's dtype)."""
+    from .optim.rules import CAME, Adafactor, AdamMini, AdamW
+
+    def factored(shape):
+        return [(shape[:-1], torch.float32), (shape[:-2] + shape[-1:], torch.float32)] if len(shape) >= 2 \
+            else [(shape, torch.float32)]
+
+    if isinstance(rule, AdamW):
+        return [(low, float_dtype)] * 2
+    if isinstance(rule, CAME):
+        res = factored(low) if len(low) >= 2 else []
+        return [(low, torch.float32)] + factored(low) + res
+    if isinstance(rule, Adafactor):
+        return factored(low) + ([(low, torch.float32)] if rule.beta1 is not None else [])
+    if isinstance(rule, AdamMini):
+        numel = math.prod(low)
+        second = {"elementwise": low, "tensor": (), "rows": (low[0], 1),
+                  "heads": (numel // (rule.head_numel or 1), 1)}[rule.block]
+        return [(low, float_dtype), (second, float_dtype)]
+    return []  # SGD, sign-SGD: no state
+
+
+def param_state_bytes(shape: tuple, dtype: torch.dtype, parts, active: bool = True) -> int:
+    """Exact bytes of one parameter's optimizer state once it has stepped: the rule's moments on the projected
+    shape in the group's store, plus the projector's stored tensors and the lift's 0-d limiter norm."""
+    from .optim.lifts import ApolloLift, FiraLift
+    from .optim.projectors import BlockProjector, CoordinateProjector
+
+    shape = tuple(shape)
+    if isinstance(parts.projector, BlockProjector) and not active:
+        return 0  # an inactive FRUGAL block keeps no statistics
+    low, stored = _projected(shape, parts.projector) if len(shape) == 2 else (shape, 0)
+    index_dtype = torch.int64 if isinstance(parts.projector, CoordinateProjector) else dtype
+    total = nbytes(stored, index_dtype)
+    total += sum(store_bytes(math.prod(s), d, parts.store) for s, d in _moment_shapes(low, parts.rule, dtype))
+    if isinstance(parts.lift, FiraLift) or isinstance(parts.lift, ApolloLift) and parts.lift.limiter:
+        total += nbytes(1, dtype)
+    return total
+
+
+def _active_blocks(optimizer, index: int, parts) -> set[int]:
+    """Indices of a FRUGAL block group's tensors active in the first window (the largest ones for ``random``)."""
+    from .optim.projectors import BlockProjector
+
+    params = optimizer.param_groups[index]["params"]
+    if not isinstance(parts.projector, BlockProjector):
+        return set(range(len(params)))
+    if parts.projector.order == "random":  # unknown in advance: price the largest tensors (an upper bound)
+        k = parts.projector.num_active(len(params))
+        return set(sorted(range(len(params)), key=lambda i: -params[i].numel())[:k])
+    return set(parts.projector.choose(dict(optimizer.param_groups[index]), len(params)))
+
+
+def optimizer_state_bytes(name: str, model: nn.Module, **options) -> dict[str, int]:
+    """``{parameter name: state bytes}`` of optimizer ``name`` on ``model`` (a meta model is enough): the
+    optimizer is built with ``lowmem.create_optimizer`` and each parameter priced from its param group."""
+    from . import create_optimizer
+    from .optim.compose import build_parts
+
+    optimizer = create_optimizer(name, model, **options)
+    if optimizer.layerwise is not None:
+        optimizer.layerwise.remove()  # hooks on meta parameters are harmless, but leave the model as it was
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = {}
+    for index, group in enumerate(optimizer.param_groups):
+        parts = build_parts(group)
+        active = _active_blocks(optimizer, index, parts)
+        for i, p in enumerate(group["params"]):
+            if p.requires_grad:
+                out[names[id(p)]] = param_state_bytes(tuple(p.shape), p.dtype, parts, i in active)
+    return out
+
+
+# --- activations
+@dataclass
+class Dims:
+    """What the activation formula reads from a decoder config."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    @classmethod
+    def of(cls, config) -> Dims:
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(config.hidden_size, config.intermediate_size, config.num_hidden_layers, heads,
+                   getattr(config, "num_key_value_heads", None) or heads, head_dim, config.vocab_size)
+
+
+def activation_bytes(config, batch: int, seq: int, dtype: torch.dtype = torch.float32,
+                     checkpointing: bool = False) -> dict[str, int]:
+    """Bytes autograd keeps from the forward of a LLaMA-style decoder (sdpa, no attention matrix) for backward,
+    as ``loss = model(ids, labels=ids).loss`` leaves them (the returned logits already dropped).
+
+    Returns ``saved`` (all of it, logits' share included), ``layer`` (one decoder layer's, what gradient
+    checkpointing recomputes at a time) and ``logits`` (the fp32 log-softmax the loss keeps, b x s x vocab x 4).
+
+    Per token, measured with MemTracker on LLaMAs of hidden 128/256, intermediate 344/688, 2/4 layers, 4/8 heads,
+    2/4 kv heads, vocab 1000/4000, seq 64-256, batch 1-2, fp32 and bf16 (exact to a few bytes per step):
+
+    * each RMSNorm: its input upcast to fp32 (4h), the normalized input and the output in the weights' dtype (2eh),
+      the fp32 rsqrt (4); e = bytes per weight element;
+    * the rest of a layer: e(2h + 2 kv_dim + 4 intermediate) (q and the attention output, k and v, the MLP's gate,
+      silu, up and product) plus sdpa's fp32 log-sum-exp, 4 x heads;
+    * outside the layers: the final norm, the int64 shifted labels (8), rope's cos and sin (2 head_dim e), and the
+      fp32 log-softmax of the loss (4 vocab; transformers upcasts the logits).
+
+    With checkpointing only each layer's input (e h) is kept and one layer is recomputed at a time in backward.
+    """
+    d, e, tokens = Dims.of(config), nbytes(1, dtype), batch * seq
+    kv_dim = d.kv_heads * d.head_dim
+    norm = 4 * d.hidden + 2 * e * d.hidden + 4
+    layer = 2 * norm + e * (2 * d.hidden + 2 * kv_dim + 4 * d.intermediate) + 4 * d.heads
+    top = norm + 8 + 2 * d.head_dim * e
+    logits = 4 * d.vocab
+    kept = (e * d.hidden if checkpointing else layer) * d.layers + (8 if checkpointing else 0)  # + int64 positions
+    return dict(saved=tokens * (kept + top + logits), layer=tokens * layer, logits=tokens * logits,
+                hidden=tokens * d.hidden * e)
+
+
+# --- one update's temporaries
+def update_temp_bytes(shape: tuple, dtype: torch.dtype, parts) -> int:
+    """Bytes of the temporaries one parameter's update allocates (while its gradient and state are live).
+
+    From reading ``lowmem.optim`` and checked with MemTracker: AdamW's ``sqrt(v)`` buffer (which then holds the
+    direction) in the state dtype; blockwise 8-bit: the dequantized fp32 moments, the direction and the new codes;
+    Adam-mini's ``g * g``; Adafactor / CAME's fp32 ``g^2`` buffer; GaLore's projected gradient and direction plus
+    the back-projected m x n update; APOLLO (fp32) only projected-size tensors, no full-size one.
+    """
+    from .optim.projectors import GaussianProjector
+    from .optim.quantized import BlockwiseQuantStore
+    from .optim.rules import CAME, Adafactor, AdamMini, AdamW
+
+    shape, e = tuple(shape), nbytes(1, dtype)
+    low, _ = _projected(shape, parts.projector) if len(shape) == 2 else (shape, 0)
+    n_low, n_full = math.prod(low), math.prod(shape)
+    quantized = isinstance(parts.store, BlockwiseQuantStore) and n_low >= parts.store.min_8bit_size
+    state_e = 4 if quantized else nbytes(1, getattr(parts.store, "dtype", None) or dtype)
+    rule = parts.rule
+    if isinstance(rule, AdamW):
+        direction = n_low * (14 if quantized else state_e) + (n_low * e if state_e != e else 0)
+    elif isinstance(rule, (Adafactor, CAME)):
+        direction = n_low * (4 + (4 if e != 4 else 0))
+    elif isinstance(rule, AdamMini):
+        direction = n_low * e
+    else:
+        direction = 0
+    if low == shape:
+        return direction
+    lifted = 0 if isinstance(parts.projector, GaussianProjector) and e == 4 else n_full * e
+    return direction + n_low * e + lifted
+
+
+# --- peak of one step
+@dataclass
+class Estimate:
+    """Bytes by category at the step's peak (they sum to ``total``) and the phase where it occurs."""
+
+    weights: int
+    gradients: int
+    states: int
+    activations: int
+    logits: int
+    temporaries: int
+    phase: str
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.states + self.activations + self.logits + self.temporaries
+
+
+def peak_bytes(model: nn.Module, name: str, batch: int, seq: int, checkpointing: bool = False,
+               **options) -> Estimate:
+    """The peak live bytes of a steady-state training step (forward, backward, ``optimizer.step()``,
+    ``zero_grad(set_to_none=True)``) of ``model`` (a meta model) with optimizer ``name``.
+
+    The peak is the largest of the step's phases, each priced by what is live in it (weights and optimizer
+    state always):
+
+    * loss backward: all saved activations plus the fp32 log-softmax and its two b x s x vocab fp32 gradients;
+    * checkpointing: the last layer recomputed (layer inputs + one layer's activations) with every gradient but
+      that layer's and the embedding's;
+    * end of backward / ``optimizer.step()``: every gradient plus the largest update's temporaries;
+    * layer-wise: the updates run inside backward and free each gradient, so instead: the first update (output
+      head) with the activations still saved, one decoder weight's update beside a recomputed layer
+      (checkpointing), and the embedding's update at the end (no activations left).
+    """
+    from . import create_optimizer
+    from .optim.compose import build_parts
+    from .optim.registry import get_spec
+
+    config = getattr(model, "config", None)
+    dtype = next(model.parameters()).dtype
+    optimizer = create_optimizer(name, model, **options)
+    layerwise = optimizer.layerwise is not None or get_spec(name).layerwise
+    if optimizer.layerwise is not None:
+        optimizer.layerwise.remove()
+    states = sum(optimizer_state_bytes(name, model, **options).values())
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = {id(p): p for g in optimizer.param_groups for p in g["params"] if p.requires_grad}
+    upd = {}  # id -> (grad bytes, temp bytes)
+    for group in optimizer.param_groups:
+        parts = build_parts(group)
+        for p in group["params"]:
+            if id(p) in trainable:
+                upd[id(p)] = (p.numel() * p.element_size(), update_temp_bytes(tuple(p.shape), p.dtype, parts))
+    grads = sum(g for g, _ in upd.values())
+    act = activation_bytes(config, batch, seq, dtype, checkpointing)
+    body = act["saved"] - act["logits"]
+    emb = _param_id(model.get_input_embeddings())
+    head = _param_id(model.get_output_embeddings())
+    layer_ids = [i for i in upd if i not in (emb, head)]
+    phases = [Estimate(weights, 0, states, body, 3 * act["logits"], 0, "loss backward")]
+    if not layerwise:
+        if checkpointing:
+            layer_grads = (grads - upd.get(emb, (0, 0))[0]) * (1 - 1 / config.num_hidden_layers)
+            phases.append(Estimate(weights, int(layer_grads), states, body + act["layer"], 0, 2 * act["hidden"],
+                                   "backward, recomputed layer"))
+        phases.append(Estimate(weights, grads, states, 0, 0, act["hidden"], "end of backward"))
+        phases.append(Estimate(weights, grads, states, 0, 0, max(t for _, t in upd.values()), "optimizer.step()"))
+    else:
+        if head in upd and head != emb:
+            phases.append(Estimate(weights, upd[head][0], states, body, 0, upd[head][1] + act["hidden"],
+                                   "backward, output head update"))
+        if layer_ids:
+            g, t = max((upd[i] for i in layer_ids), key=sum)
+            extra = act["layer"] if checkpointing else 0
+            phases.append(Estimate(weights, g, states, body + extra, 0, t + act["hidden"], "backward, layer update"))
+        if emb in upd:
+            phases.append(Estimate(weights, upd[emb][0], states, 0, 0, upd[emb][1] + act["hidden"],
+                                   "backward, embedding update"))
+    return max(phases, key=lambda est: est.total)
+
+
+def _param_id(module) -> int | None:
+    weight = getattr(module, "weight", None)
+    return id(weight) if weight is not None and weight.requires_grad else None
+
+
+# --- measurement
+def measure_peak(config, name: str, batch: int, seq: int, checkpointing: bool = False,
+                 dtype: torch.dtype = torch.float32, steps: int = 2, **options) -> dict:
+    """Run ``steps`` real training steps on CPU (random weights and tokens) under ``MemTracker`` and return the
+    last (steady) step's peak live bytes by MemTracker category plus ``Total`` and ``state_bytes`` (the optimizer's
+    own count). For validating ``peak_bytes``; use models up to ~100M parameters."""
+    import warnings
+
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from transformers import AutoModelForCausalLM
+
+    from . import create_optimizer
+
+    warnings.filterwarnings("ignore", message="Expected a tensor or a traceable wrapper-subclass")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(load_config(config), dtype=dtype)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.train()
+    optimizer = create_optimizer(name, model, **options)
+    tracker = MemTracker()
+    tracker.track_external(model, optimizer)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        with tracker:
+            tracker.reset_mod_stats()
+            tokens = torch.randint(model.config.vocab_size, (batch, seq), generator=gen)
+            model(tokens, labels=tokens).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    peak = {}
+    for dev_snap in tracker.get_tracker_snapshot("peak").values():
+        for key, value in dev_snap.items():
+            peak[getattr(key, "value", key)] = peak.get(getattr(key, "value", key), 0) + value
+    return {**peak, "state_bytes": optimizer.state_bytes()}
+
+
+# --- the plan
+#: (optimizer, gradient checkpointing, LoRA) rows ``plan`` prices by default.
+DEFAULT_MODES = [(name, ckpt, False) for name in (
+    "adamw", "adamw_8bit", "adam_mini", "came_8bit", "galore_adamw", "galore_adamw_8bit",
+    "galore_adamw_8bit_layerwise", "apollo_mini", "apollo_mini_layerwise") for ckpt in (False, True)]
+DEFAULT_MODES += [("adamw", ckpt, True) for ckpt in (False, True)]
+#: LoRA rows: peft ``LoraConfig`` fields.
+LORA = dict(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                 "down_proj"])
+
+
+@dataclass
+class Row:
+    """One optimizer / mode of a plan."""
+
+    optimizer: str
+    checkpointing: bool
+    lora: bool
+    estimate: Estimate
+    fits: bool = False
+    notes: list = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return self.optimizer + (" + LoRA" if self.lora else "") + (" + ckpt" if self.checkpointing else "")
+
+
+def plan(model, seq_len: int, batch_size: int, card_gib: float, weights_dtype: str = "fp32",
+         modes=None, **options) -> list[Row]:
+    """Price every (optimizer, checkpointing, LoRA) mode for ``model`` (hub id, model dir, config JSON or dict) at
+    ``batch_size`` x ``seq_len`` tokens; ``fits``: the peak is within ``card_gib`` GiB. Unsupported modes (say,
+    Adam-mini without head counts) get a note and are left out."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[weights_dtype]
+    config = load_config(model)
+    rows, metas = [], {}
+    for name, ckpt, lora in modes or DEFAULT_MODES:
+        if lora not in metas:  # one meta model per kind: building a 7B one takes about a second
+            metas[lora] = meta_model(config, dtype, LORA if lora else None)
+        meta = metas[lora]
+        try:
+            est = peak_bytes(meta, name, batch_size, seq_len, ckpt, **options)
+        except ValueError as err:
+            rows.append(Row(name, ckpt, lora, Estimate(0, 0, 0, 0, 0, 0, "-"), notes=[str(err)[:120]]))
+            continue
+        rows.append(Row(name, ckpt, lora, est, est.total <= card_gib * GIB))
+    return rows
+
+
+def recommend(rows: list[Row]) -> Row | None:
+    """The row to use: the full-parameter row that fits with the most headroom among the rows nearest to AdamW
+    (fewest approximations: no LoRA, no projection if it fits), i.e. the first fitting row in ``DEFAULT_MODES``
+    order, preferring no checkpointing (faster); LoRA only when no full-parameter row fits."""
+    fitting = [r for r in rows if r.fits and not r.notes]
+    full = [r for r in fitting if not r.lora]
+    for pool in (full, fitting):
+        if pool:
+            return min(pool, key=lambda r: (r.checkpointing, rows.index(r)))
+    return None
+
+
+def format_plan(rows: list[Row], card_gib: float | None = None) -> str:
+    """The plan as a text table (GiB) plus the recommended optimizer string."""
+    head = f"{'optimizer / mode':42} {'weights':>8} {'grads':>8} {'states':>8} {'activ.':>8} {'logits':>8} " \
+           f"{'temps':>8} {'peak':>8}  fits  peak during"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        e = r.estimate
+        cells = [e.weights, e.gradients, e.states, e.activations, e.logits, e.temporaries, e.total]
+        if r.notes:
+            lines.append(f"{r.label:42} n/a: {r.notes[0]}")
+            continue
+        lines.append(f"{r.label:42} " + " ".join(f"{c / GIB:8.2f}" for c in cells)
+                     + f"  {'yes ' if r.fits else 'no  '}  {e.phase}")
+    best = recommend(rows)
+    card = f" on a {card_gib:g} GiB card" if card_gib else ""
+    if best is None:
+        lines.append(f"\nNothing fits{card}: lower the batch size or sequence length.")
+    else:
+        flags = (" with gradient checkpointing" if best.checkpointing else "") + (" on LoRA" if best.lora else "")
+        peak = best.estimate.total / GIB
+        lines.append(f"\nRecommended{card}: optimizer {best.optimizer!r}{flags} (peak {peak:.2f} GiB).")
+    return "\n".join(lines)
