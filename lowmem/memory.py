@@ -271,7 +271,7 @@ def update_temp_bytes(shape: tuple, dtype: torch.dtype, parts) -> int:
     """
     from .optim.projectors import GaussianProjector
     from .optim.quantized import BlockwiseQuantStore
-    from .optim.rules import CAME, Adafactor, AdamMini, AdamW
+    from .optim.rules import CAME, CHUNK_8BIT, Adafactor, AdamMini, AdamW
 
     shape, e = tuple(shape), nbytes(1, dtype)
     low, _ = _projected(shape, parts.projector) if len(shape) == 2 else (shape, 0)
@@ -279,8 +279,13 @@ def update_temp_bytes(shape: tuple, dtype: torch.dtype, parts) -> int:
     quantized = isinstance(parts.store, BlockwiseQuantStore) and n_low >= parts.store.min_8bit_size
     state_e = 4 if quantized else nbytes(1, getattr(parts.store, "dtype", None) or dtype)
     rule = parts.rule
-    if isinstance(rule, AdamW):
-        direction = n_low * (14 if quantized else state_e) + (n_low * e if state_e != e else 0)
+    if isinstance(rule, AdamW) and quantized:
+        # eager (GPU) path, measured with MemTracker: ~42 B per element of a chunk (dequantized moments, quantizer
+        # temporaries, the chunk's direction), plus the whole fp32 direction when the tensor is chunked
+        chunk = min(n_low, CHUNK_8BIT)
+        direction = 42 * chunk + (4 * n_low if n_low > CHUNK_8BIT else 0) + (n_low * e if e != 4 else 0)
+    elif isinstance(rule, AdamW):
+        direction = n_low * state_e + (n_low * e if state_e != e else 0)
     elif isinstance(rule, (Adafactor, CAME)):
         direction = n_low * (4 + (4 if e != 4 else 0))
     elif isinstance(rule, AdamMini):

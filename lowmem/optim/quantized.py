@@ -169,6 +169,22 @@ class BlockwiseQuantStore:
                                                                 self.blocksize)
         state[key + "_signed"] = bool(signed)
 
+    def chunk(self, state: dict, keys, start: int, end: int) -> dict:
+        """A state dict over elements ``start:end`` of the quantized ``keys`` (views; ``start`` on a block
+        boundary), for updating a large tensor a chunk at a time; ``write_chunk`` stores the result back."""
+        part = {"step": state["step"]}
+        for key in keys:
+            part[key] = state[key].view(-1)[start:end]
+            part[key + "_absmax"] = state[key + "_absmax"][start // self.blocksize: -(-end // self.blocksize)]
+            part[key + "_signed"] = state[key + "_signed"]
+        return part
+
+    def write_chunk(self, state: dict, part: dict, keys, start: int, end: int) -> None:
+        """Copy a chunk's codes and block maxima (replaced by ``save``) back into the whole tensors."""
+        for key in keys:
+            state[key].view(-1)[start:end].copy_(part[key].view(-1))
+            state[key + "_absmax"][start // self.blocksize: -(-end // self.blocksize)].copy_(part[key + "_absmax"])
+
     def zero(self, state: dict, key: str) -> None:
         if key + "_absmax" not in state:
             state[key].zero_()

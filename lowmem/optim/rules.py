@@ -26,6 +26,9 @@ import torch
 from ..kernels import adam_8bit
 from .states import StateStore
 
+#: 8-bit Adam updates tensors larger than this a chunk at a time (a multiple of the 256-element quantization block).
+CHUNK_8BIT = 1 << 19
+
 
 class Rule:
     """Base rule: state-free SGD (``N = g``)."""
@@ -69,12 +72,22 @@ class AdamW(Rule):
         if "exp_avg" not in state:
             store.init(state, "exp_avg", grad, signed=True)
             store.init(state, "exp_avg_sq", grad, signed=False)
+        t = state["step"]
+        fused = adam_8bit.fused_applicable(state, grad)
+        if "exp_avg_absmax" in state and grad.numel() > CHUNK_8BIT:
+            direction = self._moments_in_chunks(grad, state, store, fused)
+        else:
+            direction = self._moments(grad, state, store, fused)
+        return direction, lr * self._step_factor(t), lr
+
+    def _moments(self, grad, state, store, fused: bool) -> torch.Tensor:
+        """Update the moments in ``state`` from ``grad``; the direction ``m / (sqrt(v) + eps)``."""
         b1, b2, t = self.beta1, self.beta2, state["step"]
-        if adam_8bit.fused_applicable(state, grad):
+        if fused:
             bias_div = math.sqrt(1.0 - b2**t) if self.core == "torch" and self.correct_bias else 1.0
             direction = adam_8bit.adam_step_8bit(state, grad, b1, b2, self.eps, bias_div)
             if direction is not None:
-                return direction, lr * self._step_factor(t), lr
+                return direction
         m, v = store.load(state, "exp_avg"), store.load(state, "exp_avg_sq")
         m.mul_(b1).add_(grad, alpha=1.0 - b1)
         v.mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
@@ -85,7 +98,20 @@ class AdamW(Rule):
         direction = torch.div(m, denom, out=denom)
         store.save(state, "exp_avg", m, signed=True)
         store.save(state, "exp_avg_sq", v, signed=False)
-        return direction, lr * self._step_factor(t), lr
+        return direction
+
+    def _moments_in_chunks(self, grad, state, store, fused: bool) -> torch.Tensor:
+        """8-bit moments ``CHUNK_8BIT`` elements at a time, bit-identical to the whole tensor at once (the same
+        blocks, the same path): the dequantized moments and the quantizer's temporaries, about 50 bytes per
+        element, would otherwise exist for a whole embedding-sized tensor together."""
+        flat = grad.reshape(-1)
+        out = torch.empty(flat.shape, dtype=torch.float32, device=grad.device)
+        for start in range(0, flat.numel(), CHUNK_8BIT):
+            end = min(start + CHUNK_8BIT, flat.numel())
+            part = store.chunk(state, self.moments, start, end)
+            out[start:end] = self._moments(flat[start:end], part, store, fused).reshape(-1)
+            store.write_chunk(state, part, self.moments, start, end)
+        return out.view(grad.shape)
 
     def _step_factor(self, t: int) -> float:
         """The bias correction the step size carries: ``sqrt(1 - b2^t) / (1 - b1^t)`` (hf) or
