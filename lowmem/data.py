@@ -164,3 +164,76 @@ def pack(data, tokenizer, cutoff_len: int, max_samples: int | None = None):
     if len(packed) == 0:
         raise ValueError(f"dataset has fewer than cutoff_len={cutoff_len} tokens; add text or lower cutoff_len")
     return packed.select(range(min(max_samples, len(packed)))) if max_samples else packed
+
+
+#: Used when a tokenizer has no chat template (a base model, the BPE stand-in): role tags and end-of-text.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+IGNORE = -100
+
+
+def load_records(dataset: str, *, config: str | None = None, streaming: bool = False):
+    """Instruction data: JSON / JSONL / parquet / CSV files or a Hub dataset, every column kept."""
+    from datasets import concatenate_datasets, load_dataset
+
+    parts = []
+    for item in _items(dataset):
+        if item != STDLIB and _is_local(item):
+            files = [f for f in _local_files(Path(item).expanduser()) if f.suffix in RECORD_BUILDERS]
+            if not files:
+                raise ValueError(f"dataset {item!r} has no {', '.join(RECORD_BUILDERS)} files of instruction records")
+            for suffix in sorted({f.suffix for f in files}):
+                parts.append(load_dataset(RECORD_BUILDERS[suffix], data_files=[str(f) for f in files
+                                                                                if f.suffix == suffix],
+                                          split="train", streaming=streaming))
+        elif item == STDLIB:
+            raise ValueError(f"{STDLIB!r} is raw text: use it with stage: pt")
+        else:
+            parts.append(_hub_dataset(item, config, streaming))
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def to_messages(record: dict) -> list[dict]:
+    """A record as chat messages: ``messages`` as is, or alpaca's instruction / input / output (+ system)."""
+    if record.get("messages"):
+        return [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+    if record.get("instruction") is not None and record.get("output") is not None:
+        prompt = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+        system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+        return [*system, {"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
+    raise ValueError(f"an instruction record needs 'messages' or 'instruction' and 'output' (alpaca); this one has "
+                     f"{', '.join(sorted(record))}")
+
+
+def tokenize_chat(messages: list[dict], tokenizer, cutoff_len: int) -> dict:
+    """``input_ids`` of the rendered chat and ``labels`` that train only on the assistant turns (prompt tokens are
+    -100), truncated to ``cutoff_len``. Each assistant turn's span is found by rendering the chat up to it."""
+    def ids(upto: int, generation_prompt: bool) -> list[int]:
+        text = tokenizer.apply_chat_template(messages[:upto], tokenize=False, add_generation_prompt=generation_prompt)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    input_ids = ids(len(messages), False)
+    labels = [IGNORE] * len(input_ids)
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            start, end = len(ids(i, True)), len(ids(i + 1, False))
+            labels[start:end] = input_ids[start:end]
+    return {"input_ids": input_ids[:cutoff_len], "labels": labels[:cutoff_len]}
+
+
+def instruction_dataset(records, tokenizer, cutoff_len: int, max_samples: int | None = None):
+    """Tokenized chats with assistant-only labels (see ``tokenize_chat``)."""
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    if max_samples:
+        records = records.take(max_samples) if not hasattr(records, "__len__") else records.select(
+            range(min(max_samples, len(records))))
+    columns = records.column_names
+    data = records.map(lambda r: tokenize_chat(to_messages(r), tokenizer, cutoff_len), remove_columns=columns)
+    if hasattr(data, "__len__"):
+        data = data.filter(lambda r: any(label != IGNORE for label in r["labels"]))
+        if len(data) == 0:
+            raise ValueError(f"no instruction record has an assistant answer within cutoff_len={cutoff_len} tokens")
+    return data

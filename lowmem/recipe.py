@@ -61,8 +61,15 @@ class DataArguments:
 class MethodArguments:
     """How to train."""
 
-    stage: str = field(default="pt", metadata={"help": "'pt': causal-LM pretraining on raw text."})
-    finetuning_type: str = field(default="full", metadata={"help": "'full': every weight trains."})
+    stage: str = field(default="pt", metadata={
+        "help": "'pt': causal-LM pretraining on raw text; 'sft': instruction / chat records, loss on the answers."})
+    finetuning_type: str = field(default="full", metadata={
+        "help": "'full': every weight trains; 'lora': peft LoRA adapters (use a dense optimizer)."})
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target: str = field(default="all", metadata={
+        "help": "'all' (every linear but the head) or module names, comma-separated."})
     plot_loss: bool = field(default=True, metadata={"help": "Save the loss curve as loss.png in output_dir."})
 
 
@@ -75,8 +82,8 @@ class Recipe:
 
 
 SECTIONS = (ModelArguments, DataArguments, MethodArguments, TrainingArguments)
-STAGES = ("pt",)
-FINETUNING_TYPES = ("full",)
+STAGES = ("pt", "sft")
+FINETUNING_TYPES = ("full", "lora")
 
 
 def recipe_path(name: str) -> Path:
@@ -173,9 +180,10 @@ def _check(model: ModelArguments, data: DataArguments, method: MethodArguments, 
     if data.streaming and train.max_steps <= 0:
         raise ValueError("streaming: true reads a dataset of unknown length: set max_steps")
     if method.stage not in STAGES:
-        raise ValueError(f"stage={method.stage!r} is not available yet; use one of {STAGES} (raw-text pretraining)")
+        raise ValueError(f"stage={method.stage!r} is not available; use one of {STAGES} (raw-text pretraining, "
+                         "instruction fine-tuning)")
     if method.finetuning_type not in FINETUNING_TYPES:
-        raise ValueError(f"finetuning_type={method.finetuning_type!r} is not available yet; use one of "
+        raise ValueError(f"finetuning_type={method.finetuning_type!r} is not available; use one of "
                          f"{FINETUNING_TYPES}")
     if not data.dataset:
         raise ValueError("the recipe needs a dataset: text files or folders, comma-separated, 'python-stdlib', or a "

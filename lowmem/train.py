@@ -8,12 +8,22 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import sys
 from pathlib import Path
 
 import torch
 
-from .data import load_text, pack, sample_texts, train_bpe_tokenizer
+from .data import (
+    IGNORE,
+    instruction_dataset,
+    load_records,
+    load_text,
+    pack,
+    sample_texts,
+    to_messages,
+    train_bpe_tokenizer,
+)
 from .recipe import Recipe
 
 #: The model ``stand_in: tiny`` trains instead of the recipe's (any recipe runs in seconds on a CPU, offline).
@@ -80,29 +90,54 @@ def _load(auto_class, source: str, **kwargs):
 def prepare(recipe: Recipe):
     """Tokenizer, dataset and model for ``recipe``; raises on bad input before anything is written."""
     data_args = recipe.data
-    limit = data_args.max_bytes or (STAND_IN_BYTES if recipe.model.stand_in else None)
-    text = load_text(data_args.dataset, config=data_args.dataset_config, text_column=data_args.text_column,
-                     streaming=data_args.streaming, limit_bytes=limit)
-    tokenizer = load_tokenizer(recipe, text)
-    dataset = pack(text, tokenizer, data_args.cutoff_len, data_args.max_samples)
-    return tokenizer, dataset, load_model(recipe, tokenizer)
+    if recipe.method.stage == "sft":
+        records = load_records(data_args.dataset, config=data_args.dataset_config, streaming=data_args.streaming)
+        texts = ({"text": m["content"]} for r in records for m in to_messages(r))
+        tokenizer = load_tokenizer(recipe, texts)
+        dataset = instruction_dataset(records, tokenizer, data_args.cutoff_len, data_args.max_samples)
+    else:
+        limit = data_args.max_bytes or (STAND_IN_BYTES if recipe.model.stand_in else None)
+        text = load_text(data_args.dataset, config=data_args.dataset_config, text_column=data_args.text_column,
+                         streaming=data_args.streaming, limit_bytes=limit)
+        tokenizer = load_tokenizer(recipe, text)
+        dataset = pack(text, tokenizer, data_args.cutoff_len, data_args.max_samples)
+    model = load_model(recipe, tokenizer)
+    return tokenizer, dataset, with_lora(model, recipe.method) if recipe.method.finetuning_type == "lora" else model
+
+
+def with_lora(model, method):
+    """``model`` wrapped with peft LoRA adapters (base weights frozen)."""
+    from peft import LoraConfig, get_peft_model
+
+    target = "all-linear" if method.lora_target == "all" else [t.strip() for t in method.lora_target.split(",")]
+    config = LoraConfig(task_type="CAUSAL_LM", r=method.lora_rank, lora_alpha=method.lora_alpha,
+                        lora_dropout=method.lora_dropout, target_modules=target)
+    return get_peft_model(model, config)
 
 
 def run(recipe: Recipe) -> dict:
     """Train ``recipe`` with the lowmem Trainer; returns the memory report (also written to output_dir)."""
-    from transformers import DataCollatorForLanguageModeling
+    from transformers import DataCollatorForLanguageModeling, DataCollatorForSeq2Seq
 
     from .trainers import Trainer
 
     tokenizer, dataset, model = prepare(recipe)
     if recipe.model.stand_in:
         _fit_rank_to_stand_in(recipe.train)
-    trainer = Trainer(model=model, args=recipe.train, train_dataset=dataset, processing_class=tokenizer,
-                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
-    trainer.create_optimizer()  # optimizer mistakes (options, targets) surface before the first step
+    collator = (DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE) if recipe.method.stage == "sft"
+                else DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    out = Path(recipe.train.output_dir)
+    existed = out.exists()
+    try:
+        trainer = Trainer(model=model, args=recipe.train, train_dataset=dataset, processing_class=tokenizer,
+                          data_collator=collator)
+        trainer.create_optimizer()  # optimizer mistakes (options, targets, LoRA) surface before the first step
+    except Exception:
+        if not existed and out.is_dir():  # the Trainer made it; nothing has been trained or saved yet
+            shutil.rmtree(out)
+        raise
     trainer.train(resume_from_checkpoint=recipe.train.resume_from_checkpoint)
     trainer.save_model()
-    out = Path(recipe.train.output_dir)
     trainer.state.save_to_json(str(out / "trainer_state.json"))  # the loss history, with or without checkpoints
     report = memory_report(trainer, model)
     (out / "memory.json").write_text(json.dumps(report, indent=2) + "\n")

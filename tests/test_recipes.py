@@ -61,7 +61,7 @@ def test_cpu_tiny_trains_galore_from_scratch(tmp_path):
      ["optim_args=rnk=8"], "no option 'rnk'"),
     ("dataset: python-stdlib\nmodel_config: {hidden_size: 64}\ntokenizer: bpe\n", ["max_steps=ten"],
      "'max_steps' takes a number"),
-    ("dataset: python-stdlib\n", ["stage=sft"], "stage='sft' is not available yet"),
+    ("dataset: python-stdlib\nmodel_config: {}\ntokenizer: bpe\n", ["stage=dpo"], "stage='dpo' is not available"),
 ])
 def test_mistakes_are_one_line_and_write_nothing(tmp_path, capsys, text, overrides, message):
     recipe = tmp_path / "r.yaml"
@@ -121,3 +121,58 @@ def test_an_unreachable_hub_dataset_is_one_line(tmp_path, capsys, monkeypatch):
     assert cli.main(["train", "cpu-tiny", "dataset=someone/no-such-corpus", f"output_dir={out}"]) == 2
     assert "'someone/no-such-corpus' is not a local path and could not be loaded" in capsys.readouterr().err
     assert not out.exists()
+
+
+def instruction_files(tmp_path) -> tuple[Path, Path]:
+    """An alpaca JSON and a chat JSONL built from the standard library's functions and their docstrings."""
+    import inspect
+    import textwrap
+
+    funcs = [f for f in vars(textwrap).values() if inspect.isfunction(f) and f.__doc__][:6] * 4
+    alpaca = [{"instruction": f"Write {f.__name__}.", "input": (f.__doc__ or "").strip()[:200],
+               "output": inspect.getsource(f)[:400]} for f in funcs]
+    chats = [{"messages": [{"role": "system", "content": "You write Python."},
+                           {"role": "user", "content": r["instruction"]},
+                           {"role": "assistant", "content": r["output"]}]} for r in alpaca]
+    (tmp_path / "alpaca.json").write_text(json.dumps(alpaca))
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(c) for c in chats) + "\n")
+    return tmp_path / "alpaca.json", tmp_path / "chat.jsonl"
+
+
+@pytest.mark.parametrize("kind", ["alpaca", "chat"])
+@pytest.mark.parametrize("extra", [["optim=came_8bit", "optim_args="],
+                                   ["finetuning_type=lora", "optim=adam_mini", "optim_args=", "lora_rank=4"]])
+def test_sft_on_instruction_records(tmp_path, kind, extra):
+    alpaca, chat = instruction_files(tmp_path)
+    out = tmp_path / "out"
+    args = ["train", "cpu-tiny", "stage=sft", f"dataset={alpaca if kind == 'alpaca' else chat}", "stand_in=tiny",
+            "max_steps=2", "per_device_train_batch_size=2", "cutoff_len=256", "save_strategy=no", f"output_dir={out}",
+            *extra]
+    assert cli.main(args) == 0
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+    if "finetuning_type=lora" in extra:
+        assert (out / "adapter_config.json").is_file()  # peft saved the adapters only
+
+
+def test_sft_labels_only_the_answers():
+    from lowmem.data import DEFAULT_CHAT_TEMPLATE, IGNORE, to_messages, tokenize_chat, train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(["def f(x):\n    return x + 1\n" * 100], 300)
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    messages = [{"role": "user", "content": "add one"}, {"role": "assistant", "content": "return x + 1"},
+                {"role": "user", "content": "again"}, {"role": "assistant", "content": "x + 1"}]
+    row = tokenize_chat(messages, tokenizer, 512)
+    answered = tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"], strict=True)
+                                 if label != IGNORE])
+    assert answered.count("x + 1") == 2 and "add one" not in answered and "again" not in answered
+    assert to_messages({"instruction": "a", "input": "b", "output": "c"})[0]["content"] == "a\n\nb"
+    with pytest.raises(ValueError, match="needs 'messages' or 'instruction' and 'output'"):
+        to_messages({"question": "a", "answer": "b"})
+
+
+def test_lora_with_a_projection_optimizer_is_refused(tmp_path, capsys):
+    alpaca, _ = instruction_files(tmp_path)
+    out = tmp_path / "out"
+    assert cli.main(["train", "cpu-tiny", "stage=sft", f"dataset={alpaca}", "stand_in=tiny", "finetuning_type=lora",
+                     f"output_dir={out}"]) == 2
+    assert "LoRA-wrapped" in capsys.readouterr().err and not out.exists()
