@@ -8,6 +8,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+#: The model ``lowmem list`` prices every optimizer on: the GaLore paper's LLaMA-60M.
+LIST_MODEL = dict(model_type="llama", hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                  num_attention_heads=8, vocab_size=32000)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lowmem", description=__doc__.splitlines()[0])
@@ -22,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--batch", type=int, default=1, help="sequences per micro-batch (default 1)")
     plan.add_argument("--card-gib", type=float, default=24.0, help="the card's memory in GiB (default 24)")
     plan.add_argument("--bf16", action="store_true", help="weights in bf16 (pure_bf16) instead of fp32")
-    commands.add_parser("list", help="every optimizer name with a one-line summary")
+    commands.add_parser("list", help="every optimizer name with its state bytes per parameter and a summary")
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
@@ -60,11 +64,17 @@ def _plan(args) -> int:
 
 
 def _list() -> int:
+    """Every name, its optimizer-state bytes per parameter on LLaMA-60M (exact, from the planner) and a summary."""
+    from .memory import load_config, meta_model, optimizer_state_bytes
     from .optim.registry import REGISTRY
 
+    model = meta_model(load_config(LIST_MODEL))
+    params = sum(p.numel() for p in model.parameters())
     width = max(len(name) for name in REGISTRY)
+    print(f"{'name':<{width}}  B/param  (optimizer state on LLaMA-60M, fp32)")
     for name in sorted(REGISTRY):
-        print(f"{name:<{width}}  {REGISTRY[name].summary}")
+        per_param = sum(optimizer_state_bytes(name, model).values()) / params
+        print(f"{name:<{width}}  {per_param:7.2f}  {REGISTRY[name].summary}")
     print("\nAlso: any '<method>+<rule>[+<precision>]' (lowmem.composition_parts()) and any name + '_layerwise'.")
     return 0
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from transformers import HfArgumentParser
 
 from .trainers import TrainingArguments
 
@@ -128,8 +129,8 @@ def parse_recipe(values: dict) -> Recipe:
     for key, value in values.items():
         section, _ = known[key]
         parts[section][key] = _coerce(key, value, typing.get_type_hints(section)[key])
-    model, data, method = (section(**parts[section]) for section in SECTIONS[:3])
-    train = TrainingArguments(**parts[TrainingArguments])
+    flat = {key: value for section in SECTIONS for key, value in parts[section].items()}
+    model, data, method, train = HfArgumentParser(SECTIONS).parse_dict(flat, allow_extra_keys=False)
     _check(model, data, method, train)
     return Recipe(model, data, method, train)
 
