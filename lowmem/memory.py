@@ -192,11 +192,17 @@ def optimizer_state_bytes(name: str, model: nn.Module, **options) -> dict[str, i
     """``{parameter name: state bytes}`` of optimizer ``name`` on ``model`` (a meta model is enough): the
     optimizer is built with ``lowmem.create_optimizer`` and each parameter priced from its param group."""
     from . import create_optimizer
-    from .optim.compose import build_parts
 
     optimizer = create_optimizer(name, model, **options)
     if optimizer.layerwise is not None:
         optimizer.layerwise.remove()  # hooks on meta parameters are harmless, but leave the model as it was
+    return _priced_states(optimizer, model)
+
+
+def _priced_states(optimizer, model: nn.Module) -> dict[str, int]:
+    """``{parameter name: state bytes}`` of a built optimizer, from each parameter's param group."""
+    from .optim.compose import build_parts
+
     names = {id(p): n for n, p in model.named_parameters()}
     out = {}
     for index, group in enumerate(optimizer.param_groups):
@@ -342,7 +348,7 @@ def peak_bytes(model: nn.Module, name: str, batch: int, seq: int, checkpointing:
     layerwise = optimizer.layerwise is not None or get_spec(name).layerwise
     if optimizer.layerwise is not None:
         optimizer.layerwise.remove()
-    states = sum(optimizer_state_bytes(name, model, **options).values())
+    states = sum(_priced_states(optimizer, model).values())
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     trainable = {id(p): p for g in optimizer.param_groups for p in g["params"] if p.requires_grad}
     upd = {}  # id -> (grad bytes, temp bytes)
