@@ -276,6 +276,7 @@ def update_temp_bytes(shape: tuple, dtype: torch.dtype, parts) -> int:
     the back-projected m x n update; APOLLO (fp32) only projected-size tensors, no full-size one.
     """
     from .optim.projectors import GaussianProjector
+    from .optim.quantized import CHUNK as QUANT_CHUNK
     from .optim.quantized import BlockwiseQuantStore
     from .optim.rules import CAME, CHUNK_8BIT, Adafactor, AdamMini, AdamW
 
@@ -298,6 +299,9 @@ def update_temp_bytes(shape: tuple, dtype: torch.dtype, parts) -> int:
         direction = n_low * e
     else:
         direction = 0
+    if quantized and not isinstance(rule, AdamW) and getattr(rule, "beta1", None) is not None:
+        # the first moment, dequantized whole to fp32, plus one (de)quantizer chunk's temporaries (measured)
+        direction += 4 * n_low + 38 * min(n_low, QUANT_CHUNK)
     if low == shape:
         return direction
     lifted = 0 if isinstance(parts.projector, GaussianProjector) and e == 4 else n_full * e

@@ -235,3 +235,19 @@ def test_table_lookup_equals_bucketize_exactly(signed):
     else:
         x = x.abs()
     assert torch.equal(nearest_code(x, code).long(), torch.bucketize(x, bounds))
+
+
+@pytest.mark.parametrize("numel", [5 * 256, 5 * 256 + 77])
+def test_chunked_quantization_is_bit_identical(monkeypatch, numel):
+    """(De)quantizing CHUNK elements at a time bounds the temporaries and changes nothing."""
+    from lowmem.optim import quantized
+
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(0)) ** 3
+    code = quantized.cached_map(True, x.device)
+    whole = quantized.quantize_blockwise(x, code)
+    monkeypatch.setattr(quantized, "CHUNK", 512)
+    chunked = quantized.quantize_blockwise(x, code)
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
+    restored = quantized.dequantize_blockwise(*chunked, code)
+    monkeypatch.setattr(quantized, "CHUNK", 1 << 30)
+    assert torch.equal(restored, quantized.dequantize_blockwise(*whole, code))

@@ -113,20 +113,39 @@ def block_codes(blocks: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor,
     return codes_from_table((blocks * scale[:, None]).clamp(-1.0, 1.0), table, offset)
 
 
+#: Elements (de)quantized at a time: the per-element temporaries (int32 keys, gathers, padding) stay this size
+#: however large the tensor (a multiple of every block size used).
+CHUNK = 1 << 19
+
+
 def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize ``x`` to (uint8 codes shaped like ``x``, fp32 absmax per block of ``blocksize``)."""
-    blocks = _blocks(x.detach().float(), blocksize)
-    absmax = blocks.abs().amax(dim=1)
-    codes = block_codes(blocks, absmax, *lookup_table(code))
-    return codes.reshape(-1)[: x.numel()].view(x.shape), absmax
+    """Quantize ``x`` to (uint8 codes shaped like ``x``, fp32 absmax per block of ``blocksize``), ``CHUNK``
+    elements at a time."""
+    flat = x.detach().reshape(-1)
+    codes = torch.empty(flat.numel(), dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(-(-flat.numel() // blocksize), dtype=torch.float32, device=x.device)
+    table = lookup_table(code)
+    for start in range(0, flat.numel(), CHUNK):
+        end = min(start + CHUNK, flat.numel())
+        blocks = _blocks(flat[start:end].float(), blocksize)
+        chunk_absmax = blocks.abs().amax(dim=1)
+        absmax[start // blocksize: start // blocksize + len(chunk_absmax)] = chunk_absmax
+        codes[start:end] = block_codes(blocks, chunk_absmax, *table).reshape(-1)[: end - start]
+    return codes.view(x.shape), absmax
 
 
 def dequantize_blockwise(
     codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int = 256
 ) -> torch.Tensor:
-    """Inverse of ``quantize_blockwise``: fp32 tensor shaped like ``codes``."""
-    values = _blocks(code.index_select(0, codes.reshape(-1).int()), blocksize) * absmax.float()[:, None]
-    return values.reshape(-1)[: codes.numel()].view(codes.shape)
+    """Inverse of ``quantize_blockwise``: fp32 tensor shaped like ``codes``, ``CHUNK`` elements at a time."""
+    flat = codes.reshape(-1)
+    out = torch.empty(flat.numel(), dtype=torch.float32, device=codes.device)
+    for start in range(0, flat.numel(), CHUNK):
+        end = min(start + CHUNK, flat.numel())
+        scales = absmax[start // blocksize: -(-end // blocksize)].float()[:, None]
+        values = _blocks(code.index_select(0, flat[start:end].int()), blocksize) * scales
+        out[start:end] = values.reshape(-1)[: end - start]
+    return out.view(codes.shape)
 
 
 class BlockwiseQuantStore:
