@@ -240,6 +240,7 @@ def check_options(name: str, options: dict) -> dict:
             raise ValueError(f"optimizer {name!r} has no option {key!r}.{_closest(key, allowed)} "
                              f"Its options: {', '.join(sorted(allowed))}.")
     opts = {**allowed, **options}
+    opts["layerwise"] = bool(opts["layerwise"] or spec.layerwise)  # a ``<name>_layerwise`` name sets it
     check_accumulation(opts["layerwise_accumulation"])
     if spec.rule:
         _check_generic(name, spec, options.get("state_dtype"), opts)
@@ -300,7 +301,7 @@ def create_optimizer(name: str, model: nn.Module, **options) -> LowMemOptimizer:
     """
     spec = get_spec(name)
     opts = check_options(name, options)
-    layerwise, accumulation = opts.pop("layerwise") or spec.layerwise, opts.pop("layerwise_accumulation")
+    layerwise, accumulation = opts.pop("layerwise"), opts.pop("layerwise_accumulation")
     optimizer = _build(name, spec, model, opts)
     if isinstance(make_store(opts["state_dtype"]), BlockwiseQuantStore):
         _embedding_states_in_fp32(optimizer, model)

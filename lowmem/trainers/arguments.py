@@ -55,6 +55,12 @@ def _split_top_level(text: str) -> list[str]:
     return [item for item in (i.strip() for i in items) if item]
 
 
+def layerwise_ddp_error(name: str, processes: int) -> ValueError:
+    """The error for a layer-wise optimizer under DDP (raised when the arguments are built, and by the Trainer)."""
+    return ValueError(f"optim={name!r} cannot run under DDP with {processes} processes: DDP reduces the gradients "
+                      "after the layer-wise hooks have already used them. Drop '_layerwise' for distributed training.")
+
+
 def is_lowmem_name(name: str) -> bool:
     """Whether ``name`` is a lowmem registry name or a valid generic ``<method>+<rule>[+<precision>]``."""
     try:
@@ -105,7 +111,7 @@ class TrainingArguments(transformers.TrainingArguments):
         super().__post_init__()
         self.optim = name
         options = self.lowmem_options()  # checks optim_args and the target modules now, not at the first step
-        if options["layerwise"] or get_spec(name).layerwise:
+        if options["layerwise"]:
             self._check_layerwise()
 
     def _check_layerwise(self) -> None:
@@ -121,9 +127,7 @@ class TrainingArguments(transformers.TrainingArguments):
             raise ValueError(f"optim={name!r} with fp16: the loss scaler's scaled gradients would reach the "
                              "layer-wise update before they are unscaled. Use bf16=True, or drop '_layerwise'.")
         if self.world_size > 1:
-            raise ValueError(f"optim={name!r} cannot run under DDP with {self.world_size} processes: DDP reduces "
-                             "the gradients after the layer-wise hooks have already used them. Drop '_layerwise' "
-                             "for distributed training.")
+            raise layerwise_ddp_error(name, self.world_size)
 
     def lowmem_options(self) -> dict:
         """The options ``lowmem.create_optimizer`` gets for this run (checked against the optimizer's)."""

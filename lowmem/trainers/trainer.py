@@ -13,7 +13,7 @@ import dataclasses
 import transformers
 
 from ..optim.registry import create_optimizer
-from .arguments import TrainingArguments
+from .arguments import TrainingArguments, layerwise_ddp_error
 
 _OPTIM_FIELDS = ("optim", "optim_args", "optim_target_modules")
 
@@ -38,9 +38,8 @@ class Trainer(transformers.Trainer):
             model = args[0] if args else kwargs.get("model") or self.model
             optimizer = create_optimizer(name, model, **self.args.lowmem_options())
             if optimizer.layerwise is not None and self.accelerator.num_processes > 1:
-                optimizer.layerwise.remove()
-                raise ValueError(f"optim={name!r} cannot run under DDP ({self.accelerator.num_processes} processes): "
-                                 "DDP reduces gradients after the layer-wise hooks used them. Drop '_layerwise'.")
+                optimizer.layerwise.remove()  # the arguments may have changed since they were checked
+                raise layerwise_ddp_error(name, self.accelerator.num_processes)
             self.optimizer = optimizer
         return self.optimizer
 
