@@ -24,6 +24,7 @@ from .data import (
     to_messages,
     train_bpe_tokenizer,
 )
+from .optim.states import state_bytes
 from .recipe import Recipe
 
 #: The model ``stand_in: tiny`` trains instead of the recipe's (any recipe runs in seconds on a CPU, offline).
@@ -158,7 +159,7 @@ def _fit_rank_to_stand_in(args) -> None:
 def memory_report(trainer, model) -> dict:
     """Peak memory of the run and the optimizer state's exact bytes."""
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
-    state = sum(t.nbytes for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+    state = sum(state_bytes(s) for s in optimizer.state.values())  # any torch optimizer, not only lowmem's
     report = {
         "parameters": sum(p.numel() for p in model.parameters()),
         "parameter_bytes": sum(p.nbytes for p in model.parameters()),

@@ -118,6 +118,11 @@ def block_codes(blocks: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor,
 CHUNK = 1 << 19
 
 
+def _blocks_of(start: int, end: int, blocksize: int) -> slice:
+    """The blocks that elements ``start:end`` fall in (``start`` on a block boundary; the last may be partial)."""
+    return slice(start // blocksize, -(-end // blocksize))
+
+
 def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x`` to (uint8 codes shaped like ``x``, fp32 absmax per block of ``blocksize``), ``CHUNK``
     elements at a time."""
@@ -129,7 +134,7 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int = 256
         end = min(start + CHUNK, flat.numel())
         blocks = _blocks(flat[start:end].float(), blocksize)
         chunk_absmax = blocks.abs().amax(dim=1)
-        absmax[start // blocksize: start // blocksize + len(chunk_absmax)] = chunk_absmax
+        absmax[_blocks_of(start, end, blocksize)] = chunk_absmax
         codes[start:end] = block_codes(blocks, chunk_absmax, *table).reshape(-1)[: end - start]
     return codes.view(x.shape), absmax
 
@@ -142,7 +147,7 @@ def dequantize_blockwise(
     out = torch.empty(flat.numel(), dtype=torch.float32, device=codes.device)
     for start in range(0, flat.numel(), CHUNK):
         end = min(start + CHUNK, flat.numel())
-        scales = absmax[start // blocksize: -(-end // blocksize)].float()[:, None]
+        scales = absmax[_blocks_of(start, end, blocksize)].float()[:, None]
         values = _blocks(code.index_select(0, flat[start:end].int()), blocksize) * scales
         out[start:end] = values.reshape(-1)[: end - start]
     return out.view(codes.shape)
@@ -194,7 +199,7 @@ class BlockwiseQuantStore:
         part = {"step": state["step"]}
         for key in keys:
             part[key] = state[key].view(-1)[start:end]
-            part[key + "_absmax"] = state[key + "_absmax"][start // self.blocksize: -(-end // self.blocksize)]
+            part[key + "_absmax"] = state[key + "_absmax"][_blocks_of(start, end, self.blocksize)]
             part[key + "_signed"] = state[key + "_signed"]
         return part
 
@@ -202,7 +207,7 @@ class BlockwiseQuantStore:
         """Copy a chunk's codes and block maxima (replaced by ``save``) back into the whole tensors."""
         for key in keys:
             state[key].view(-1)[start:end].copy_(part[key].view(-1))
-            state[key + "_absmax"][start // self.blocksize: -(-end // self.blocksize)].copy_(part[key + "_absmax"])
+            state[key + "_absmax"][_blocks_of(start, end, self.blocksize)].copy_(part[key + "_absmax"])
 
     def zero(self, state: dict, key: str) -> None:
         if key + "_absmax" not in state:

@@ -24,10 +24,11 @@ import math
 import torch
 
 from ..kernels import adam_8bit
+from .quantized import CHUNK
 from .states import StateStore
 
-#: 8-bit Adam updates tensors larger than this a chunk at a time (a multiple of the 256-element quantization block).
-CHUNK_8BIT = 1 << 19
+#: 8-bit Adam updates tensors larger than this a chunk at a time: the quantizer's chunk (whole blocks).
+CHUNK_8BIT = CHUNK
 
 
 class Rule:
