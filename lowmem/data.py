@@ -79,20 +79,35 @@ def _first_bytes(files: list[Path], limit: int) -> list[Path]:
 def load_text(dataset: str, *, config: str | None = None, text_column: str = "text", streaming: bool = False,
               limit_bytes: int | None = None):
     """One ``datasets`` dataset with a single ``text`` column from every source ``dataset`` names."""
-    from datasets import concatenate_datasets, load_dataset
+    from datasets import load_dataset
 
     parts = []
     files = text_files(dataset, limit_bytes)
     raw = [str(f) for f in files if f.suffix in RAW_SUFFIXES]
     if raw:
         parts.append(load_dataset("text", data_files=raw, sample_by="document", split="train", streaming=streaming))
+    parts += [_text_column(data, text_column, source) for source, data in _record_files(files, streaming)]
+    for name in (item for item in _items(dataset) if item != STDLIB and not _is_local(item)):
+        parts.append(_text_column(_hub_dataset(name, config, streaming), text_column, name))
+    return _concatenated(parts)
+
+
+def _record_files(files: list[Path], streaming: bool) -> list[tuple[str, object]]:
+    """(source, dataset) for the JSON / JSONL / parquet / CSV files among ``files``, one per builder."""
+    from datasets import load_dataset
+
+    loaded = []
     for suffix, builder in RECORD_BUILDERS.items():
         records = [str(f) for f in files if f.suffix == suffix]
         if records:
-            parts.append(_text_column(load_dataset(builder, data_files=records, split="train", streaming=streaming),
-                                      text_column, ", ".join(records)))
-    for name in (item for item in _items(dataset) if item != STDLIB and not _is_local(item)):
-        parts.append(_text_column(_hub_dataset(name, config, streaming), text_column, name))
+            loaded.append((", ".join(records),
+                           load_dataset(builder, data_files=records, split="train", streaming=streaming)))
+    return loaded
+
+
+def _concatenated(parts: list):
+    from datasets import concatenate_datasets
+
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
 
@@ -176,23 +191,18 @@ IGNORE = -100
 
 def load_records(dataset: str, *, config: str | None = None, streaming: bool = False):
     """Instruction data: JSON / JSONL / parquet / CSV files or a Hub dataset, every column kept."""
-    from datasets import concatenate_datasets, load_dataset
-
     parts = []
     for item in _items(dataset):
         if item != STDLIB and _is_local(item):
             files = [f for f in _local_files(Path(item).expanduser()) if f.suffix in RECORD_BUILDERS]
             if not files:
                 raise ValueError(f"dataset {item!r} has no {', '.join(RECORD_BUILDERS)} files of instruction records")
-            for suffix in sorted({f.suffix for f in files}):
-                parts.append(load_dataset(RECORD_BUILDERS[suffix], data_files=[str(f) for f in files
-                                                                                if f.suffix == suffix],
-                                          split="train", streaming=streaming))
+            parts += [data for _, data in _record_files(files, streaming)]
         elif item == STDLIB:
             raise ValueError(f"{STDLIB!r} is raw text: use it with stage: pt")
         else:
             parts.append(_hub_dataset(item, config, streaming))
-    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+    return _concatenated(parts)
 
 
 def to_messages(record: dict) -> list[dict]:
