@@ -46,8 +46,9 @@ def _train(name: str, overrides: list[str]) -> int:
     recipe = parse_recipe(read_values(recipe_path(name), overrides))
     report = run(recipe)
     mib = 2**20
-    print(f"parameters: {report['parameters']:,}; optimizer state: {report['optimizer_state_bytes']:,} bytes "
-          f"({report['optimizer_state_bytes'] / mib:.1f} MiB); peak RSS {report['peak_rss_bytes'] / mib:.0f} MiB"
+    state = report["optimizer_state_bytes"]
+    print(f"parameters: {report['parameters']:,} ({report['trainable_parameters']:,} trained); optimizer state: "
+          f"{state:,} bytes ({state / mib:.1f} MiB); peak RSS {report['peak_rss_bytes'] / mib:.0f} MiB"
           + (f"; peak CUDA {report['cuda_max_allocated_bytes'] / mib:.0f} MiB" if "cuda_max_allocated_bytes" in report
              else ""))
     print(f"saved to {recipe.train.output_dir} (model, memory.json"
@@ -56,10 +57,12 @@ def _train(name: str, overrides: list[str]) -> int:
 
 
 def _plan(args) -> int:
-    from .memory import format_plan, plan
+    from .memory import format_plan, plan, recipe_command, recommend
 
     rows = plan(args.model, args.seq, args.batch, args.card_gib, "bf16" if args.bf16 else "fp32")
-    print(format_plan(rows, args.card_gib))
+    best = recommend(rows)
+    command = recipe_command(best, args.model, args.seq, args.batch, args.bf16) if best else ""
+    print(format_plan(rows, args.card_gib, command))
     return 0
 
 

@@ -84,14 +84,40 @@ def meta_model(config, dtype: torch.dtype = torch.float32, lora: dict | None = N
 
 
 def _with_lora(model: nn.Module, lora: dict) -> nn.Module:
+    with torch.device("meta"):
+        return _peft(model, lora)
+
+
+def _peft(model: nn.Module, lora: dict) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    with torch.device("meta"):
-        return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
+    return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
 
 
 def nbytes(numel: int, dtype: torch.dtype) -> int:
     return int(numel) * torch.empty((), dtype=dtype).element_size()
+
+
+def nf4_bytes(numel: int) -> int:
+    """Bytes of one weight in bitsandbytes' 4-bit format with double quantization (QLoRA): two codes per byte, a
+    uint8 absmax per 64-element block and an fp32 absmax per 256 such blocks."""
+    blocks = math.ceil(numel / 64)
+    return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / 256)
+
+
+def quantized_linears(model: nn.Module) -> list[nn.Parameter]:
+    """The weights ``quantization_bit: 4`` stores in 4 bits: every frozen ``nn.Linear`` weight but the output
+    head's (transformers keeps the head unquantized)."""
+    head = model.get_output_embeddings()
+    return [m.weight for m in model.modules() if isinstance(m, nn.Linear) and m is not head
+            and not m.weight.requires_grad]
+
+
+def weight_bytes(model: nn.Module, quantized: bool = False) -> int:
+    """Bytes of ``model``'s parameters; with ``quantized`` its frozen linear weights in 4 bits (``nf4_bytes``)."""
+    four_bit = {id(w) for w in quantized_linears(model)} if quantized else set()
+    return sum(nf4_bytes(p.numel()) if id(p) in four_bit else p.numel() * p.element_size()
+               for p in model.parameters())
 
 
 # --- optimizer state
@@ -327,7 +353,7 @@ class Estimate:
 
 
 def peak_bytes(model: nn.Module, name: str, batch: int, seq: int, checkpointing: bool = False,
-               **options) -> Estimate:
+               quantized: bool = False, **options) -> Estimate:
     """The peak live bytes of a steady-state training step (forward, backward, ``optimizer.step()``,
     ``zero_grad(set_to_none=True)``) of ``model`` (a meta model) with optimizer ``name``.
 
@@ -340,7 +366,9 @@ def peak_bytes(model: nn.Module, name: str, batch: int, seq: int, checkpointing:
     * end of backward / ``optimizer.step()``: every gradient plus the largest update's temporaries;
     * layer-wise: the updates run inside backward and free each gradient, so instead: the first update (output
       head) with the activations still saved, one decoder weight's update beside a recomputed layer
-      (checkpointing), and the embedding's update at the end (no activations left).
+      (checkpointing), and the embedding's update at the end (no activations left);
+    * ``quantized`` (QLoRA, a LoRA ``model``): frozen linear weights in 4 bits, and a recomputed layer also holds
+      one linear weight dequantized to the compute dtype.
     """
     from . import create_optimizer
     from .optim.compose import build_parts
@@ -353,7 +381,8 @@ def peak_bytes(model: nn.Module, name: str, batch: int, seq: int, checkpointing:
     if optimizer.layerwise is not None:
         optimizer.layerwise.remove()
     states = sum(_priced_states(optimizer, model).values())
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = weight_bytes(model, quantized)
+    dequantized = max((w.numel() * w.element_size() for w in quantized_linears(model)), default=0) if quantized else 0
     trainable = {id(p): p for g in optimizer.param_groups for p in g["params"] if p.requires_grad}
     upd = {}  # id -> (grad bytes, temp bytes)
     for group in optimizer.param_groups:
@@ -371,8 +400,8 @@ def peak_bytes(model: nn.Module, name: str, batch: int, seq: int, checkpointing:
     if not layerwise:
         if checkpointing:
             layer_grads = (grads - upd.get(emb, (0, 0))[0]) * (1 - 1 / config.num_hidden_layers)
-            phases.append(Estimate(weights, int(layer_grads), states, body + act["layer"], 0, 2 * act["hidden"],
-                                   "backward, recomputed layer"))
+            phases.append(Estimate(weights, int(layer_grads), states, body + act["layer"], 0,
+                                   2 * act["hidden"] + dequantized, "backward, recomputed layer"))
         phases.append(Estimate(weights, grads, states, 0, 0, act["hidden"], "end of backward"))
         phases.append(Estimate(weights, grads, states, 0, 0, max(t for _, t in upd.values()), "optimizer.step()"))
     else:
@@ -396,20 +425,24 @@ def _param_id(module) -> int | None:
 
 # --- measurement
 def measure_peak(config, name: str, batch: int, seq: int, checkpointing: bool = False,
-                 dtype: torch.dtype = torch.float32, steps: int = 2, **options) -> dict:
+                 dtype: torch.dtype = torch.float32, steps: int = 2, lora: dict | None = None,
+                 quantized: bool = False, **options) -> dict:
     """Run ``steps`` real training steps on CPU (random weights and tokens) under ``MemTracker`` and return the
     last (steady) step's peak live bytes by MemTracker category plus ``Total`` and ``state_bytes`` (the optimizer's
-    own count). For validating ``peak_bytes``; use models up to ~100M parameters."""
+    own count). ``lora``: peft ``LoraConfig`` fields; ``quantized``: the base loaded in 4 bits first (QLoRA; the
+    quantization constants, which MemTracker does not see, are ``QuantConstants``, added to ``Total``). For validating
+    ``peak_bytes``; use models up to ~100M parameters."""
     import warnings
 
     from torch.distributed._tools.mem_tracker import MemTracker
-    from transformers import AutoModelForCausalLM
 
     from . import create_optimizer
 
     warnings.filterwarnings("ignore", message="Expected a tensor or a traceable wrapper-subclass")
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(load_config(config), dtype=dtype)
+    model = _real_model(load_config(config), dtype, quantized)
+    if lora:
+        model = _peft(model, lora)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -417,30 +450,70 @@ def measure_peak(config, name: str, batch: int, seq: int, checkpointing: bool = 
     optimizer = create_optimizer(name, model, **options)
     tracker = MemTracker()
     tracker.track_external(model, optimizer)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
         with tracker:
             tracker.reset_mod_stats()
+            for p in frozen:  # MemTracker would hook their gradients, which a frozen weight cannot have
+                tracker._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
             tokens = torch.randint(model.config.vocab_size, (batch, seq), generator=gen)
-            model(tokens, labels=tokens).loss.backward()
+            model(input_ids=tokens, labels=tokens).loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     peak = {}
     for dev_snap in tracker.get_tracker_snapshot("peak").values():
         for key, value in dev_snap.items():
             peak[getattr(key, "value", key)] = peak.get(getattr(key, "value", key), 0) + value
+    peak["QuantConstants"] = _quant_state_bytes(model)
+    peak["Total"] += peak["QuantConstants"]
     return {**peak, "state_bytes": optimizer.state_bytes()}
 
 
+class _NoHook:
+    def remove(self) -> None:
+        pass
+
+
+def _real_model(config, dtype: torch.dtype, quantized: bool) -> nn.Module:
+    """A randomly initialised causal LM; ``quantized``: saved and reloaded through bitsandbytes' 4-bit loader."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if not quantized:
+        return model
+    with tempfile.TemporaryDirectory() as saved:
+        model.save_pretrained(saved)
+        four_bit = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(saved, dtype=dtype, quantization_config=four_bit)
+
+
+def _quant_state_bytes(model: nn.Module) -> int:
+    """Bytes of the 4-bit weights' quantization constants (absmax, nested absmax, code tables)."""
+    tensors = {}
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)
+        if state is not None:
+            for value in state.as_dict().values():
+                if isinstance(value, torch.Tensor):
+                    tensors[value.data_ptr()] = value.nbytes
+    return sum(tensors.values())
+
+
 # --- the plan
-#: (optimizer, gradient checkpointing, LoRA) rows ``plan`` prices by default.
-DEFAULT_MODES = [(name, ckpt, False) for name in (
+#: (optimizer, gradient checkpointing, adapters) rows ``plan`` prices by default; adapters: None (every weight
+#: trains), "lora" or "qlora" (LoRA on 4-bit base weights).
+DEFAULT_MODES = [(name, ckpt, None) for name in (
     "adamw", "adamw_8bit", "adam_mini", "came_8bit", "galore_adamw", "galore_adamw_8bit",
     "galore_adamw_8bit_layerwise", "apollo_mini", "apollo_mini_layerwise") for ckpt in (False, True)]
-DEFAULT_MODES += [("adamw", ckpt, True) for ckpt in (False, True)]
+DEFAULT_MODES += [("adamw", ckpt, adapters) for adapters in ("lora", "qlora") for ckpt in (False, True)]
 #: LoRA rows: peft ``LoraConfig`` fields.
 LORA = dict(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                  "down_proj"])
+ADAPTER_LABELS = {None: "", "lora": " + LoRA", "qlora": " + QLoRA"}
 
 
 @dataclass
@@ -449,51 +522,86 @@ class Row:
 
     optimizer: str
     checkpointing: bool
-    lora: bool
+    adapters: str | None
     estimate: Estimate
     fits: bool = False
     notes: list = field(default_factory=list)
 
     @property
     def label(self) -> str:
-        return self.optimizer + (" + LoRA" if self.lora else "") + (" + ckpt" if self.checkpointing else "")
+        return self.optimizer + ADAPTER_LABELS[self.adapters] + (" + ckpt" if self.checkpointing else "")
 
 
 def plan(model, seq_len: int, batch_size: int, card_gib: float, weights_dtype: str = "fp32",
          modes=None, **options) -> list[Row]:
-    """Price every (optimizer, checkpointing, LoRA) mode for ``model`` (hub id, model dir, config JSON or dict) at
-    ``batch_size`` x ``seq_len`` tokens; ``fits``: the peak is within ``card_gib`` GiB. Unsupported modes (say,
+    """Price every (optimizer, checkpointing, adapters) mode for ``model`` (hub id, model dir, config JSON or dict)
+    at ``batch_size`` x ``seq_len`` tokens; ``fits``: the peak is within ``card_gib`` GiB. Unsupported modes (say,
     Adam-mini without head counts) get a note and are left out."""
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[weights_dtype]
     config = load_config(model)
     rows, metas = [], {}
-    for name, ckpt, lora in modes or DEFAULT_MODES:
+    for name, ckpt, adapters in modes or DEFAULT_MODES:
+        lora = adapters is not None
         if lora not in metas:  # one meta model per kind: building a 7B one takes about a second
             metas[lora] = meta_model(config, dtype, LORA if lora else None)
-        meta = metas[lora]
         try:
-            est = peak_bytes(meta, name, batch_size, seq_len, ckpt, **options)
+            est = peak_bytes(metas[lora], name, batch_size, seq_len, ckpt, quantized=adapters == "qlora", **options)
         except ValueError as err:
-            rows.append(Row(name, ckpt, lora, Estimate(0, 0, 0, 0, 0, 0, "-"), notes=[str(err)[:120]]))
+            rows.append(Row(name, ckpt, adapters, Estimate(0, 0, 0, 0, 0, 0, "-"), notes=[str(err)[:120]]))
             continue
-        rows.append(Row(name, ckpt, lora, est, est.total <= card_gib * GIB))
+        rows.append(Row(name, ckpt, adapters, est, est.total <= card_gib * GIB))
     return rows
 
 
 def recommend(rows: list[Row]) -> Row | None:
     """The row to use: the full-parameter row that fits with the most headroom among the rows nearest to AdamW
     (fewest approximations: no LoRA, no projection if it fits), i.e. the first fitting row in ``DEFAULT_MODES``
-    order, preferring no checkpointing (faster); LoRA only when no full-parameter row fits."""
+    order, preferring no checkpointing (faster); LoRA only when no full-parameter row fits, QLoRA after LoRA."""
     fitting = [r for r in rows if r.fits and not r.notes]
-    full = [r for r in fitting if not r.lora]
-    for pool in (full, fitting):
+    for adapters in (None, "lora", "qlora"):
+        pool = [r for r in fitting if r.adapters == adapters]
         if pool:
             return min(pool, key=lambda r: (r.checkpointing, rows.index(r)))
     return None
 
 
-def format_plan(rows: list[Row], card_gib: float | None = None) -> str:
-    """The plan as a text table (GiB) plus the recommended optimizer string."""
+def recipe_command(row: Row, model, seq_len: int, batch_size: int, bf16: bool) -> str:
+    """The ``lowmem train`` command for ``row``: the bundled recipe nearest to it (same optimizer and adapters;
+    pretraining for a full-parameter row on a config JSON, else fine-tuning), with the keys that differ overridden.
+    An adapter row planned from a config JSON names the model ``MODEL`` (the config says nothing of the weights)."""
+    import shlex
+
+    import yaml
+
+    from .recipe import RECIPES_DIR
+
+    from_config = row.adapters is None and (isinstance(model, dict) or str(model).endswith(".json"))
+    source = str(model) if not str(model).endswith(".json") else "MODEL"
+    wanted = {"optim": row.optimizer, "finetuning_type": "full" if row.adapters is None else "lora",
+              "quantization_bit": 4 if row.adapters == "qlora" else None}
+    candidates = []
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        values = yaml.safe_load(path.read_text())
+        if ("model_config" in values) == from_config:
+            values.setdefault("finetuning_type", "full")
+            score = (sum(values.get(k) != v for k, v in wanted.items()), values.get("model_name_or_path") != source,
+                     path.stem == "cpu-tiny")  # the CPU demo only when nothing else is as near
+            candidates.append((score, path, values))
+    if not candidates or isinstance(model, dict):
+        return ""
+    _, path, values = min(candidates, key=lambda c: c[0])
+    overrides = {**wanted, **({"optim_args": None} if values.get("optim") != row.optimizer else {}),
+                 ("model_config" if from_config else "model_name_or_path"): str(model) if from_config
+                 else source, "cutoff_len": seq_len, "per_device_train_batch_size": batch_size,
+                 "gradient_checkpointing": row.checkpointing, "pure_bf16": bf16}
+    changed = [shlex.quote(f"{k}={yaml.safe_dump(v).splitlines()[0]}") for k, v in overrides.items()
+               if values.get(k, False if isinstance(v, bool) else None) != v]
+    hint = "   (MODEL: the hub id or directory of the weights)" if source == "MODEL" else ""
+    return " ".join(["lowmem train", f"recipes/{path.name}", *changed]) + hint
+
+
+def format_plan(rows: list[Row], card_gib: float | None = None, command: str = "") -> str:
+    """The plan as a text table (GiB) plus the recommended optimizer string and ``command`` (the recipe to run)."""
     head = f"{'optimizer / mode':42} {'weights':>8} {'grads':>8} {'states':>8} {'activ.':>8} {'logits':>8} " \
            f"{'temps':>8} {'peak':>8}  fits  peak during"
     lines = [head, "-" * len(head)]
@@ -510,7 +618,10 @@ def format_plan(rows: list[Row], card_gib: float | None = None) -> str:
     if best is None:
         lines.append(f"\nNothing fits{card}: lower the batch size or sequence length.")
     else:
-        flags = (" with gradient checkpointing" if best.checkpointing else "") + (" on LoRA" if best.lora else "")
+        flags = (" with gradient checkpointing" if best.checkpointing else "") + \
+                {None: "", "lora": " on LoRA", "qlora": " on QLoRA (4-bit base)"}[best.adapters]
         peak = best.estimate.total / GIB
         lines.append(f"\nRecommended{card}: optimizer {best.optimizer!r}{flags} (peak {peak:.2f} GiB).")
+        if command:
+            lines.append(f"Run it: {command}")
     return "\n".join(lines)

@@ -39,6 +39,11 @@ class ModelArguments:
                 "dir. Default: model_name_or_path's tokenizer."})
     trust_remote_code: bool = False
     pure_bf16: bool = field(default=False, metadata={"help": "Weights in bf16, no mixed precision."})
+    quantization_bit: int | None = field(default=None, metadata={
+        "help": "QLoRA: load the frozen base weights in 4 or 8 bits (bitsandbytes); needs finetuning_type: lora."})
+    quantization_type: str = field(default="nf4", metadata={"help": "4-bit data type: 'nf4' or 'fp4'."})
+    double_quantization: bool = field(default=True, metadata={
+        "help": "4-bit: quantize the quantization constants too (about 0.4 bit per weight saved)."})
     stand_in: str | None = field(default=None, metadata={
         "help": "'tiny': replace the model by a tiny LLaMA and the tokenizer by a BPE trained on the data, keeping "
                 "everything else but capping a low-rank optimizer's rank at 16 (tests every recipe in seconds)."})
@@ -85,6 +90,8 @@ class Recipe:
 SECTIONS = (ModelArguments, DataArguments, MethodArguments, TrainingArguments)
 STAGES = ("pt", "sft")
 FINETUNING_TYPES = ("full", "lora")
+QUANTIZATION_BITS = (4, 8)
+QUANTIZATION_TYPES = ("nf4", "fp4")
 
 
 def recipe_path(name: str) -> Path:
@@ -177,6 +184,23 @@ def _field_kinds(annotation) -> set:
     return {annotation}
 
 
+def _check_quantization(model: ModelArguments, method: MethodArguments) -> None:
+    bits = model.quantization_bit
+    if bits is None:
+        return
+    if bits not in QUANTIZATION_BITS:
+        raise ValueError(f"quantization_bit={bits!r} is not available; use 4 (QLoRA, nf4) or 8 (LLM.int8)")
+    if model.quantization_type not in QUANTIZATION_TYPES:
+        raise ValueError(f"quantization_type={model.quantization_type!r} is not available; use one of "
+                         f"{QUANTIZATION_TYPES}")
+    if method.finetuning_type != "lora":
+        raise ValueError(f"quantization_bit={bits} loads frozen {bits}-bit base weights that cannot train: set "
+                         "finetuning_type: lora (QLoRA trains adapters on top of them)")
+    if model.model_name_or_path is None and model.stand_in is None:
+        raise ValueError("quantization_bit quantizes a pretrained model: give model_name_or_path, not model_config "
+                         "(a model trained from scratch has nothing to freeze)")
+
+
 def _check(model: ModelArguments, data: DataArguments, method: MethodArguments, train: TrainingArguments) -> None:
     if data.streaming and train.max_steps <= 0:
         raise ValueError("streaming: true reads a dataset of unknown length: set max_steps")
@@ -186,6 +210,7 @@ def _check(model: ModelArguments, data: DataArguments, method: MethodArguments, 
     if method.finetuning_type not in FINETUNING_TYPES:
         raise ValueError(f"finetuning_type={method.finetuning_type!r} is not available; use one of "
                          f"{FINETUNING_TYPES}")
+    _check_quantization(model, method)
     if not data.dataset:
         raise ValueError("the recipe needs a dataset: text files or folders, comma-separated, 'python-stdlib', or a "
                          "Hugging Face dataset name")

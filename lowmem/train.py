@@ -10,6 +10,7 @@ import json
 import resource
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -54,20 +55,40 @@ def load_tokenizer(recipe: Recipe, data):
 
 def load_model(recipe: Recipe, tokenizer):
     """The recipe's model; a from-scratch config gets the tokenizer's vocabulary and pad id (the GaLore configs'
-    32000 vocab does not match the T5 tokenizer they train with, and they have no valid pad id)."""
+    32000 vocab does not match the T5 tokenizer they train with, and they have no valid pad id). With
+    ``quantization_bit`` the base weights load frozen in 4 / 8 bits (QLoRA), the stand-in's included."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_args = recipe.model
     dtype = torch.bfloat16 if model_args.pure_bf16 else None
+    quantized = {"quantization_config": quantization_config(recipe)} if model_args.quantization_bit else {}
     if model_args.model_name_or_path and not model_args.stand_in:
         return _load(AutoModelForCausalLM, model_args.model_name_or_path, dtype=dtype,
-                     trust_remote_code=model_args.trust_remote_code)
+                     trust_remote_code=model_args.trust_remote_code, **quantized)
     values = dict(TINY_CONFIG) if model_args.stand_in else _config_values(model_args.model_config)
     model_type = values.pop("model_type", "llama")
     values.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **values))
+    if quantized:  # the stand-in of a QLoRA recipe: quantized on load, the way a pretrained model is
+        with tempfile.TemporaryDirectory() as saved:
+            model.save_pretrained(saved)
+            return AutoModelForCausalLM.from_pretrained(saved, dtype=dtype, **quantized)
     return model.to(dtype) if dtype else model
+
+
+def quantization_config(recipe: Recipe):
+    """bitsandbytes' config for ``quantization_bit``: 4-bit (nf4 / fp4, double quantization, computing in the
+    training precision) or LLM.int8."""
+    from transformers import BitsAndBytesConfig
+
+    model_args = recipe.model
+    if model_args.quantization_bit == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    bf16 = model_args.pure_bf16 or recipe.train.bf16
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=model_args.quantization_type,
+                              bnb_4bit_use_double_quant=model_args.double_quantization,
+                              bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32)
 
 
 def _config_values(config) -> dict:
@@ -161,7 +182,8 @@ def memory_report(trainer, model) -> dict:
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     state = sum(state_bytes(s) for s in optimizer.state.values())  # any torch optimizer, not only lowmem's
     report = {
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": sum(p.numel() for p in model.parameters()),  # a 4-bit weight counts its packed bytes
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "parameter_bytes": sum(p.nbytes for p in model.parameters()),
         "optimizer_state_bytes": state,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin"

@@ -57,6 +57,38 @@ def test_peak_within_10_percent(config, name, batch, seq, ckpt, eager_8bit):
     assert abs(estimate.total / measured["Total"] - 1) < 0.10, (estimate, measured)
 
 
+@pytest.mark.parametrize("quantized, ckpt", [(False, False), (True, True)])
+def test_lora_and_qlora_peak_within_10_percent(quantized, ckpt):
+    """LoRA on all linear layers; QLoRA: the base loaded through bitsandbytes in 4 bits (nf4, double quantization),
+    its quantization constants counted."""
+    config = _llama(192, 3, 4000)
+    measured = memory.measure_peak(config, "adamw", 2, 128, ckpt, lora=memory.LORA, quantized=quantized)
+    meta = memory.meta_model(config, lora=memory.LORA)
+    estimate = memory.peak_bytes(meta, "adamw", 2, 128, ckpt, quantized=quantized)
+    assert estimate.states == measured["state_bytes"]
+    assert abs(estimate.total / measured["Total"] - 1) < 0.10, (estimate, measured)
+    if quantized:  # the 4-bit weights: their codes (MemTracker's parameters) plus the constants
+        assert abs(estimate.weights / (measured["Parameter"] + measured["QuantConstants"]) - 1) < 0.01
+        assert estimate.weights < 0.7 * memory.weight_bytes(meta)
+
+
+def test_recommended_recipe_command():
+    """The plan names the bundled recipe nearest to the recommended row, with the keys that differ overridden."""
+    rows = memory.plan(dict(TINY.to_dict()), seq_len=64, batch_size=2, card_gib=1, modes=[("adamw", True, "qlora")])
+    command = memory.recipe_command(rows[0], "org/model", 64, 2, bf16=True)
+    assert command == ("lowmem train recipes/finetune-llama-3.1-8b-12gb-qlora.yaml model_name_or_path=org/model "
+                       "cutoff_len=64")
+    full = memory.Row("apollo_mini_layerwise", True, None, rows[0].estimate)
+    assert memory.recipe_command(full, "meta-llama/Llama-3.1-8B-Instruct", 1024, 1, bf16=True) == \
+        "lowmem train recipes/finetune-llama-3.1-8b-24gb-apollo-mini.yaml"
+    scratch = memory.recipe_command(memory.Row("galore_adamw", False, None, rows[0].estimate), "cfg.json", 256, 8,
+                                    bf16=True)
+    assert scratch.startswith("lowmem train recipes/pretrain-llama-") and "model_config=cfg.json" in scratch
+    assert "optim=" not in scratch  # a GaLore pretraining recipe keeps its own optim_args
+    other = memory.recipe_command(memory.Row("adamw_8bit", False, None, rows[0].estimate), "org/m", 1024, 4, True)
+    assert "optim=adamw_8bit optim_args=null" in other  # another optimizer drops the recipe's options
+
+
 def test_plan_table_and_recommendation():
     rows = memory.plan(dict(TINY.to_dict()), seq_len=64, batch_size=1, card_gib=1)
     assert all(r.fits for r in rows if not r.notes)
@@ -83,5 +115,6 @@ def test_lowmem_plan_command(tmp_path, capsys):
     assert cli.main(["plan", str(tmp_path / "config.json"), "--seq", "64", "--card-gib", "1"]) == 0
     out = capsys.readouterr().out
     assert "galore_adamw_8bit_layerwise" in out and "Recommended on a 1 GiB card" in out
+    assert "adamw + QLoRA + ckpt" in out and "Run it: lowmem train recipes/" in out
     assert cli.main(["plan", str(tmp_path / "missing.json")]) == 2
     assert capsys.readouterr().err.startswith("lowmem: error: config file")

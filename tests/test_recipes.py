@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from lowmem import cli
 from lowmem.recipe import RECIPES_DIR, parse_recipe, read_values
@@ -32,7 +33,8 @@ def test_every_recipe_runs_two_steps_with_the_tiny_stand_in(recipe, tmp_path, ca
     assert cli.main(["train", str(recipe), *quick, f"output_dir={out}"]) == 0
     report = json.loads((out / "memory.json").read_text())
     assert report["optimizer_state_bytes"] > 0 and report["peak_rss_bytes"] > 0
-    assert (out / "loss.png").stat().st_size > 1000 and (out / "model.safetensors").is_file()
+    saved = "adapter_model" if read_values(recipe).get("finetuning_type") == "lora" else "model"
+    assert (out / "loss.png").stat().st_size > 1000 and (out / f"{saved}.safetensors").is_file()
     assert "optimizer state:" in capsys.readouterr().out
 
 
@@ -65,6 +67,14 @@ def test_cpu_tiny_trains_galore_from_scratch(tmp_path):
     ("dataset: python-stdlib\nmodel_config: {hidden_size: 64}\ntokenizer: bpe\n", ["max_steps=ten"],
      "'max_steps' takes a number"),
     ("dataset: python-stdlib\nmodel_config: {}\ntokenizer: bpe\n", ["stage=dpo"], "stage='dpo' is not available"),
+    ("dataset: python-stdlib\nmodel_name_or_path: org/model\n", ["quantization_bit=4"],
+     "set finetuning_type: lora"),
+    ("dataset: python-stdlib\nmodel_name_or_path: org/model\nfinetuning_type: lora\n", ["quantization_bit=3"],
+     "quantization_bit=3 is not available"),
+    ("dataset: python-stdlib\nmodel_name_or_path: org/model\nfinetuning_type: lora\nquantization_bit: 4\n",
+     ["quantization_type=int4"], "quantization_type='int4' is not available"),
+    ("dataset: python-stdlib\nmodel_config: {}\ntokenizer: bpe\nfinetuning_type: lora\nquantization_bit: 4\n",
+     [], "give model_name_or_path, not model_config"),
 ])
 def test_mistakes_are_one_line_and_write_nothing(tmp_path, capsys, text, overrides, message):
     recipe = tmp_path / "r.yaml"
@@ -181,3 +191,45 @@ def test_lora_with_a_projection_optimizer_is_refused(tmp_path, capsys):
     assert cli.main(["train", "cpu-tiny", "stage=sft", f"dataset={alpaca}", "stand_in=tiny", "finetuning_type=lora",
                      f"output_dir={out}"]) == 2
     assert "LoRA-wrapped" in capsys.readouterr().err and not out.exists()
+
+
+def test_qlora_trains_adapters_on_frozen_4bit_weights(tmp_path):
+    """quantization_bit: 4 loads the base through bitsandbytes (nf4, double quantization) with every linear but the
+    head in 4 bits and frozen; only the LoRA factors train, and they move."""
+    from bitsandbytes.nn import Linear4bit
+    from safetensors.torch import load_file
+
+    from lowmem.train import prepare
+
+    alpaca, _ = instruction_files(tmp_path)
+    out = tmp_path / "out"
+    recipe = RECIPES_DIR / "finetune-llama-3.1-8b-12gb-qlora.yaml"
+    quick = [*QUICK, f"dataset={alpaca}", "cutoff_len=256", "max_samples=8", "learning_rate=0.01",
+             f"output_dir={out}"]
+    _, _, model = prepare(parse_recipe(read_values(recipe, quick)))
+    linears = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert len(linears) == 2 * 7 and all(m.weight.dtype == torch.uint8 for m in linears)
+    assert model.get_output_embeddings().weight.dtype == torch.bfloat16  # pure_bf16; the head is not quantized
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+
+    assert cli.main(["train", str(recipe), *quick]) == 0
+    adapters = load_file(out / "adapter_model.safetensors")
+    lora_b = [t for name, t in adapters.items() if "lora_B" in name]
+    assert len(lora_b) == 14 and all(t.abs().sum() > 0 for t in lora_b)  # initialised to zero, trained since
+    report = json.loads((out / "memory.json").read_text())
+    assert report["trainable_parameters"] == sum(t.numel() for t in adapters.values())
+
+
+def test_quantization_bit_8_loads_int8_linears(tmp_path):
+    from bitsandbytes.nn import Linear8bitLt
+
+    from lowmem.train import prepare
+
+    alpaca, _ = instruction_files(tmp_path)
+    recipe = RECIPES_DIR / "finetune-llama-3.1-8b-12gb-qlora.yaml"
+    overrides = [*QUICK, f"dataset={alpaca}", "cutoff_len=256", "max_samples=8", "quantization_bit=8",
+                 f"output_dir={tmp_path / 'out'}"]
+    _, _, model = prepare(parse_recipe(read_values(recipe, overrides)))
+    linears = [m for m in model.modules() if isinstance(m, Linear8bitLt)]
+    assert len(linears) == 14 and all(m.weight.dtype == torch.int8 and not m.weight.requires_grad for m in linears)
