@@ -1,4 +1,5 @@
-"""The ``lowmem`` command: ``lowmem train RECIPE [key=value ...]``, ``lowmem plan MODEL`` and ``lowmem list``.
+"""The ``lowmem`` command: ``lowmem train RECIPE [key=value ...]``, ``lowmem plan MODEL``, ``lowmem bench`` and
+``lowmem list``.
 
 A mistake in the user's input prints one line (``lowmem: error: ...``) and exits with status 2.
 """
@@ -27,12 +28,21 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--card-gib", type=float, default=24.0, help="the card's memory in GiB (default 24)")
     plan.add_argument("--bf16", action="store_true", help="weights in bf16 (pure_bf16) instead of fp32")
     commands.add_parser("list", help="every optimizer name with its state bytes per parameter and a summary")
+    bench = commands.add_parser("bench", help="quick benchmark against the reference packages: state bytes per "
+                                              "parameter and step-time ratios on LLaMA-130M-shaped weights")
+    bench.add_argument("--layers", type=int, default=1, help="LLaMA-130M layers (default 1; the full model has 12)")
+    bench.add_argument("--vocab", type=int, default=8000, help="vocabulary (default 8000; LLaMA-130M's is 32000)")
+    bench.add_argument("--rank", type=int, default=128)
+    bench.add_argument("--repeats", type=int, default=3, help="timed blocks per pair (default 3)")
+    bench.add_argument("--no-references", action="store_true", help="lowmem's state bytes only (no packages)")
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
             return _train(args.recipe, args.overrides)
         if args.command == "plan":
             return _plan(args)
+        if args.command == "bench":
+            return _bench(args)
         return _list()
     except (ValueError, FileNotFoundError) as err:
         print(f"lowmem: error: {err}", file=sys.stderr)
@@ -63,6 +73,17 @@ def _plan(args) -> int:
     best = recommend(rows)
     command = recipe_command(best, args.model, args.seq, args.batch, args.bf16) if best else ""
     print(format_plan(rows, args.card_gib, command))
+    return 0
+
+
+def _bench(args) -> int:
+    """State bytes of every name and the step-time ratios against the references (about 1-2 minutes on 2 cores)."""
+    from .bench import report, suite
+
+    result = suite(layers=args.layers, vocab=args.vocab, rank=args.rank, repeats=args.repeats, min_block_s=0.1,
+                   references=not args.no_references, progress=lambda line: print(line, file=sys.stderr))
+    print(report(result))
+    print("\nThe full run (12 layers, more repeats, quality and a 1.1B step): see benchmarks/RESULTS.md.")
     return 0
 
 
