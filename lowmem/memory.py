@@ -458,7 +458,10 @@ def measure_peak(config, name: str, batch: int, seq: int, checkpointing: bool = 
             for p in frozen:  # MemTracker would hook their gradients, which a frozen weight cannot have
                 tracker._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
             tokens = torch.randint(model.config.vocab_size, (batch, seq), generator=gen)
-            model(input_ids=tokens, labels=tokens).loss.backward()
+            loss = model(input_ids=tokens, labels=tokens).loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{name}: the loss is {loss.item()} (a measurement of a broken step)")
+            loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     peak = {}
