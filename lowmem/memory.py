@@ -479,19 +479,18 @@ class _NoHook:
 
 
 def _real_model(config, dtype: torch.dtype, quantized: bool) -> nn.Module:
-    """A randomly initialised causal LM; ``quantized``: saved and reloaded through bitsandbytes' 4-bit loader."""
-    import tempfile
-
+    """A randomly initialised causal LM; ``quantized``: reloaded through bitsandbytes' 4-bit loader (nf4, double
+    quantization), as a QLoRA recipe loads its base."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from .train import reload_quantized
 
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if not quantized:
         return model
-    with tempfile.TemporaryDirectory() as saved:
-        model.save_pretrained(saved)
-        four_bit = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=dtype)
-        return AutoModelForCausalLM.from_pretrained(saved, dtype=dtype, quantization_config=four_bit)
+    four_bit = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype)
+    return reload_quantized(model, four_bit, dtype)
 
 
 def _quant_state_bytes(model: nn.Module) -> int:
@@ -576,21 +575,23 @@ def recipe_command(row: Row, model, seq_len: int, batch_size: int, bf16: bool) -
 
     import yaml
 
-    from .recipe import RECIPES_DIR
+    from .recipe import RECIPES_DIR, read_values
 
-    from_config = row.adapters is None and (isinstance(model, dict) or str(model).endswith(".json"))
+    if isinstance(model, dict):
+        return ""  # an inline config has no name a recipe could take
+    from_config = row.adapters is None and str(model).endswith(".json")
     source = str(model) if not str(model).endswith(".json") else "MODEL"
     wanted = {"optim": row.optimizer, "finetuning_type": "full" if row.adapters is None else "lora",
               "quantization_bit": 4 if row.adapters == "qlora" else None}
     candidates = []
     for path in sorted(RECIPES_DIR.glob("*.yaml")):
-        values = yaml.safe_load(path.read_text())
+        values = read_values(path)
         if ("model_config" in values) == from_config:
             values.setdefault("finetuning_type", "full")
             score = (sum(values.get(k) != v for k, v in wanted.items()), values.get("model_name_or_path") != source,
                      path.stem == "cpu-tiny")  # the CPU demo only when nothing else is as near
             candidates.append((score, path, values))
-    if not candidates or isinstance(model, dict):
+    if not candidates:
         return ""
     _, path, values = min(candidates, key=lambda c: c[0])
     overrides = {**wanted, **({"optim_args": None} if values.get("optim") != row.optimizer else {}),

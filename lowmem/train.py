@@ -71,10 +71,18 @@ def load_model(recipe: Recipe, tokenizer):
                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **values))
     if quantized:  # the stand-in of a QLoRA recipe: quantized on load, the way a pretrained model is
-        with tempfile.TemporaryDirectory() as saved:
-            model.save_pretrained(saved)
-            return AutoModelForCausalLM.from_pretrained(saved, dtype=dtype, **quantized)
+        return reload_quantized(model, quantized["quantization_config"], dtype)
     return model.to(dtype) if dtype else model
+
+
+def reload_quantized(model, quantization_config, dtype=None):
+    """``model`` saved and loaded back through transformers' bitsandbytes loader (``quantization_config``): how a
+    model built in memory gets the quantized layers a pretrained one gets on load."""
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as saved:
+        model.save_pretrained(saved)
+        return AutoModelForCausalLM.from_pretrained(saved, dtype=dtype, quantization_config=quantization_config)
 
 
 def quantization_config(recipe: Recipe):

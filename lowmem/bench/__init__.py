@@ -39,9 +39,10 @@ def suite(layers: int = 12, vocab: int = 32000, rank: int = 128, names=None, tim
     """State table for ``names`` (default: every registered one) and step-time ratios for ``timed``, on the weights
     of LLaMA-130M (hidden 768, intermediate 2048) with ``layers`` layers and a ``vocab`` vocabulary, fp32, on
     ``device`` (default: the GPU when there is one)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from .. import available_optimizers
+    from ..memory import load_config
     from .references import REFERENCES, references_of
     from .state import LLAMA_130M, random_grads, state_rows
     from .timing import time_pair
@@ -54,8 +55,7 @@ def suite(layers: int = 12, vocab: int = 32000, rank: int = 128, names=None, tim
     names = list(names or available_optimizers())
     progress(f"state bytes of {len(names)} optimizers ...")
     states = state_rows(config, names, lambda n: options_for(n, rank), with_references=references, device=device)
-    values = dict(config)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(values.pop("model_type"), **values)).to(device)
+    model = AutoModelForCausalLM.from_config(load_config(config)).to(device)
     timings = []
     for name in timed if references else ():
         for key in references_of(name):

@@ -76,14 +76,14 @@ class Run:
         return self.eval_loss[-1][1]
 
 
-def tiny_llama(seed: int, vocab_size: int, **overrides):
+def tiny_llama(seed: int, vocab_size: int):
     """The quality model with seeded initial weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    values = {**MODEL, **overrides, "vocab_size": vocab_size}
-    model_type = values.pop("model_type")
+    from ..memory import load_config
+
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **values))
+    return AutoModelForCausalLM.from_config(load_config({**MODEL, "vocab_size": vocab_size}))
 
 
 def schedule(optimizer, steps: int, warmup: float = 0.1, floor: float = 0.1):

@@ -102,14 +102,13 @@ def state_rows(config: dict, names: list[str], options_for, with_references: boo
                device: str = "cpu") -> list[StateRow]:
     """For each name: one step of lowmem's optimizer and of each reference on a model of ``config`` (fp32, on
     ``device``), and the bytes of their states; ``options_for(name)`` gives the options both are built with."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from .. import create_optimizer
-    from ..memory import meta_model, optimizer_state_bytes
+    from ..memory import load_config, meta_model, optimizer_state_bytes
     from .references import REFERENCES, reference, references_of
 
-    values = dict(config)
-    hf_config = AutoConfig.for_model(values.pop("model_type"), **values)
+    hf_config = load_config(config)
     model = AutoModelForCausalLM.from_config(hf_config).to(device)
     meta = meta_model(hf_config)
     params = sum(p.numel() for p in model.parameters())

@@ -31,10 +31,6 @@ class Timing:
     high: float
     blocks: int
 
-    @property
-    def spread(self) -> float:
-        return (self.high - self.low) / self.ratio
-
 
 def _sync() -> None:
     if torch.cuda.is_available():
