@@ -297,10 +297,12 @@ def update_temp_bytes(shape: tuple, dtype: torch.dtype, parts) -> int:
     """Bytes of the temporaries one parameter's update allocates (while its gradient and state are live).
 
     From reading ``lowmem.optim`` and checked with MemTracker: AdamW's ``sqrt(v)`` buffer (which then holds the
-    direction) in the state dtype; blockwise 8-bit: the dequantized fp32 moments, the direction and the new codes;
+    direction) in the state dtype, one chunk's worth for a large unprojected tensor (updated a chunk at a time);
+    blockwise 8-bit: the dequantized fp32 moments, the direction and the new codes;
     Adam-mini's ``g * g``; Adafactor / CAME's fp32 ``g^2`` buffer; GaLore's projected gradient and direction plus
     the back-projected m x n update; APOLLO (fp32) only projected-size tensors, no full-size one.
     """
+    from .optim.compose import updates_in_chunks
     from .optim.projectors import GaussianProjector
     from .optim.quantized import CHUNK as QUANT_CHUNK
     from .optim.quantized import BlockwiseQuantStore
@@ -312,9 +314,11 @@ def update_temp_bytes(shape: tuple, dtype: torch.dtype, parts) -> int:
     quantized = isinstance(parts.store, BlockwiseQuantStore) and n_low >= parts.store.min_8bit_size
     state_e = 4 if quantized else nbytes(1, getattr(parts.store, "dtype", None) or dtype)
     rule = parts.rule
+    if updates_in_chunks(parts, n_full):  # the whole update runs a chunk at a time (compose.updates_in_chunks)
+        n_low = QUANT_CHUNK
     if isinstance(rule, AdamW) and quantized:
         # eager (GPU) path, measured with MemTracker: ~42 B per element of a chunk (dequantized moments, quantizer
-        # temporaries, the chunk's direction), plus the whole fp32 direction when the tensor is chunked
+        # temporaries, the chunk's direction), plus the whole fp32 direction when a projected tensor is chunked
         chunk = min(n_low, CHUNK_8BIT)
         direction = 42 * chunk + (4 * n_low if n_low > CHUNK_8BIT else 0) + (n_low * e if e != 4 else 0)
     elif isinstance(rule, AdamW):

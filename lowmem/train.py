@@ -188,11 +188,13 @@ def _fit_rank_to_stand_in(args) -> None:
 def memory_report(trainer, model) -> dict:
     """Peak memory of the run and the optimizer state's exact bytes."""
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
-    state = sum(state_bytes(s) for s in optimizer.state.values())  # any torch optimizer, not only lowmem's
+    state = sum(state_bytes(s) for s in optimizer.state.values() if isinstance(s, dict))  # any torch optimizer
+    streamer = getattr(optimizer, "streamer", None)  # offloaded MeZO: blocks are placeholders between turns
+    numel = streamer.numel if streamer is not None else torch.Tensor.numel
     report = {
-        "parameters": sum(p.numel() for p in model.parameters()),  # a 4-bit weight counts its packed bytes
-        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "parameter_bytes": sum(p.nbytes for p in model.parameters()),
+        "parameters": sum(numel(p) for p in model.parameters()),  # a 4-bit weight counts its packed bytes
+        "trainable_parameters": sum(numel(p) for p in model.parameters() if p.requires_grad),
+        "parameter_bytes": sum(numel(p) * p.element_size() for p in model.parameters()),
         "optimizer_state_bytes": state,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin"
                                                                                 else 1024),  # KiB on Linux

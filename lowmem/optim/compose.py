@@ -29,6 +29,7 @@ import torch
 
 from .lifts import Lift, make_lift
 from .projectors import GaussianProjector, Projector, make_projector
+from .quantized import CHUNK
 from .rules import DEFAULT_BETAS, DEFAULT_EPS, Rule, make_rule
 from .states import StateStore, make_store, state_bytes
 
@@ -170,6 +171,27 @@ class LowMemOptimizer(torch.optim.Optimizer):
         if grad.is_sparse:
             raise RuntimeError("lowmem optimizers do not support sparse gradients")
         state = self.state[p]
+        if low is None and _in_chunks(p, grad, parts):
+            self._update_in_chunks(p, grad, state, group, parts)
+        else:
+            self._update(p, grad, state, group, parts, low)
+
+    def _update_in_chunks(self, p, grad, state: dict, group: dict, parts: Parts) -> None:
+        """An unprojected tensor under an elementwise rule, ``CHUNK`` elements at a time: the direction (and for
+        8-bit moments their dequantized copies) then never exists for the whole tensor, which in a layer-wise step
+        of a large embedding or head is that tensor's size again at the peak. Bit-identical to the whole tensor."""
+        parts.rule.init_state(state, parts.store, grad)
+        state.setdefault("step", 0)
+        flat_p, flat_grad = p.view(-1), grad.view(-1)
+        for start in range(0, flat_grad.numel(), CHUNK):
+            end = min(start + CHUNK, flat_grad.numel())
+            part = parts.store.chunk(state, parts.rule.moments, start, end)
+            self._update(flat_p[start:end], flat_grad[start:end], part, group, parts, None)
+            parts.store.write_chunk(state, part, parts.rule.moments, start, end)
+        state["step"] += 1
+
+    def _update(self, p, grad, state: dict, group: dict, parts: Parts, low: torch.Tensor | None) -> None:
+        """``update_param`` on a tensor (or a chunk of one) with its gradient and state."""
         lr, wd = group["lr"], group["weight_decay"]
         if low is None:
             if parts.projector.needs_refresh(state):
@@ -211,3 +233,14 @@ class LowMemOptimizer(torch.optim.Optimizer):
     def state_bytes(self) -> int:
         """Exact bytes of every tensor this optimizer holds as state."""
         return sum(state_bytes(s) for s in self.state.values())
+
+
+def updates_in_chunks(parts: Parts, numel: int) -> bool:
+    """Whether a tensor of ``numel`` elements in a group with these parts is updated ``CHUNK`` elements at a time:
+    over ``CHUNK`` elements, not projected, under an elementwise rule and the plain lift."""
+    return numel > CHUNK and type(parts.projector) is Projector and type(parts.lift) is Lift and parts.rule.elementwise
+
+
+def _in_chunks(p: torch.Tensor, grad: torch.Tensor, parts: Parts) -> bool:
+    """``updates_in_chunks`` for ``p``, whose weight and gradient must also be contiguous (flat views)."""
+    return updates_in_chunks(parts, grad.numel()) and p.is_contiguous() and grad.is_contiguous()

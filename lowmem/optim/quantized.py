@@ -199,13 +199,14 @@ class BlockwiseQuantStore:
         part = {"step": state["step"]}
         for key in keys:
             part[key] = state[key].view(-1)[start:end]
-            part[key + "_absmax"] = state[key + "_absmax"][_blocks_of(start, end, self.blocksize)]
-            part[key + "_signed"] = state[key + "_signed"]
+            if key + "_absmax" in state:  # else a full-precision tensor (under min_8bit_size): a view suffices
+                part[key + "_absmax"] = state[key + "_absmax"][_blocks_of(start, end, self.blocksize)]
+                part[key + "_signed"] = state[key + "_signed"]
         return part
 
     def write_chunk(self, state: dict, part: dict, keys, start: int, end: int) -> None:
         """Copy a chunk's codes and block maxima (replaced by ``save``) back into the whole tensors."""
-        for key in keys:
+        for key in [k for k in keys if k + "_absmax" in state]:
             state[key].view(-1)[start:end].copy_(part[key].view(-1))
             state[key + "_absmax"][_blocks_of(start, end, self.blocksize)].copy_(part[key + "_absmax"])
 

@@ -43,6 +43,7 @@ from .presets import (
 )
 from .states import BlockwiseQuantStore, make_store
 from .targets import check_not_lora, plain_split, split_parameters
+from .zo import MeZO
 
 #: Options every name accepts; low-rank names also take ``target_modules`` (which weights to project).
 COMMON_OPTIONS = dict(lr=1e-3, weight_decay=0.0, state_dtype=None, layerwise=False, layerwise_accumulation="projected")
@@ -70,8 +71,12 @@ class OptimizerSpec:
     precision: str | None = None
     #: ``<name>_layerwise``: updates run inside backward.
     layerwise: bool = False
+    #: Estimates the gradient from forwards only (``cls(model, **options)``; no states, no layer-wise form).
+    zeroth_order: bool = False
 
     def options(self) -> dict:
+        if self.zeroth_order:
+            return {"lr": COMMON_OPTIONS["lr"], "weight_decay": 0.0, **self.ctor}
         targets = {"target_modules": None} if self.low_rank else {}
         return {**COMMON_OPTIONS, **targets, **self.ctor, **self.group, **self.every_group}
 
@@ -207,9 +212,25 @@ REGISTRY["galore_came_8bit"] = replace(
     compose_spec("galore+came+8bit"), summary=REGISTRY["galore_came"].summary + "; moments in blockwise 8-bit")
 
 
+#: Zeroth-order names: they train from forwards only, so the gradient-based tooling (layer-wise updates, state
+#: precisions, the parity and state benchmarks) does not apply to them.
+ZEROTH_ORDER: dict[str, OptimizerSpec] = {
+    "mezo": OptimizerSpec(
+        MeZO, "MeZO: zeroth-order SGD from two perturbed forwards per step; no gradients, no state",
+        ctor=dict(lr=1e-6, zo_eps=1e-3, zo_samples=1, seed=0, offload=None, offload_dir=None, offload_layers=None,
+                  offload_device=None), low_rank=False, zeroth_order=True),
+}
+
+
 def available_optimizers() -> list[str]:
-    """The registered optimizer names (generic ``<method>+<rule>[+<precision>]`` names work too)."""
+    """The registered gradient-based optimizer names (generic ``<method>+<rule>[+<precision>]`` names work too;
+    the zeroth-order ones are in ``zeroth_order_optimizers()``)."""
     return sorted(REGISTRY)
+
+
+def zeroth_order_optimizers() -> list[str]:
+    """The zeroth-order names (``"mezo"``): trained from forwards only, with the memory of inference."""
+    return sorted(ZEROTH_ORDER)
 
 
 def _closest(word: str, choices) -> str:
@@ -224,10 +245,13 @@ def get_spec(name: str) -> OptimizerSpec:
         return replace(get_spec(key[:-len(LAYERWISE_SUFFIX)]), layerwise=True)
     if key in REGISTRY:
         return REGISTRY[key]
+    if key in ZEROTH_ORDER:
+        return ZEROTH_ORDER[key]
     if isinstance(key, str) and "+" in key:
         return compose_spec(key)
-    raise ValueError(f"unknown optimizer {name!r}.{_closest(str(name), REGISTRY)} "
-                     f"Available: {', '.join(available_optimizers())}. "
+    raise ValueError(f"unknown optimizer {name!r}.{_closest(str(name), {**REGISTRY, **ZEROTH_ORDER})} "
+                     f"Available: {', '.join(available_optimizers())}; zeroth-order: "
+                     f"{', '.join(zeroth_order_optimizers())}. "
                      f"Or compose one as {_GENERIC_FORM}, e.g. 'galore+came+8bit' ({_parts_help()}).")
 
 
@@ -240,6 +264,11 @@ def check_options(name: str, options: dict) -> dict:
             raise ValueError(f"optimizer {name!r} has no option {key!r}.{_closest(key, allowed)} "
                              f"Its options: {', '.join(sorted(allowed))}.")
     opts = {**allowed, **options}
+    if spec.zeroth_order:
+        if spec.layerwise:
+            raise ValueError(f"optimizer {name!r} has no layer-wise form: it computes no gradients, so there is "
+                             f"nothing to update inside backward. Use {name.lower()[:-len(LAYERWISE_SUFFIX)]!r}.")
+        return opts
     opts["layerwise"] = bool(opts["layerwise"] or spec.layerwise)  # a ``<name>_layerwise`` name sets it
     check_accumulation(opts["layerwise_accumulation"])
     if spec.rule:
@@ -291,9 +320,10 @@ def _other_groups(spec: OptimizerSpec, model: nn.Module, split, weight_decay) ->
     return groups
 
 
-def create_optimizer(name: str, model: nn.Module, **options) -> LowMemOptimizer:
+def create_optimizer(name: str, model: nn.Module, **options) -> LowMemOptimizer | MeZO:
     """Build optimizer ``name`` for ``model``'s trainable parameters: a registered name
-    (``available_optimizers()``) or a generic ``<method>+<rule>[+<precision>]`` (``composition_parts()``).
+    (``available_optimizers()``), a generic ``<method>+<rule>[+<precision>]`` (``composition_parts()``) or a
+    zeroth-order name (``zeroth_order_optimizers()``: ``"mezo"``, see ``zo``).
 
     With ``layerwise=True`` (or a ``<name>_layerwise`` name) every update runs inside backward (see ``layerwise``).
     With 8-bit states, embedding weights keep fp32 states, as transformers does for bitsandbytes: a rare token's
@@ -301,6 +331,8 @@ def create_optimizer(name: str, model: nn.Module, **options) -> LowMemOptimizer:
     """
     spec = get_spec(name)
     opts = check_options(name, options)
+    if spec.zeroth_order:
+        return spec.cls(model, **opts)
     layerwise, accumulation = opts.pop("layerwise"), opts.pop("layerwise_accumulation")
     optimizer = _build(name, spec, model, opts)
     if isinstance(make_store(opts["state_dtype"]), BlockwiseQuantStore):

@@ -38,9 +38,15 @@ class Rule:
     decay = "mul_before"
     #: The state keys holding the rule's statistics (what ``reset`` zeroes).
     moments: tuple[str, ...] = ()
+    #: Whether each element's direction depends only on that element's gradient and moments (then the optimizer
+    #: may update a large unprojected tensor a chunk of elements at a time: ``init_state`` first, on the whole).
+    elementwise = False
 
     def direction(self, grad: torch.Tensor, state: dict, store: StateStore, lr: float, param: torch.Tensor):
         return grad, lr, lr
+
+    def init_state(self, state: dict, store: StateStore, grad: torch.Tensor) -> None:
+        """Create the statistics for a gradient shaped like ``grad`` if they do not exist yet."""
 
     def reset(self, state: dict, store: StateStore) -> None:
         """Zero the statistics and restart bias correction (FRUGAL's ``reset_statistics``)."""
@@ -61,6 +67,7 @@ class AdamW(Rule):
     """Adam moments with either numeric core (see the module docstring)."""
 
     moments = ("exp_avg", "exp_avg_sq")
+    elementwise = True
 
     def __init__(self, betas=(0.9, 0.999), eps: float = 1e-6, correct_bias: bool = True, core: str = "hf"):
         if core not in ("hf", "torch"):
@@ -69,10 +76,13 @@ class AdamW(Rule):
         self.eps, self.correct_bias, self.core = eps, correct_bias, core
         self.decay = "after" if core == "hf" else "mul_before"
 
-    def direction(self, grad, state, store, lr, param):
+    def init_state(self, state, store, grad):
         if "exp_avg" not in state:
             store.init(state, "exp_avg", grad, signed=True)
             store.init(state, "exp_avg_sq", grad, signed=False)
+
+    def direction(self, grad, state, store, lr, param):
+        self.init_state(state, store, grad)
         t = state["step"]
         fused = adam_8bit.fused_applicable(state, grad)
         if "exp_avg_absmax" in state and grad.numel() > CHUNK_8BIT:

@@ -34,7 +34,9 @@ class StateStore:
       ``signed`` says whether the values can be negative (first moments) or not (second moments);
     * ``load(state, key)``: the tensor to update in place (a dequantized fp32 copy for 8-bit);
     * ``save(state, key, working, signed)``: store the working tensor back (requantize for 8-bit);
-    * ``zero(state, key)``: reset to zeros, keeping the storage.
+    * ``zero(state, key)``: reset to zeros, keeping the storage;
+    * ``chunk(state, keys, start, end)`` / ``write_chunk(state, part, keys, start, end)``: a state dict over a
+      range of elements (``start`` a multiple of ``quantized.CHUNK``), and storing it back.
     """
 
     def __init__(self, dtype: torch.dtype | None = None):
@@ -52,6 +54,14 @@ class StateStore:
 
     def zero(self, state: dict, key: str) -> None:
         state[key].zero_()
+
+    def chunk(self, state: dict, keys, start: int, end: int) -> dict:
+        """A state dict over elements ``start:end`` of ``keys``: views, updated in place (``write_chunk`` has
+        nothing to copy back). The optimizer uses it to update a large tensor a chunk of elements at a time."""
+        return {"step": state["step"], **{key: state[key].view(-1)[start:end] for key in keys}}
+
+    def write_chunk(self, state: dict, part: dict, keys, start: int, end: int) -> None:
+        """Store a chunk from ``chunk`` back (views: already in place)."""
 
 
 def state_bytes(state: dict) -> int:

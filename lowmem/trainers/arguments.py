@@ -87,6 +87,9 @@ class TrainingArguments(transformers.TrainingArguments):
     1.0 otherwise, as in transformers), and an explicit positive value is an error. They also refuse fp16
     (its loss scaling reaches the update unscaled; use bf16) and more than one process (DDP reduces gradients
     after the hooks have used them).
+
+    ``optim="mezo"`` (zeroth-order) likewise has ``max_grad_norm`` 0 by default and refuses a positive one, fp16 and
+    more than one process; its options (``zo_eps``, ``zo_samples``, ``seed``) come through ``optim_args``.
     """
 
     optim: str = field(default=transformers.TrainingArguments.__dataclass_fields__["optim"].default, metadata={
@@ -111,8 +114,35 @@ class TrainingArguments(transformers.TrainingArguments):
         super().__post_init__()
         self.optim = name
         options = self.lowmem_options()  # checks optim_args and the target modules now, not at the first step
-        if options["layerwise"]:
+        if get_spec(name).zeroth_order:
+            self._check_zeroth_order()
+        elif options["layerwise"]:
             self._check_layerwise()
+
+    @property
+    def place_model_on_device(self) -> bool | None:
+        """False for offloaded MeZO (``optim_args="offload=ram"`` or ``"disk"``): the model stays where it was loaded
+        (it does not fit on the device) until the optimizer streams its blocks; transformers decides otherwise."""
+        name = getattr(self, "lowmem_optim", None)
+        if name and get_spec(name).zeroth_order and self.lowmem_options().get("offload"):
+            return False
+        return super().place_model_on_device
+
+    def _check_zeroth_order(self) -> None:
+        """What a zeroth-order step cannot honour: there are no gradients to clip or to scale, and one process."""
+        name = self.lowmem_optim
+        if not self.max_grad_norm_given:
+            self.max_grad_norm = 0.0
+        elif self.max_grad_norm > 0:
+            raise ValueError(f"optim={name!r} computes no gradients (it estimates one scalar per step from two "
+                             f"forwards), so max_grad_norm={self.max_grad_norm} has nothing to clip. Set "
+                             "max_grad_norm=0, and bound the step with a smaller learning_rate or zo_eps.")
+        if self.fp16:
+            raise ValueError(f"optim={name!r} with fp16: a zeroth-order step has no backward for the fp16 loss "
+                             "scaler to scale. Use bf16=True, or load the model in fp16 without fp16=True.")
+        if self.world_size > 1:
+            raise ValueError(f"optim={name!r} runs in one process ({self.world_size} were started): its update is "
+                             "one scalar per seed, which DDP does not average. Launch a single process.")
 
     def _check_layerwise(self) -> None:
         name = self.lowmem_optim

@@ -13,6 +13,7 @@ import dataclasses
 import transformers
 
 from ..optim.registry import create_optimizer
+from ..optim.zo import MeZO, pair_loss
 from .arguments import TrainingArguments, layerwise_ddp_error
 
 _OPTIM_FIELDS = ("optim", "optim_args", "optim_target_modules")
@@ -37,7 +38,7 @@ class Trainer(transformers.Trainer):
         if self.optimizer is None:
             model = args[0] if args else kwargs.get("model") or self.model
             optimizer = create_optimizer(name, model, **self.args.lowmem_options())
-            if optimizer.layerwise is not None and self.accelerator.num_processes > 1:
+            if getattr(optimizer, "layerwise", None) is not None and self.accelerator.num_processes > 1:
                 optimizer.layerwise.remove()  # the arguments may have changed since they were checked
                 raise layerwise_ddp_error(name, self.accelerator.num_processes)
             self.optimizer = optimizer
@@ -48,8 +49,17 @@ class Trainer(transformers.Trainer):
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
         return getattr(optimizer, "layerwise", None)
 
+    def zeroth_order(self):
+        """The optimizer when it is zeroth-order (``optim="mezo"``), else None."""
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        return optimizer if isinstance(optimizer, MeZO) else None
+
     def training_step(self, model, inputs, *args, **kwargs):
-        """transformers' step; a layer-wise optimizer updates only in the last micro-batch of each step."""
+        """transformers' step; a layer-wise optimizer updates only in the last micro-batch of each step; a
+        zeroth-order one estimates the gradient from two forwards instead of a backward."""
+        zo = self.zeroth_order()
+        if zo is not None:
+            return self._zeroth_order_step(zo, model, inputs)
         updates = self.layerwise_updates()
         if updates is None:
             return super().training_step(model, inputs, *args, **kwargs)
@@ -59,12 +69,38 @@ class Trainer(transformers.Trainer):
         finally:
             updates.sync = True
 
+    def _zeroth_order_step(self, zo: MeZO, model, inputs):
+        """One micro-batch of a MeZO step: the loss at ``W +- eps z`` (model in eval mode, no autograd) adds its
+        share to the step's projected gradient; the Trainer's ``optimizer.step()`` applies the update after the
+        last micro-batch, and its scheduler sets the learning rate. Returns the loss as transformers does (divided
+        by the micro-batches per step, since the Trainer sums them)."""
+        inputs = self._prepare_inputs(inputs)
+        accumulation = self.current_gradient_accumulation_steps
+
+        def loss():
+            with self.compute_loss_context_manager():
+                if zo.streamer is not None:  # the dual forward: both losses from the batch taken twice
+                    return pair_loss(model, inputs)
+                return self.compute_loss(model, inputs)
+        return zo.estimate(loss, weight=1.0 / accumulation).to(self.args.device) / accumulation
+
+    def _save(self, output_dir=None, state_dict=None):
+        """transformers' save; with offloaded blocks, of the gathered weights (never the empty placeholders)."""
+        zo = self.zeroth_order()
+        if zo is None or zo.streamer is None:
+            return super()._save(output_dir, state_dict)
+        with zo.streamer.gathered():
+            return super()._save(output_dir, state_dict)
+
     def log(self, logs: dict, *args, **kwargs) -> None:
         """transformers' log; in layer-wise mode ``grad_norm`` is the real norm (transformers 5.x would log 0, and
         4.57 nothing, since the gradients are gone by the time it looks)."""
         updates = self.layerwise_updates()
         if updates is not None and "loss" in logs and updates.last_grad_norm is not None:
             logs["grad_norm"] = updates.last_grad_norm
+        zo = self.zeroth_order()
+        if zo is not None and "loss" in logs and zo.last_projected_grad is not None:
+            logs["projected_grad"] = zo.last_projected_grad
         super().log(logs, *args, **kwargs)
 
 
