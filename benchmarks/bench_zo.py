@@ -27,12 +27,12 @@ import platform
 import statistics
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
 import transformers
 
+from lowmem.memory import forward_peak_bytes
 from lowmem.optim.zo import MeZO, pair_loss
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -45,20 +45,6 @@ def build(args) -> transformers.PreTrainedModel:
         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64,
         max_position_embeddings=args.seq, use_cache=False)
     return transformers.AutoModelForCausalLM.from_config(config).to(DTYPES[args.dtype])
-
-
-def peak_live_bytes(model, run, steps: int) -> int:
-    """Peak live tensor bytes of the last of ``steps`` calls of ``run`` (MemTracker, every category)."""
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    warnings.filterwarnings("ignore", message="Expected a tensor or a traceable wrapper-subclass")
-    tracker = MemTracker()
-    tracker.track_external(model)
-    for _ in range(steps):
-        with tracker:
-            tracker.reset_mod_stats()
-            run()
-    return sum(snap["Total"] for snap in tracker.get_tracker_snapshot("peak").values())
 
 
 def checked(loss) -> float:
@@ -76,20 +62,21 @@ def forms(args, tmp: Path):
     out = {}
     model = build(args)
 
-    def inference(model=model):
+    def inference(fresh=lambda fn: fn, model=model):
         model.eval()
         with torch.no_grad():
-            checked(model(**batch).loss)
+            checked(fresh(lambda: model(**batch).loss)())
     out["inference"] = (model, None, inference)
     model = build(args)
     opt = MeZO(model, lr=1e-6, zo_eps=1e-3)
-    out["mezo"] = (model, opt, lambda model=model, opt=opt: checked(opt.step(lambda: model(**batch).loss)))
+    out["mezo"] = (model, opt, lambda fresh=lambda fn: fn, model=model, opt=opt:
+                   checked(opt.step(fresh(lambda: model(**batch).loss))))
     for store in ("ram", "disk"):
         model = build(args)
         where = str(tmp / store) if store == "disk" else None
         opt = MeZO(model, lr=1e-6, zo_eps=1e-3, offload=store, offload_dir=where)
-        out[f"mezo offload={store}"] = (
-            model, opt, lambda model=model, opt=opt: checked(opt.step(lambda: pair_loss(model, batch))))
+        out[f"mezo offload={store}"] = (model, opt, lambda fresh=lambda fn: fn, model=model, opt=opt:
+                                        checked(opt.step(fresh(lambda: pair_loss(model, batch)))))
     return out
 
 
@@ -114,7 +101,7 @@ def main(argv=None) -> None:
                   f"{torch.get_num_threads()} threads. LLaMA hidden {args.hidden}, {args.layers} layers, vocab "
                   f"{args.vocab} ({weights / 2**20:.1f} MiB of {args.dtype} weights); batch {args.batch} x {args.seq}")
         print(header, flush=True)
-        peaks = {name: peak_live_bytes(model, run, args.steps) for name, (model, _, run) in runs.items()}
+        peaks = {name: forward_peak_bytes(model, run, args.steps) for name, (model, _, run) in runs.items()}
         times = {name: [] for name in runs if name != "inference"}
         for _ in range(args.repeats):
             for name in times:

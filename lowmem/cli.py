@@ -90,7 +90,7 @@ def _bench(args) -> int:
 def _list() -> int:
     """Every name, its optimizer-state bytes per parameter on LLaMA-60M (exact, from the planner) and a summary."""
     from .memory import load_config, meta_model, optimizer_state_bytes
-    from .optim.registry import REGISTRY
+    from .optim.registry import REGISTRY, ZEROTH_ORDER
 
     model = meta_model(load_config(LIST_MODEL))
     params = sum(p.numel() for p in model.parameters())
@@ -99,6 +99,8 @@ def _list() -> int:
     for name in sorted(REGISTRY):
         per_param = sum(optimizer_state_bytes(name, model).values()) / params
         print(f"{name:<{width}}  {per_param:7.2f}  {REGISTRY[name].summary}")
+    for name in sorted(ZEROTH_ORDER):  # no gradients and no state; optim_args offload=ram|disk streams the blocks
+        print(f"{name:<{width}}  {0.0:7.2f}  {ZEROTH_ORDER[name].summary}")
     print("\nAlso: any '<method>+<rule>[+<precision>]' (lowmem.composition_parts()) and any name + '_layerwise'.")
     return 0
 

@@ -378,6 +378,8 @@ def peak_bytes(model: nn.Module, name: str, batch: int, seq: int, checkpointing:
     from .optim.compose import build_parts
     from .optim.registry import get_spec
 
+    if get_spec(name).zeroth_order:
+        return zeroth_order_peak(model, batch, seq, offload=bool(options.get("offload")))
     config = getattr(model, "config", None)
     dtype = next(model.parameters()).dtype
     optimizer = create_optimizer(name, model, **options)
@@ -419,6 +421,33 @@ def peak_bytes(model: nn.Module, name: str, batch: int, seq: int, checkpointing:
         if emb in upd:
             phases.append(Estimate(weights, upd[emb][0], states, 0, 0, upd[emb][1] + act["hidden"],
                                    "backward, embedding update"))
+    return max(phases, key=lambda est: est.total)
+
+
+def zeroth_order_peak(model: nn.Module, batch: int, seq: int, offload: bool = False) -> Estimate:
+    """MeZO's peak: the peak of inference on the same batch (measured within 0.1%, ``tests/test_zo.py``), i.e. the
+    weights and the largest of: the loss over the logits (the logits, their fp32 copy and the fp32 log-softmax),
+    one decoder layer's transient activations, and the head's output beside one block of noise
+    (``perturb.Z_BLOCK``) and its perturbed rows.
+    ``offload``: weights outside the decoder blocks and three blocks on the device, the batch taken twice (the dual
+    forward)."""
+    from .offload import find_decoder_layers
+    from .optim.perturb import Z_BLOCK
+
+    dtype = next(model.parameters()).dtype
+    e, tokens = nbytes(1, dtype), batch * seq * (2 if offload else 1)
+    weights = weight_bytes(model)
+    if offload:
+        blocks = [sum(p.numel() * p.element_size() for p in layer.parameters())
+                  for layer in find_decoder_layers(model)[1]]
+        weights += 3 * max(blocks) - sum(blocks)
+    d = Dims.of(model.config)
+    logits = tokens * d.vocab * (e + 4 + (4 if e != 4 else 0))
+    layer = activation_bytes(model.config, batch * (2 if offload else 1), seq, dtype)["layer"]
+    scratch = Z_BLOCK * (4 + e)
+    phases = [Estimate(weights, 0, 0, 0, logits, 0, "forward, loss"),
+              Estimate(weights, 0, 0, layer, 0, scratch, "forward, decoder layer"),
+              Estimate(weights, 0, 0, 0, tokens * d.vocab * e, scratch, "forward, perturbed head")]
     return max(phases, key=lambda est: est.total)
 
 
@@ -477,6 +506,30 @@ def measure_peak(config, name: str, batch: int, seq: int, checkpointing: bool = 
     return {**peak, "state_bytes": optimizer.state_bytes()}
 
 
+def forward_peak_bytes(model: nn.Module, run, steps: int = 2) -> int:
+    """Peak live tensor bytes (``MemTracker``, every category) of the last of ``steps`` calls of ``run(fresh)``.
+    ``run`` passes each closure that calls the model through ``fresh``, which clears MemTracker's per-module stats
+    first, so one step may run the model several times (MeZO's two perturbed forwards)."""
+    import warnings
+
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    warnings.filterwarnings("ignore", message="Expected a tensor or a traceable wrapper-subclass")
+    tracker = MemTracker()
+    tracker.track_external(model)
+
+    def fresh(fn):
+        def call():
+            tracker.reset_mod_stats()
+            return fn()
+        return call
+    for _ in range(steps):
+        with tracker:
+            tracker.reset_mod_stats()
+            run(fresh)
+    return sum(snap["Total"] for snap in tracker.get_tracker_snapshot("peak").values())
+
+
 class _NoHook:
     def remove(self) -> None:
         pass
@@ -516,10 +569,12 @@ DEFAULT_MODES = [(name, ckpt, None) for name in (
     "adamw", "adamw_8bit", "adam_mini", "came_8bit", "galore_adamw", "galore_adamw_8bit",
     "galore_adamw_8bit_layerwise", "apollo_mini", "apollo_mini_layerwise") for ckpt in (False, True)]
 DEFAULT_MODES += [("adamw", ckpt, adapters) for adapters in ("lora", "qlora") for ckpt in (False, True)]
+#: Zeroth-order rows (recommended only when nothing with gradients fits): MeZO, and MeZO with the blocks offloaded.
+DEFAULT_MODES += [("mezo", False, None), ("mezo", False, "offload")]
 #: LoRA rows: peft ``LoraConfig`` fields.
 LORA = dict(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                  "down_proj"])
-ADAPTER_LABELS = {None: "", "lora": " + LoRA", "qlora": " + QLoRA"}
+ADAPTER_LABELS = {None: "", "lora": " + LoRA", "qlora": " + QLoRA", "offload": " + offload (blocks in RAM)"}
 
 
 @dataclass
@@ -547,11 +602,13 @@ def plan(model, seq_len: int, batch_size: int, card_gib: float, weights_dtype: s
     config = load_config(model)
     rows, metas = [], {}
     for name, ckpt, adapters in modes or DEFAULT_MODES:
-        lora = adapters is not None
+        lora = adapters in ("lora", "qlora")
         if lora not in metas:  # one meta model per kind: building a 7B one takes about a second
             metas[lora] = meta_model(config, dtype, LORA if lora else None)
         try:
-            est = peak_bytes(metas[lora], name, batch_size, seq_len, ckpt, quantized=adapters == "qlora", **options)
+            extra = {"offload": "ram"} if adapters == "offload" else {}
+            est = peak_bytes(metas[lora], name, batch_size, seq_len, ckpt, quantized=adapters == "qlora", **options,
+                             **extra)
         except ValueError as err:
             rows.append(Row(name, ckpt, adapters, Estimate(0, 0, 0, 0, 0, 0, "-"), notes=[str(err)[:120]]))
             continue
@@ -564,8 +621,8 @@ def recommend(rows: list[Row]) -> Row | None:
     (fewest approximations: no LoRA, no projection if it fits), i.e. the first fitting row in ``DEFAULT_MODES``
     order, preferring no checkpointing (faster); LoRA only when no full-parameter row fits, QLoRA after LoRA."""
     fitting = [r for r in rows if r.fits and not r.notes]
-    for adapters in (None, "lora", "qlora"):
-        pool = [r for r in fitting if r.adapters == adapters]
+    for adapters, zeroth_order in ((None, False), ("lora", False), ("qlora", False), (None, True), ("offload", True)):
+        pool = [r for r in fitting if r.adapters == adapters and (r.optimizer == "mezo") == zeroth_order]
         if pool:
             return min(pool, key=lambda r: (r.checkpointing, rows.index(r)))
     return None
@@ -583,16 +640,19 @@ def recipe_command(row: Row, model, seq_len: int, batch_size: int, bf16: bool) -
 
     if isinstance(model, dict):
         return ""  # an inline config has no name a recipe could take
-    from_config = row.adapters is None and str(model).endswith(".json")
+    # a full-parameter gradient row on a config JSON: pretraining; MeZO fine-tunes (it does not train from scratch)
+    from_config = row.adapters is None and row.optimizer != "mezo" and str(model).endswith(".json")
     source = str(model) if not str(model).endswith(".json") else "MODEL"
-    wanted = {"optim": row.optimizer, "finetuning_type": "full" if row.adapters is None else "lora",
+    wanted = {"optim": row.optimizer, "finetuning_type": "lora" if row.adapters in ("lora", "qlora") else "full",
               "quantization_bit": 4 if row.adapters == "qlora" else None}
     candidates = []
     for path in sorted(RECIPES_DIR.glob("*.yaml")):
         values = read_values(path)
         if ("model_config" in values) == from_config:
             values.setdefault("finetuning_type", "full")
-            score = (sum(values.get(k) != v for k, v in wanted.items()), values.get("model_name_or_path") != source,
+            offloads = "offload" in str(values.get("optim_args"))
+            score = (sum(values.get(k) != v for k, v in wanted.items()) + (offloads != (row.adapters == "offload")),
+                     values.get("model_name_or_path") != source,
                      path.stem == "cpu-tiny")  # the CPU demo only when nothing else is as near
             candidates.append((score, path, values))
     if not candidates:

@@ -70,12 +70,14 @@ class MethodArguments:
     stage: str = field(default="pt", metadata={
         "help": "'pt': causal-LM pretraining on raw text; 'sft': instruction / chat records, loss on the answers."})
     finetuning_type: str = field(default="full", metadata={
-        "help": "'full': every weight trains; 'lora': peft LoRA adapters (use a dense optimizer)."})
+        "help": "'full': every weight trains; 'lora': peft LoRA adapters (use a dense optimizer); 'prefix': peft "
+                "prefix tuning (num_virtual_tokens trained key/value prefixes per layer; MeZO's third variant)."})
     lora_rank: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_target: str = field(default="all", metadata={
         "help": "'all' (every linear but the head) or module names, comma-separated."})
+    num_virtual_tokens: int = field(default=5, metadata={"help": "Prefix tuning: trained prefix tokens."})
     plot_loss: bool = field(default=True, metadata={"help": "Save the loss curve as loss.png in output_dir."})
 
 
@@ -89,7 +91,7 @@ class Recipe:
 
 SECTIONS = (ModelArguments, DataArguments, MethodArguments, TrainingArguments)
 STAGES = ("pt", "sft")
-FINETUNING_TYPES = ("full", "lora")
+FINETUNING_TYPES = ("full", "lora", "prefix")
 QUANTIZATION_BITS = (4, 8)
 QUANTIZATION_TYPES = ("nf4", "fp4")
 

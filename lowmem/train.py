@@ -132,13 +132,18 @@ def prepare(recipe: Recipe):
         tokenizer = load_tokenizer(recipe, text)
         dataset = pack(text, tokenizer, data_args.cutoff_len, data_args.max_samples)
     model = load_model(recipe, tokenizer)
-    return tokenizer, dataset, with_lora(model, recipe.method) if recipe.method.finetuning_type == "lora" else model
+    return tokenizer, dataset, with_adapters(model, recipe.method)
 
 
-def with_lora(model, method):
-    """``model`` wrapped with peft LoRA adapters (base weights frozen)."""
-    from peft import LoraConfig, get_peft_model
+def with_adapters(model, method):
+    """``model`` wrapped with peft LoRA adapters or prefix tuning (base weights frozen); as is for full training."""
+    from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 
+    if method.finetuning_type == "full":
+        return model
+    if method.finetuning_type == "prefix":
+        return get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                        num_virtual_tokens=method.num_virtual_tokens))
     target = "all-linear" if method.lora_target == "all" else [t.strip() for t in method.lora_target.split(",")]
     config = LoraConfig(task_type="CAUSAL_LM", r=method.lora_rank, lora_alpha=method.lora_alpha,
                         lora_dropout=method.lora_dropout, target_modules=target)

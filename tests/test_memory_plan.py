@@ -118,3 +118,38 @@ def test_lowmem_plan_command(tmp_path, capsys):
     assert "adamw + QLoRA + ckpt" in out and "Run it: lowmem train recipes/" in out
     assert cli.main(["plan", str(tmp_path / "missing.json")]) == 2
     assert capsys.readouterr().err.startswith("lowmem: error: config file")
+
+
+@pytest.mark.parametrize("dtype,offload", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
+def test_mezo_peak_within_10_percent(dtype, offload, tmp_path):
+    """MeZO's row against a measured step: the inference-like peak; offloaded (disk store, so only the blocks in
+    flight are materialized), the weights outside the blocks, three blocks and the doubled batch."""
+    from lowmem.optim.zo import MeZO, pair_loss
+
+    config = _llama(128, 3, 8000)
+    torch.manual_seed(0)
+    model = memory._real_model(config, dtype, quantized=False).eval()
+    options = {"offload": "disk", "offload_dir": str(tmp_path)} if offload else {}
+    opt = MeZO(model, lr=1e-6, **options)
+    ids = torch.randint(8000, (2, 128), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "labels": ids}
+    loss = (lambda: pair_loss(model, inputs)) if offload else (lambda: model(**inputs).loss)
+    measured = memory.forward_peak_bytes(model, lambda fresh: opt.step(fresh(loss)))
+    estimate = memory.peak_bytes(memory.meta_model(config, dtype), "mezo", 2, 128, offload=offload)
+    assert abs(estimate.total / measured - 1) < 0.10, (estimate, measured)
+    assert estimate.states == estimate.gradients == 0
+
+
+def test_mezo_rows_are_recommended_only_when_nothing_with_gradients_fits():
+    rows = memory.plan(dict(TINY.to_dict()), seq_len=64, batch_size=1, card_gib=1)
+    assert memory.recommend(rows).optimizer != "mezo"
+    for row in rows:
+        row.fits = row.optimizer == "mezo"
+    best = memory.recommend(rows)
+    assert best.optimizer == "mezo" and best.adapters is None
+    assert memory.recipe_command(best, "org/m", 512, 4, True).startswith(
+        "lowmem train recipes/finetune-llama-3.2-1b-8gb-mezo.yaml")
+    offloaded = next(r for r in rows if r.adapters == "offload")
+    assert offloaded.label == "mezo + offload (blocks in RAM)"
+    assert memory.recipe_command(offloaded, "org/m", 512, 2, True).startswith(
+        "lowmem train recipes/finetune-qwen2.5-14b-12gb-mezo-offload.yaml")

@@ -35,9 +35,22 @@ def test_every_recipe_runs_two_steps_with_the_tiny_stand_in(recipe, tmp_path, ca
     zeroth_order = read_values(recipe).get("optim") == "mezo"  # no optimizer state at all
     assert (report["optimizer_state_bytes"] == 0) == zeroth_order and report["peak_rss_bytes"] > 0
     assert report["parameters"] > 100_000  # offloaded blocks count too
-    saved = "adapter_model" if read_values(recipe).get("finetuning_type") == "lora" else "model"
+    saved = "adapter_model" if read_values(recipe).get("finetuning_type") in ("lora", "prefix") else "model"
     assert (out / "loss.png").stat().st_size > 1000 and (out / f"{saved}.safetensors").is_file()
     assert "optimizer state:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("finetuning_type", ["lora", "prefix"])
+def test_mezo_recipe_trains_adapters(tmp_path, finetuning_type, capsys):
+    """MeZO's three variants from one recipe: full (above), LoRA and prefix tuning."""
+    out = tmp_path / "out"
+    recipe = RECIPES_DIR / "finetune-llama-3.2-1b-8gb-mezo.yaml"
+    quick = [*QUICK, f"dataset={instruction_files(tmp_path)[0]}", "cutoff_len=256", "max_samples=8"]
+    assert cli.main(["train", str(recipe), *quick, f"finetuning_type={finetuning_type}", "optim_args=zo_eps=1e-2",
+                     "learning_rate=1e-4", f"output_dir={out}"]) == 0
+    report = json.loads((out / "memory.json").read_text())
+    assert 0 < report["trainable_parameters"] < report["parameters"] / 5
+    assert (out / "adapter_model.safetensors").is_file()
 
 
 def test_cpu_tiny_trains_galore_from_scratch(tmp_path):

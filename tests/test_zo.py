@@ -236,3 +236,34 @@ def test_a_tensor_no_forward_uses_is_reported():
     model = PartlyUsed()
     with pytest.warns(UserWarning, match=r"2 trainable tensors \(e.g. 'unused.weight'\)"):
         MeZO(model, lr=0.0).step(lambda: model(torch.ones(2, 4)).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mezo_peak_is_within_5_percent_of_inference(dtype):
+    """The issue's bound, live tensor bytes: a MeZO step (two perturbed forwards and the update) against the
+    loss of the same batch under no_grad. What MeZO adds is a fixed scratch (one block of noise and its perturbed
+    rows, about 8 MB at most: ``Z_BLOCK`` elements), whatever the model's size; this model's batch is sized so that
+    its activations (~45 MB), like any real model's, dwarf it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowmem.memory import forward_peak_bytes
+
+    def build():
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=8000, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, use_cache=False)
+        return LlamaForCausalLM(config).to(dtype).eval()
+
+    inputs = batch(n=4, seq=128)
+    plain = build()
+
+    def inference(fresh):
+        with torch.no_grad():
+            fresh(lambda: loss_of(plain, inputs))()
+    model = build()
+    opt = MeZO(model, lr=1e-3)
+    inference_peak = forward_peak_bytes(plain, inference)
+    mezo_peak = forward_peak_bytes(model, lambda fresh: opt.step(fresh(lambda: loss_of(model, inputs))))
+    weights = sum(p.nbytes for p in model.parameters())
+    assert inference_peak > 1.5 * weights  # the batch's activations and logits are a real part of the peak
+    assert mezo_peak <= 1.05 * inference_peak, (mezo_peak, inference_peak)

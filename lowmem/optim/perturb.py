@@ -92,6 +92,9 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, uniform: torch.Tensor)
     ``E[result] = x``. A value exact in ``dtype`` stays exactly itself. ``uniform``: U[0, 1) shaped like ``x``."""
     if dtype == torch.float32:
         return x.clone()
+    if dtype == torch.bfloat16:  # bf16 is fp32's top 16 bits: add 16 random low bits, then cut them off
+        bits = x.view(torch.int32) + (uniform * 65536).to(torch.int32)
+        return bits.bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16)
     nearest = x.to(dtype)
     err = x - nearest.float()
     toward = torch.where(err > 0, torch.inf, -torch.inf).to(dtype)
@@ -117,8 +120,9 @@ class Perturbation:
         from one draw of ``z``)."""
         w = rows(p, start, end)
         z = self.noise.normal(self.seed, index, block, w.shape, p.device)
-        base = w.float()
-        return [torch.add(base, z, alpha=scale).to(p.dtype) for scale in self.scales]
+        if len(self.scales) == 1:  # in place: the scratch is z and the result
+            return [z.mul_(self.scales[0]).add_(w).to(p.dtype)]
+        return [(z * scale).add_(w).to(p.dtype) for scale in self.scales]
 
     def perturbed(self, p: torch.Tensor, index: int) -> list[torch.Tensor]:
         """The whole of ``p + scale z`` for each scale (for the small tensors of generic modules)."""
@@ -284,8 +288,13 @@ def _perturbed_linear(module: nn.Linear, x: torch.Tensor, perturbation: Perturba
     if i_weight is None:
         outs = [F.linear(xj, weight, bj) for xj, bj in zip(parts, biases, strict=True)]
         return outs[0] if len(outs) == 1 else perturbation.join(outs, shared)
+    blocks = row_blocks(weight)
+    if len(blocks) == 1:  # the whole weight is one block: no output to assemble
+        outs = [F.linear(xj, wj, bj) for xj, wj, bj in
+                zip(parts, perturbation.perturbed_rows(weight.data, i_weight, 0, *blocks[0]), biases, strict=True)]
+        return outs[0] if len(outs) == 1 else perturbation.join(outs, shared)
     outs = None
-    for block, (start, end) in enumerate(row_blocks(weight)):
+    for block, (start, end) in enumerate(blocks):
         ws = perturbation.perturbed_rows(weight.data, i_weight, block, start, end)
         for j, (xj, wj, bj) in enumerate(zip(parts, ws, biases, strict=True)):
             part = F.linear(xj, wj, None if bj is None else bj[start:end])

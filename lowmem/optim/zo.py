@@ -32,6 +32,8 @@ from torch import nn
 
 from .perturb import ZOParameters, row_blocks, rows, stochastic_round
 
+#: Elements of a low-precision weight rounded at once (the stochastic rounding's temporaries: ~16 B each).
+UPDATE_ELEMENTS = 1 << 16
 _ZO = "zo"  # the key of the step counter in ``Optimizer.state`` (kept by state_dict / load_state_dict)
 
 
@@ -159,7 +161,8 @@ class MeZO(torch.optim.Optimizer):
 
     def _update(self, p: torch.Tensor, index: int, seeds: list[int], grads: list[float], lr: float,
                 wd: float) -> None:
-        """``p -= lr (sum_k g_k z_k + wd p)`` a block of rows at a time, computed in fp32 and stored once."""
+        """``p -= lr (sum_k g_k z_k + wd p)`` a block of rows at a time (the noise's unit), computed in fp32 and
+        stored once, ``UPDATE_ROWS_ELEMENTS`` at a time (so the rounding's temporaries stay small)."""
         if lr == 0:
             return
         noise, data = self.zo.noise, p.data
@@ -169,14 +172,17 @@ class MeZO(torch.optim.Optimizer):
             for seed, g in zip(seeds, grads, strict=True):
                 z = noise.normal(seed, index, block, w.shape, data.device)
                 direction = z.mul_(g) if direction is None else direction.add_(z, alpha=g)
-            new = w.float()
-            if wd:
-                new.mul_(1.0 - lr * wd)
-            new.add_(direction, alpha=-lr)
-            if data.dtype == torch.float32:
-                w.copy_(new)
-            else:
-                w.copy_(stochastic_round(new, data.dtype, noise.uniform(seeds[0], index, block, w.shape, data.device)))
+            uniform = None
+            if data.dtype != torch.float32:
+                uniform = noise.uniform(seeds[0], index, block, w.shape, data.device)
+            step = max(1, UPDATE_ELEMENTS // max(1, w[0].numel() if w.dim() > 1 else 1))
+            for a in range(0, w.shape[0], step):
+                piece, new = w[a:a + step], w[a:a + step].float()  # fp32: ``new`` is ``piece`` (updated in place)
+                if wd:
+                    new.mul_(1.0 - lr * wd)
+                new.add_(direction[a:a + step], alpha=-lr)
+                if uniform is not None:
+                    piece.copy_(stochastic_round(new, data.dtype, uniform[a:a + step]))
 
 
 def _pair(losses) -> tuple[float, float]:
