@@ -65,7 +65,9 @@ class _Bf16Linear(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         x32 = x.float()
-        out = torch.cat([torch.nn.functional.linear(x32, w.float()).bfloat16() for w in weight.split(ROWS)], -1)
+        out = x.new_empty(*x.shape[:-1], weight.shape[0])
+        for start in range(0, weight.shape[0], ROWS):  # written in place: no list of parts beside the result
+            out[..., start:start + ROWS] = torch.nn.functional.linear(x32, weight[start:start + ROWS].float())
         return out + bias if bias is not None else out
 
     @staticmethod
@@ -78,7 +80,9 @@ class _Bf16Linear(torch.autograd.Function):
             grad_x = grad_x.bfloat16().view(*x.shape)
         if ctx.needs_input_grad[1]:
             x32 = x.flatten(0, -2).float()
-            grad_w = torch.cat([(gc.float().T @ x32).bfloat16() for gc in g.split(ROWS, 1)])
+            grad_w = weight.new_empty(weight.shape)
+            for start in range(0, weight.shape[0], ROWS):
+                grad_w[start:start + ROWS] = g[:, start:start + ROWS].float().T @ x32
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.float().sum(0).bfloat16()
         return grad_x, grad_w, grad_b

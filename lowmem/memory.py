@@ -491,12 +491,7 @@ def measure_peak(config, name: str, batch: int, seq: int, checkpointing: bool = 
             for p in frozen:  # MemTracker would hook their gradients, which a frozen weight cannot have
                 tracker._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
             tokens = torch.randint(model.config.vocab_size, (batch, seq), generator=gen)
-            loss = model(input_ids=tokens, labels=tokens).loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{name}: the loss is {loss.item()} (a measurement of a broken step)")
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            checked_step(model, optimizer, tokens, f"{name} (a measurement of a broken step)")
     peak = {}
     for dev_snap in tracker.get_tracker_snapshot("peak").values():
         for key, value in dev_snap.items():
@@ -504,6 +499,18 @@ def measure_peak(config, name: str, batch: int, seq: int, checkpointing: bool = 
     peak["QuantConstants"] = _quant_state_bytes(model)
     peak["Total"] += peak["QuantConstants"]
     return {**peak, "state_bytes": optimizer.state_bytes()}
+
+
+def checked_step(model: nn.Module, optimizer, tokens: torch.Tensor, what: str) -> torch.Tensor:
+    """One causal-LM training step on ``tokens``; ``FloatingPointError`` naming ``what`` if the loss is not
+    finite (a benchmark must fail loudly rather than measure a broken run)."""
+    loss = model(input_ids=tokens, labels=tokens).loss
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{what}: the loss is {loss.item()}")
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
 
 
 def forward_peak_bytes(model: nn.Module, run, steps: int = 2) -> int:

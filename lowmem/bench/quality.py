@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from ..memory import checked_step
+
 #: The quality model: 5.3M parameters (embeddings 2 x 1.05M, four 256-wide layers).
 MODEL = dict(model_type="llama", hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=4, max_position_embeddings=256, vocab_size=4096, tie_word_embeddings=False)
@@ -126,14 +128,8 @@ def train(label: str, make_optimizer, corpus: Corpus, *, steps: int, batch: int,
     start = time.perf_counter()
     for step in range(steps):
         index = order[torch.arange(step * batch, (step + 1) * batch) % len(order)]
-        tokens = corpus.train[index]
-        loss = model(input_ids=tokens, labels=tokens).loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{label}: the loss is {loss.item()} at step {step} (lr {lr})")
-        loss.backward()
-        optimizer.step()
+        loss = checked_step(model, optimizer, corpus.train[index], f"{label} at step {step} (lr {lr})")
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         run.train_loss.append((step + 1, loss.item()))
         if step + 1 == steps:
             run.eval_loss.append((steps, evaluate(model, corpus.eval)))

@@ -19,6 +19,7 @@ them; while offloaded a block's tensors are empty placeholders; use ``gathered()
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -63,6 +64,7 @@ class BlockStreamer:
         self._dirty: set[int] = set()
         self._loading: dict[int, Future] = {}
         self._on_device: dict[int, int] = {}  # block -> bytes it holds on the device (resident or in flight)
+        self._lock = threading.Lock()  # ``_on_device`` changes on both threads
         self.peak_resident_bytes = 0
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowmem-offload")
         self._upload = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -88,19 +90,21 @@ class BlockStreamer:
 
     def _write(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
         self.store.save(i, tensors)
-        self._on_device.pop(i, None)
+        self._off_device(i)
+
+    def _off_device(self, i: int) -> None:
+        with self._lock:
+            self._on_device.pop(i, None)
 
     def _submit_load(self, i: int) -> None:
         if i not in self._loading and not self._resident(i):
-            self._on_device[i] = self.block_bytes[i]
-            self._note_peak()
+            with self._lock:
+                self._on_device[i] = self.block_bytes[i]
+                self.peak_resident_bytes = max(self.peak_resident_bytes, sum(self._on_device.values()))
             self._loading[i] = self._worker.submit(self._load, i)
 
     def _resident(self, i: int) -> bool:
         return any(p.data.numel() for _, p in self.params[i][:1])
-
-    def _note_peak(self) -> None:
-        self.peak_resident_bytes = max(self.peak_resident_bytes, sum(self._on_device.values()))
 
     # --- the hooks ---
 
@@ -129,7 +133,7 @@ class BlockStreamer:
             self._dirty.discard(i)
             self._worker.submit(self._write, i, tensors)
         else:
-            self._on_device.pop(i, None)
+            self._off_device(i)
 
     # --- for the optimizer and for saving ---
 
@@ -166,7 +170,7 @@ class BlockStreamer:
         self.flush()
         for i in list(self._loading):
             self._loading.pop(i).result()
-            self._on_device.pop(i, None)
+            self._off_device(i)
         try:
             for i, named in enumerate(self.params):
                 tensors = self.store.load(i)
