@@ -84,13 +84,14 @@ class Trainer(transformers.Trainer):
                 return self.compute_loss(model, inputs)
         return zo.estimate(loss, weight=1.0 / accumulation).to(self.args.device) / accumulation
 
-    def _save(self, output_dir=None, state_dict=None):
-        """transformers' save; with offloaded blocks, of the gathered weights (never the empty placeholders)."""
+    def save_model(self, *args, **kwargs):
+        """transformers' save (also of every checkpoint); with offloaded blocks, of the gathered weights (never the
+        empty placeholders)."""
         zo = self.zeroth_order()
         if zo is None or zo.streamer is None:
-            return super()._save(output_dir, state_dict)
+            return super().save_model(*args, **kwargs)
         with zo.streamer.gathered():
-            return super()._save(output_dir, state_dict)
+            return super().save_model(*args, **kwargs)
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         """transformers' log; in layer-wise mode ``grad_norm`` is the real norm (transformers 5.x would log 0, and
