@@ -435,7 +435,8 @@ def zeroth_order_peak(model: nn.Module, batch: int, seq: int, offload: bool = Fa
     from .optim.perturb import Z_BLOCK
 
     dtype = next(model.parameters()).dtype
-    e, tokens = nbytes(1, dtype), batch * seq * (2 if offload else 1)
+    copies = 2 if offload else 1  # the dual forward takes the batch twice
+    e, tokens = nbytes(1, dtype), copies * batch * seq
     weights = weight_bytes(model)
     if offload:
         blocks = [sum(p.numel() * p.element_size() for p in layer.parameters())
@@ -443,7 +444,7 @@ def zeroth_order_peak(model: nn.Module, batch: int, seq: int, offload: bool = Fa
         weights += 3 * max(blocks) - sum(blocks)
     d = Dims.of(model.config)
     logits = tokens * d.vocab * (e + 4 + (4 if e != 4 else 0))
-    layer = activation_bytes(model.config, batch * (2 if offload else 1), seq, dtype)["layer"]
+    layer = activation_bytes(model.config, copies * batch, seq, dtype)["layer"]
     scratch = Z_BLOCK * (4 + e)
     phases = [Estimate(weights, 0, 0, 0, logits, 0, "forward, loss"),
               Estimate(weights, 0, 0, layer, 0, scratch, "forward, decoder layer"),

@@ -131,33 +131,36 @@ class TrainingArguments(transformers.TrainingArguments):
     def _check_zeroth_order(self) -> None:
         """What a zeroth-order step cannot honour: there are no gradients to clip or to scale, and one process."""
         name = self.lowmem_optim
-        if not self.max_grad_norm_given:
-            self.max_grad_norm = 0.0
-        elif self.max_grad_norm > 0:
-            raise ValueError(f"optim={name!r} computes no gradients (it estimates one scalar per step from two "
-                             f"forwards), so max_grad_norm={self.max_grad_norm} has nothing to clip. Set "
-                             "max_grad_norm=0, and bound the step with a smaller learning_rate or zo_eps.")
-        if self.fp16:
-            raise ValueError(f"optim={name!r} with fp16: a zeroth-order step has no backward for the fp16 loss "
-                             "scaler to scale. Use bf16=True, or load the model in fp16 without fp16=True.")
-        if self.world_size > 1:
-            raise ValueError(f"optim={name!r} runs in one process ({self.world_size} were started): its update is "
-                             "one scalar per seed, which DDP does not average. Launch a single process.")
+        self._refuse_clipping_fp16_and_ddp(
+            f"optim={name!r} computes no gradients (it estimates one scalar per step from two forwards), so "
+            f"max_grad_norm={self.max_grad_norm} has nothing to clip. Set max_grad_norm=0, and bound the step with a "
+            "smaller learning_rate or zo_eps.",
+            f"optim={name!r} with fp16: a zeroth-order step has no backward for the fp16 loss scaler to scale. Use "
+            "bf16=True, or load the model in fp16 without fp16=True.",
+            ValueError(f"optim={name!r} runs in one process ({self.world_size} were started): its update is one "
+                       "scalar per seed, which DDP does not average. Launch a single process."))
 
     def _check_layerwise(self) -> None:
         name = self.lowmem_optim
+        self._refuse_clipping_fp16_and_ddp(
+            f"optim={name!r} updates each weight inside backward, before the other gradients exist, so "
+            f"max_grad_norm={self.max_grad_norm} cannot clip by the global norm. Set max_grad_norm=0 (the logged "
+            "grad_norm is still the real one), or drop '_layerwise' to clip.",
+            f"optim={name!r} with fp16: the loss scaler's scaled gradients would reach the layer-wise update before "
+            "they are unscaled. Use bf16=True, or drop '_layerwise'.",
+            layerwise_ddp_error(name, self.world_size))
+
+    def _refuse_clipping_fp16_and_ddp(self, clipping: str, fp16: str, ddp: ValueError) -> None:
+        """For optimizers that cannot clip by the global norm, take fp16 loss scaling or run under DDP:
+        ``max_grad_norm`` defaults to 0 and a positive one is an error; fp16 and several processes are errors."""
         if not self.max_grad_norm_given:
             self.max_grad_norm = 0.0
         elif self.max_grad_norm > 0:
-            raise ValueError(f"optim={name!r} updates each weight inside backward, before the other gradients exist, "
-                             f"so max_grad_norm={self.max_grad_norm} cannot clip by the global norm. Set "
-                             "max_grad_norm=0 (the logged grad_norm is still the real one), or drop '_layerwise' "
-                             "to clip.")
+            raise ValueError(clipping)
         if self.fp16:
-            raise ValueError(f"optim={name!r} with fp16: the loss scaler's scaled gradients would reach the "
-                             "layer-wise update before they are unscaled. Use bf16=True, or drop '_layerwise'.")
+            raise ValueError(fp16)
         if self.world_size > 1:
-            raise layerwise_ddp_error(name, self.world_size)
+            raise ddp
 
     def lowmem_options(self) -> dict:
         """The options ``lowmem.create_optimizer`` gets for this run (checked against the optimizer's)."""
