@@ -1,7 +1,13 @@
 """Shared test settings."""
 
-import pytest
-import torch
+import os
+
+# Triton kernels run on CPU tensors in Triton's interpreter: it must be switched on before Triton is imported
+# (lowmem imports it only when a kernel runs); on a machine with a GPU, unset it to test the compiled kernels.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -17,6 +17,7 @@ Group keys (all optional; defaults in ``GROUP_DEFAULTS``):
 * lift: ``lift`` (project_back | frugal | fira | apollo), ``scale``, ``scale_type``, ``scale_front``,
   ``disable_nl``, ``inactive_update_rule``, ``inactive_lr_scale``, ``proj_params_lr_scale``
 * storage: ``state_dtype`` (None = the gradient's dtype | float32 | bfloat16 | 8bit), ``min_8bit_size``
+* ``bf16_stochastic_round``: round bf16 parameters' updates stochastically (see ``fused``)
 * ``lr``, ``weight_decay``; ``param_names`` (used in error messages only)
 """
 
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import fused
 from .lifts import Lift, make_lift
 from .projectors import GaussianProjector, Projector, make_projector
 from .quantized import CHUNK
@@ -82,7 +84,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         """torch calls this from ``load_state_dict`` (new group dicts: drop the per-step caches) and when copying
         or unpickling, which keep only groups and state (rebuild the rest; a copy has no layer-wise hooks)."""
         super().__setstate__(state)
-        self._step_parts, self._blocks_chosen = {}, set()
+        self._step_parts, self._blocks_chosen, self._ordinals = {}, set(), None
         if not hasattr(self, "layerwise"):
             self.layerwise = None
             self._params_seen = sum(len(g["params"]) for g in self.param_groups)
@@ -90,6 +92,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         """Add a group after checking its parts and every parameter's shape (errors before any step)."""
         super().add_param_group(param_group)
+        self._ordinals = None
         group = self.param_groups[-1]
         self.normalize_group(group)
         parts = build_parts(group)
@@ -171,6 +174,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         if grad.is_sparse:
             raise RuntimeError("lowmem optimizers do not support sparse gradients")
         state = self.state[p]
+        if low is None and fused.fused_adamw_8bit(p, grad, state, group, parts, self._ordinal(p)):
+            return
         if low is None and _in_chunks(p, grad, parts):
             self._update_in_chunks(p, grad, state, group, parts)
         else:
@@ -186,12 +191,26 @@ class LowMemOptimizer(torch.optim.Optimizer):
         for start in range(0, flat_grad.numel(), CHUNK):
             end = min(start + CHUNK, flat_grad.numel())
             part = parts.store.chunk(state, parts.rule.moments, start, end)
-            self._update(flat_p[start:end], flat_grad[start:end], part, group, parts, None)
+            self._update(flat_p[start:end], flat_grad[start:end], part, group, parts, None, (p, start))
             parts.store.write_chunk(state, part, parts.rule.moments, start, end)
         state["step"] += 1
 
-    def _update(self, p, grad, state: dict, group: dict, parts: Parts, low: torch.Tensor | None) -> None:
-        """``update_param`` on a tensor (or a chunk of one) with its gradient and state."""
+    def _ordinal(self, p: torch.Tensor) -> int:
+        """``p``'s place among every group's parameters (what keys its rounding bits: stable across a resume)."""
+        if getattr(self, "_ordinals", None) is None or id(p) not in self._ordinals:
+            self._ordinals = {id(q): i for i, q in enumerate(q for g in self.param_groups for q in g["params"])}
+        return self._ordinals[id(p)]
+
+    def _update(self, p, grad, state: dict, group: dict, parts: Parts, low: torch.Tensor | None,
+                whole: tuple | None = None) -> None:
+        """``update_param`` on a tensor (or a chunk of one: ``whole`` = (the tensor, the chunk's start)) with its
+        gradient and state; a bf16 ``p`` under ``bf16_stochastic_round`` is updated in fp32 and rounded once."""
+        if fused.wants_rounding(group, p):
+            updated = p.float()
+            self._update(updated, grad, state, {**group, "bf16_stochastic_round": False}, parts, low)
+            owner, chunk = whole or (p, 0)
+            fused.stochastic_round_into(p, updated, fused.round_seed(self._ordinal(owner), state["step"], chunk))
+            return
         lr, wd = group["lr"], group["weight_decay"]
         if low is None:
             if parts.projector.needs_refresh(state):

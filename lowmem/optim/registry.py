@@ -46,7 +46,9 @@ from .targets import check_not_lora, plain_split, split_parameters
 from .zo import MeZO
 
 #: Options every name accepts; low-rank names also take ``target_modules`` (which weights to project).
-COMMON_OPTIONS = dict(lr=1e-3, weight_decay=0.0, state_dtype=None, layerwise=False, layerwise_accumulation="projected")
+#: ``bf16_stochastic_round``: bf16 weights' updates rounded stochastically (``fused``), set on every param group.
+COMMON_OPTIONS = dict(lr=1e-3, weight_decay=0.0, state_dtype=None, layerwise=False, layerwise_accumulation="projected",
+                      bf16_stochastic_round=False)
 _ADAM = dict(betas=(0.9, 0.999))
 #: ``<name>_layerwise`` is ``<name>`` with ``layerwise=True``.
 LAYERWISE_SUFFIX = "_layerwise"
@@ -334,7 +336,10 @@ def create_optimizer(name: str, model: nn.Module, **options) -> LowMemOptimizer 
     if spec.zeroth_order:
         return spec.cls(model, **opts)
     layerwise, accumulation = opts.pop("layerwise"), opts.pop("layerwise_accumulation")
+    stochastic_round = opts.pop("bf16_stochastic_round")
     optimizer = _build(name, spec, model, opts)
+    for group in optimizer.param_groups:
+        group["bf16_stochastic_round"] = bool(stochastic_round)
     if isinstance(make_store(opts["state_dtype"]), BlockwiseQuantStore):
         _embedding_states_in_fp32(optimizer, model)
     if layerwise:

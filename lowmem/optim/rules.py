@@ -23,7 +23,8 @@ import math
 
 import torch
 
-from ..kernels import adam_8bit
+from ..kernels import adam_8bit, blockwise_8bit
+from ..kernels.dispatch import use_triton
 from .quantized import CHUNK
 from .states import StateStore
 
@@ -84,6 +85,11 @@ class AdamW(Rule):
     def direction(self, grad, state, store, lr, param):
         self.init_state(state, store, grad)
         t = state["step"]
+        if "exp_avg_absmax" in state and use_triton(grad):  # one Triton pass writes the direction
+            direction = torch.empty(grad.shape, dtype=torch.float32, device=grad.device)
+            blockwise_8bit.adamw_8bit_update_(None, grad.contiguous(), state, beta1=self.beta1, beta2=self.beta2,
+                                              eps=self.eps, bias_div=self._bias_div(t), out=direction)
+            return direction, lr * self._step_factor(t), lr
         fused = adam_8bit.fused_applicable(state, grad)
         if "exp_avg_absmax" in state and grad.numel() > CHUNK_8BIT:
             direction = self._moments_in_chunks(grad, state, store, fused)
@@ -95,8 +101,7 @@ class AdamW(Rule):
         """Update the moments in ``state`` from ``grad``; the direction ``m / (sqrt(v) + eps)``."""
         b1, b2, t = self.beta1, self.beta2, state["step"]
         if fused:
-            bias_div = math.sqrt(1.0 - b2**t) if self.core == "torch" and self.correct_bias else 1.0
-            direction = adam_8bit.adam_step_8bit(state, grad, b1, b2, self.eps, bias_div)
+            direction = adam_8bit.adam_step_8bit(state, grad, b1, b2, self.eps, self._bias_div(t))
             if direction is not None:
                 return direction
         m, v = store.load(state, "exp_avg"), store.load(state, "exp_avg_sq")
@@ -123,6 +128,10 @@ class AdamW(Rule):
             out[start:end] = self._moments(flat[start:end], part, store, fused).reshape(-1)
             store.write_chunk(state, part, self.moments, start, end)
         return out.view(grad.shape)
+
+    def _bias_div(self, t: int) -> float:
+        """The second-moment correction the torch core divides ``sqrt(v)`` by (1 for the hf core)."""
+        return math.sqrt(1.0 - self.beta2**t) if self.core == "torch" and self.correct_bias else 1.0
 
     def _step_factor(self, t: int) -> float:
         """The bias correction the step size carries: ``sqrt(1 - b2^t) / (1 - b1^t)`` (hf) or

@@ -1,0 +1,88 @@
+"""Which implementation of a kernel runs: its Triton kernel or its pure-torch twin.
+
+``auto`` (the default) runs Triton on CUDA tensors when Triton imports, the twin otherwise. ``triton`` forces the
+kernels (on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1``, which is how the tests check them without a GPU);
+``torch`` forces the twins everywhere. Choose with the environment variable ``LOWMEM_KERNELS`` or, in code,
+``set_backend(name)`` / ``with backend(name):``.
+
+Triton is imported only when a kernel is about to run, so lowmem imports (and runs on the twins) without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+_backend = os.environ.get("LOWMEM_KERNELS", "auto")
+_triton_error: str | None = None
+_triton_checked = False
+
+
+def _check(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"kernel backend {name!r} is unknown: use one of {BACKENDS} (LOWMEM_KERNELS or set_backend)")
+    return name
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run in its CPU interpreter (``TRITON_INTERPRET=1``, read when Triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_error() -> str | None:
+    """Why Triton cannot be used (None when it imports)."""
+    global _triton_error, _triton_checked
+    if not _triton_checked:
+        _triton_checked = True
+        try:
+            importlib.import_module("triton")
+        except Exception as err:  # not installed, or a broken install: the twins still run
+            _triton_error = f"{type(err).__name__}: {err}"
+    return _triton_error
+
+
+def current() -> str:
+    """The backend asked for: ``auto``, ``triton`` or ``torch``."""
+    return _check(_backend)
+
+
+def set_backend(name: str) -> None:
+    """Force ``triton`` or ``torch`` for this process, or go back to ``auto``."""
+    global _backend
+    _backend = _check(name)
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """``set_backend(name)`` for the duration of a ``with`` block."""
+    before = current()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(before)
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Whether a kernel on ``tensors`` runs as Triton (True) or as its torch twin (False).
+
+    Forcing ``triton`` where it cannot run is an error that says why, not a silent fallback."""
+    name = current()
+    if name == "torch":
+        return False
+    on_cuda = all(t.is_cuda for t in tensors)
+    if name == "auto":
+        return on_cuda and triton_error() is None
+    if triton_error() is not None:
+        raise RuntimeError(f"LOWMEM_KERNELS=triton, but Triton does not import ({triton_error()}): install it "
+                           "(`pip install triton`), or use LOWMEM_KERNELS=auto to run the torch twins")
+    if not (on_cuda or (interpreting() and all(t.device.type == "cpu" for t in tensors))):
+        devices = sorted({str(t.device) for t in tensors})
+        raise RuntimeError(f"LOWMEM_KERNELS=triton, but the tensors are on {devices}: Triton kernels need CUDA "
+                           "tensors (or CPU tensors with TRITON_INTERPRET=1 set before Triton is imported)")
+    return True

@@ -1,0 +1,61 @@
+"""Where ``LowMemOptimizer`` hands a whole update to a fused kernel, and bf16 stochastic rounding.
+
+* ``fused_adamw_8bit``: an unprojected tensor under AdamW with blockwise 8-bit moments and the plain lift is
+  updated by one Triton kernel (``kernels.blockwise_8bit.adamw_8bit_update_``) when the kernels run (CUDA with
+  Triton, or forced); elsewhere the composed path runs, with the same arithmetic.
+* ``round_seed`` / ``stochastic_round_into``: the group key ``bf16_stochastic_round`` rounds a bf16 parameter's
+  update stochastically instead of to nearest (unbiased: a step far below half a bf16 ulp still moves the weight on
+  average), in the kernel and in the composed path alike. The rounding bits are keyed by (parameter, step), so a
+  resumed run rounds as the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..kernels import blockwise_8bit
+from ..kernels.dispatch import use_triton
+from .lifts import Lift
+from .perturb import stochastic_round
+from .projectors import Projector
+from .quantized import BlockwiseQuantStore
+from .rules import AdamW
+
+_MASK62 = (1 << 62) - 1
+
+
+def round_seed(ordinal: int, step: int, chunk: int = 0) -> int:
+    """The key of the rounding bits of parameter ``ordinal`` (its place in the param groups) at ``step``."""
+    return (ordinal * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + chunk * 0x94D049BB133111EB) & _MASK62
+
+
+def wants_rounding(group: dict, p: torch.Tensor) -> bool:
+    """Whether ``p``'s updates are stochastically rounded (``bf16_stochastic_round`` on a bf16 parameter)."""
+    return bool(group.get("bf16_stochastic_round")) and p.dtype == torch.bfloat16
+
+
+def stochastic_round_into(p: torch.Tensor, updated: torch.Tensor, seed: int) -> None:
+    """Store fp32 ``updated`` into bf16 ``p``, rounded at random with the bits of generator seed ``seed``."""
+    gen = torch.Generator(device=p.device).manual_seed(seed)
+    uniform = torch.rand(updated.shape, generator=gen, device=p.device, dtype=torch.float32)
+    p.copy_(stochastic_round(updated, p.dtype, uniform))
+
+
+def fused_adamw_8bit(p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, parts, ordinal: int) -> bool:
+    """Update ``p`` with the fused 8-bit AdamW kernel if it applies here; whether it did."""
+    rule, store = parts.rule, parts.store
+    if not (type(rule) is AdamW and type(parts.projector) is Projector and type(parts.lift) is Lift
+            and parts.lift.scale == 1.0 and isinstance(store, BlockwiseQuantStore)
+            and store.blocksize == blockwise_8bit.QBLOCK and p.is_contiguous() and grad.is_contiguous()
+            and use_triton(p, grad)):
+        return False
+    rule.init_state(state, store, grad)
+    if "exp_avg_absmax" not in state:  # under min_8bit_size: fp32 moments, the composed path
+        return False
+    state["step"] = t = state.get("step", 0) + 1
+    lr, wd = group["lr"], group["weight_decay"]
+    seed = round_seed(ordinal, t) if wants_rounding(group, p) else None
+    blockwise_8bit.adamw_8bit_update_(p, grad, state, beta1=rule.beta1, beta2=rule.beta2, eps=rule.eps,
+                                      step_size=lr * rule._step_factor(t), decay=lr * wd,
+                                      decay_after=rule.decay == "after", bias_div=rule._bias_div(t), round_seed=seed)
+    return True

@@ -1,0 +1,42 @@
+"""The kernel dispatcher: auto runs Triton only on CUDA tensors, a forced backend that cannot run says why."""
+
+import pytest
+import torch
+
+from lowmem.kernels import dispatch
+
+
+def test_auto_runs_the_twins_on_cpu_tensors():
+    with dispatch.backend("auto"):
+        assert dispatch.use_triton(torch.zeros(3)) is False
+
+
+def test_forced_torch_runs_the_twins():
+    with dispatch.backend("torch"):
+        assert dispatch.use_triton(torch.zeros(3)) is False
+
+
+def test_forced_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    pytest.importorskip("triton")
+    with dispatch.backend("triton"):
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert dispatch.use_triton(torch.zeros(3)) is True
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(RuntimeError, match="CUDA tensors.*TRITON_INTERPRET=1"):
+            dispatch.use_triton(torch.zeros(3))
+
+
+def test_forced_triton_without_triton_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(dispatch, "_triton_checked", True)
+    monkeypatch.setattr(dispatch, "_triton_error", "ModuleNotFoundError: No module named 'triton'")
+    with dispatch.backend("triton"), pytest.raises(RuntimeError, match="pip install triton"):
+        dispatch.use_triton(torch.zeros(3))
+    with dispatch.backend("auto"):
+        assert dispatch.use_triton(torch.zeros(3)) is False
+
+
+def test_unknown_backend_is_refused_and_the_previous_one_kept():
+    before = dispatch.current()
+    with pytest.raises(ValueError, match="auto.*triton.*torch"):
+        dispatch.set_backend("cuda")
+    assert dispatch.current() == before
