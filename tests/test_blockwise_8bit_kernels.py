@@ -177,3 +177,16 @@ def test_bf16_stochastic_round_option_keeps_steps_below_half_an_ulp(backend):
     if not (backend == "triton" and dispatch.interpreting()):  # the interpreter's fp32 -> bf16 store truncates
         assert moved() == 0.0
     assert 0.02 < moved(bf16_stochastic_round=True) < 0.5
+
+
+@pytest.mark.parametrize("name", ["galore+came+8bit", "none+came+8bit"])
+def test_other_8bit_rules_run_their_states_through_the_kernels(name):
+    """CAME keeps its first moment in 8 bits: on the kernels' path its store (de)quantizes with them."""
+    options = {"min_8bit_size": 256}
+    if name.startswith("galore"):
+        options.update(rank=8, update_proj_gap=10, target_modules="all-linear")
+    kernel_model, kernel_opt = _train(name, "triton", **options)
+    eager_model, _ = _train(name, "torch", **options)
+    for (key, got), want in zip(kernel_model.state_dict().items(), eager_model.state_dict().values(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=key)
+    assert any(k.endswith("_absmax") for s in kernel_opt.state.values() for k in s)

@@ -1,9 +1,20 @@
 """Fused kernels and their pure-torch twins. This package lives inside ``lowmem`` on purpose:
 bitsandbytes and transformers both import a top-level ``kernels`` package.
 
-* ``adam_8bit``: the Adam moment update on blockwise 8-bit states as two ``torch.compile`` kernels on CPU
-  (the eager ``BlockwiseQuantStore`` path is its twin and the fallback).
+Each Triton kernel sits next to a torch twin with the same signature; ``dispatch`` runs the kernel on CUDA tensors
+when Triton imports and the twin otherwise (``LOWMEM_KERNELS=triton|torch|auto`` or ``dispatch.set_backend``).
+Triton modules (``*_triton``) are imported only when a kernel runs.
+
+* ``blockwise_8bit``: blockwise 8-bit quantize / dequantize and the fused 8-bit AdamW update (optionally with bf16
+  stochastic rounding), used by the optimizers' 8-bit states on CUDA.
 * ``linear_ce``: ``linear_cross_entropy(hidden, weight, labels)``, the loss and its gradients a block of vocabulary
-  rows at a time, never the logits (the pure-torch twin; its Triton kernel, the fused 8-bit update and the seeded
-  ZO perturbation arrive with their own issue).
+  rows at a time, never the logits.
+* ``zo_noise``: seeded Gaussian perturbations and zeroth-order updates, the noise drawn inside the kernel from
+  (seed, element), used by MeZO on CUDA.
+* ``philox``: Triton's Philox random numbers in torch, so twins draw the kernels' noise.
+* ``adam_8bit``: the 8-bit Adam moment update compiled by ``torch.compile`` for the CPU.
 """
+
+from .linear_ce import linear_cross_entropy
+
+__all__ = ["linear_cross_entropy"]

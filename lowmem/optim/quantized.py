@@ -179,18 +179,22 @@ class BlockwiseQuantStore:
     def load(self, state: dict, key: str) -> torch.Tensor:
         if key + "_absmax" not in state:
             return state[key]
+        from ..kernels import blockwise_8bit  # the Triton kernel on CUDA, this module's function elsewhere
+
         codes = state[key]
         code = cached_map(state[key + "_signed"], codes.device)
-        return dequantize_blockwise(codes, state[key + "_absmax"], code, self.blocksize)
+        return blockwise_8bit.dequantize_blockwise(codes, state[key + "_absmax"], code, self.blocksize)
 
     def save(self, state: dict, key: str, working: torch.Tensor, signed: bool = True) -> None:
         if key + "_absmax" not in state:
             if working is not state[key]:
                 state[key].copy_(working)
             return
+        from ..kernels import blockwise_8bit
+
         # the new tensors replace the old ones (no copy pass); they have the same shapes and dtypes
-        state[key], state[key + "_absmax"] = quantize_blockwise(working, cached_map(signed, working.device),
-                                                                self.blocksize)
+        state[key], state[key + "_absmax"] = blockwise_8bit.quantize_blockwise(
+            working, cached_map(signed, working.device), self.blocksize)
         state[key + "_signed"] = bool(signed)
 
     def chunk(self, state: dict, keys, start: int, end: int) -> dict:
