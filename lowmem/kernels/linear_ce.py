@@ -12,13 +12,22 @@ and Llama-3's 128256 words: 1 GiB of bf16 logits and 4 GiB of fp32 beside them).
   hidden gradient (fp32, ``tokens x hidden``).
 
 Extra memory: one block of fp32 logits (``BLOCK_BYTES``) and the fp32 hidden gradient, instead of several
-``tokens x vocab`` tensors. The cost: the logits' product twice (once in forward, once in backward). This is the
-pure-torch twin (CPU and any device); a Triton kernel with the same signature will be dispatched on CUDA.
+``tokens x vocab`` tensors. The cost: the logits' product twice (once in forward, once in backward).
+
+The products are torch matmuls (cuBLAS on a GPU) in both implementations; what happens to a block of logits
+between them (``forward_block``, ``backward_block``) is torch code here, the twin, and Triton kernels in
+``linear_ce_triton`` where ``dispatch.use_triton`` says so (CUDA tensors, or the interpreter in the tests).
+Under autocast the inputs are cast to its dtype first, so the backward recomputes the logits the forward saw.
 """
 
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import torch
+
+from . import dispatch
 
 #: The most bytes of fp32 logits one block holds (the block's rows = this / (4 x tokens), at least 128).
 BLOCK_BYTES = 32 << 20
@@ -35,64 +44,110 @@ def _logits(x: torch.Tensor, weight: torch.Tensor, start: int, end: int) -> torc
     return (x @ weight[start:end].t()).float()
 
 
+def _in_block(y: torch.Tensor, ignore_index: int, start: int, end: int) -> torch.Tensor:
+    """The tokens whose (not ignored) label is one of the block's words."""
+    return ((y != ignore_index) & (y >= start) & (y < end)).nonzero().squeeze(1)
+
+
+def forward_block(logits: torch.Tensor, start: int, y: torch.Tensor, ignore_index: int, lse: torch.Tensor,
+                  target: torch.Tensor) -> None:
+    """Merge one block's fp32 logits (``tokens x width``, words ``start...``) into the running log-sum-exp ``lse``
+    and write the label's logit into ``target`` for the tokens whose label is in the block (both in place)."""
+    torch.logaddexp(lse, torch.logsumexp(logits, dim=-1), out=lse)
+    rows = _in_block(y, ignore_index, start, start + logits.shape[1])
+    target[rows] = logits[rows, y[rows] - start]
+
+
+def backward_block(logits: torch.Tensor, start: int, y: torch.Tensor, ignore_index: int, lse: torch.Tensor,
+                   share: torch.Tensor) -> torch.Tensor:
+    """One block's fp32 logits turned, in place, into the loss's gradient for them: ``(softmax - onehot) * share``
+    per token (``share`` is 0 for ignored tokens)."""
+    g = logits.sub_(lse[:, None]).exp_()  # softmax over the whole vocabulary
+    rows = _in_block(y, ignore_index, start, start + logits.shape[1])
+    g[rows, y[rows] - start] -= 1.0
+    return g.mul_(share[:, None])
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index: int, reduction: str):
+    def forward(ctx, hidden, weight, labels, ignore_index: int, reduction: str, ops, loss_dtype):
         x = hidden.reshape(-1, hidden.shape[-1])
-        y = labels.reshape(-1)
+        y = labels.reshape(-1).contiguous()
         tokens, vocab = x.shape[0], weight.shape[0]
-        valid = y != ignore_index
         lse = torch.full((tokens,), -torch.inf, dtype=torch.float32, device=x.device)
         target = torch.zeros(tokens, dtype=torch.float32, device=x.device)
         for start, end in _blocks(vocab, tokens):
-            logits = _logits(x, weight, start, end)
-            lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
-            inside = valid & (y >= start) & (y < end)
-            rows = inside.nonzero().squeeze(1)
-            target[rows] = logits[rows, y[rows] - start]
+            ops.forward_block(_logits(x, weight, start, end), start, y, ignore_index, lse, target)
+        valid = y != ignore_index
         losses = torch.where(valid, lse - target, 0.0)
         count = valid.sum()
         ctx.save_for_backward(x, weight, y, lse, count)
-        ctx.ignore_index, ctx.reduction, ctx.hidden_shape = ignore_index, reduction, hidden.shape
+        ctx.ignore_index, ctx.reduction, ctx.hidden_shape, ctx.ops = ignore_index, reduction, hidden.shape, ops
         if reduction == "none":
-            return losses.view(labels.shape).to(hidden.dtype)
+            return losses.view(labels.shape).to(loss_dtype)
         total = losses.sum()
-        return (total / count if reduction == "mean" else total).to(hidden.dtype)
+        return (total / count if reduction == "mean" else total).to(loss_dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
         x, weight, y, lse, count = ctx.saved_tensors
-        valid = y != ctx.ignore_index
-        if ctx.reduction == "none":
-            share = grad_output.reshape(-1).float()
-        else:
-            share = grad_output.float().expand(y.shape[0])
-            if ctx.reduction == "mean":
-                share = share / count
-        share = torch.where(valid, share, 0.0)
+        share = _shares(grad_output, y != ctx.ignore_index, count, ctx.reduction)
         grad_x = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if ctx.needs_input_grad[0] else None
         grad_w = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
         x32 = x.float()
-        for start, end in _blocks(weight.shape[0], x.shape[0]):
-            g = _logits(x, weight, start, end).sub_(lse[:, None]).exp_()  # softmax over the whole vocabulary
-            inside = (valid & (y >= start) & (y < end)).nonzero().squeeze(1)
-            g[inside, y[inside] - start] -= 1.0
-            g.mul_(share[:, None])
-            if grad_w is not None:
-                grad_w[start:end] = g.t() @ x32
-            if grad_x is not None:
-                grad_x += g @ weight[start:end].float()
+        with _without_autocast(x.device.type):  # the forward's products again, not autocast's
+            for start, end in _blocks(weight.shape[0], x.shape[0]):
+                g = ctx.ops.backward_block(_logits(x, weight, start, end), start, y, ctx.ignore_index, lse, share)
+                if grad_w is not None:
+                    grad_w[start:end] = g.t() @ x32
+                if grad_x is not None:
+                    grad_x += g @ weight[start:end].float()
         if grad_x is not None:
             grad_x = grad_x.to(x.dtype).view(ctx.hidden_shape)
-        return grad_x, grad_w, None, None, None
+        return grad_x, grad_w, None, None, None, None, None
+
+
+def _shares(grad_output: torch.Tensor, valid: torch.Tensor, count: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Each token's fp32 weight in the loss's gradient: the incoming gradient, divided by the valid tokens for a
+    mean, and 0 for ignored tokens."""
+    if reduction == "none":
+        share = grad_output.reshape(-1).float()
+    else:
+        share = grad_output.float().expand(valid.shape[0])
+        if reduction == "mean":
+            share = share / count
+    return torch.where(valid, share, 0.0)
+
+
+def _autocast_dtype(device: str) -> torch.dtype | None:
+    """The dtype autocast computes products in on ``device`` (None when it is off, or the device has none)."""
+    try:
+        enabled = torch.is_autocast_enabled(device)
+    except RuntimeError:  # e.g. meta: no autocast at all
+        return None
+    return torch.get_autocast_dtype(device) if enabled else None
+
+
+def _without_autocast(device: str):
+    """Autocast off for ``device`` if it is on."""
+    return torch.autocast(device, enabled=False) if _autocast_dtype(device) else contextlib.nullcontext()
+
+
+def _block_ops(hidden: torch.Tensor, weight: torch.Tensor):
+    """The module with ``forward_block`` / ``backward_block``: the Triton kernels' (imported only then) or these."""
+    if dispatch.use_triton(hidden, weight):
+        from . import linear_ce_triton
+
+        return linear_ce_triton
+    return sys.modules[__name__]
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
-                         reduction: str = "mean") -> torch.Tensor:
+                         reduction: str = "mean", loss_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``F.cross_entropy(F.linear(hidden, weight), labels, ignore_index=..., reduction=...)`` without materializing
     the logits (see the module docstring). ``hidden``: ``(..., H)``; ``weight``: ``(V, H)``; ``labels``: ``(...)``,
-    already aligned with ``hidden`` (shift them first for a causal LM). A mean over no valid label is NaN, as in
-    torch."""
+    already aligned with ``hidden`` (shift them first for a causal LM). The loss comes in ``loss_dtype`` (default:
+    the product's dtype; transformers' causal-LM loss is fp32). A mean over no valid label is NaN, as in torch."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r}; use one of {REDUCTIONS}")
     if hidden.shape[:-1] != labels.shape:
@@ -100,4 +155,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                          "dimension (shift the labels of a causal LM first)")
     if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden size {hidden.shape[-1]} does not match weight {tuple(weight.shape)}")
-    return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, reduction)
+    device = hidden.device.type
+    dtype = _autocast_dtype(device)
+    if dtype is not None:  # as F.linear under autocast: the product in autocast's dtype
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    ops = _block_ops(hidden, weight)
+    with _without_autocast(device):
+        return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, reduction, ops,
+                                         loss_dtype or hidden.dtype)

@@ -13,11 +13,15 @@ perturbation: while a module runs its forward, its perturbed weights exist only 
 So the extra memory is one block (``Z_BLOCK`` elements) for linears and embeddings, and the module's own tensors
 for the others (small: norm weights, biases, adapters).
 
-The noise ``z`` is keyed, not drawn from a running generator: block ``b`` of parameter ``i`` (rows of the
-parameter viewed as a matrix, ``Z_BLOCK`` elements at most) under step seed ``s`` is ``randn`` from a generator
-seeded with ``(s, i, b)``. The same ``z`` therefore comes back whatever order modules run in, however often a
-tied weight is visited, and whatever else used the global RNG, which is what lets the update regenerate it and
-the offloaded (``lowmem.offload``) and plain forms agree.
+The noise ``z`` is keyed, not drawn from a running generator, so the same ``z`` comes back whatever order modules
+run in, however often a tied weight is visited, and whatever else used the global RNG, which is what lets the update
+regenerate it and the offloaded (``lowmem.offload``) and plain forms agree. Two noises, chosen by ``MeZO``:
+
+* ``Noise`` (torch generators): block ``b`` of parameter ``i`` (rows of the parameter viewed as a matrix,
+  ``Z_BLOCK`` elements at most) under step seed ``s`` is ``randn`` from a generator seeded with ``(s, i, b)``;
+* ``PhiloxNoise`` (Triton's Philox, ``lowmem.kernels.zo_noise``): flat element ``e`` of parameter ``i`` is
+  ``tl.randn(block_key(s, i, 0), e)``, drawn inside the kernels that perturb and update (the pure-torch twin
+  off CUDA), so ``z`` is never stored and does not depend on the row blocks.
 
 Updates to bf16 / fp16 weights are stochastically rounded (``stochastic_round``): a MeZO step moves a weight by
 about 1e-7, far below half a bf16 ulp, so round-to-nearest would drop almost all of it.
@@ -26,15 +30,22 @@ about 1e-7, far below half a bf16 ulp, so round-to-nearest would drop almost all
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import dispatch, zo_noise
+
 #: The most elements of ``z`` generated at once (4 MiB of fp32): the scratch memory of a perturbed linear layer.
 Z_BLOCK = 1 << 20
+#: Elements of a low-precision weight rounded at once by ``Noise.update`` (the rounding's temporaries: ~16 B each).
+UPDATE_ELEMENTS = 1 << 16
+#: MeZO's ``noise`` choices: ``auto`` is ``philox`` where the Triton kernels run (``dispatch.use_triton``).
+NOISES = ("auto", "torch", "philox")
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant (the golden ratio's), to spread seeds over the key space
 _MASK = (1 << 63) - 1
 #: Key tags that keep the rounding noise independent of the perturbation noise.
@@ -81,6 +92,81 @@ class Noise:
         return torch.rand(shape, generator=self._generator(device, block_key(seed, index, block, _ROUND)),
                           dtype=torch.float32, device=device)
 
+    def perturbed_rows(self, p: torch.Tensor, seed: int, index: int, block: int, start: int, end: int,
+                       scales: Sequence[float]) -> list[torch.Tensor]:
+        """Rows ``start:end`` (block ``block``) of ``p + scale z`` for each scale, in ``p``'s dtype (fresh tensors
+        from one draw of ``z``)."""
+        w = rows(p, start, end)
+        z = self.normal(seed, index, block, w.shape, p.device)
+        if len(scales) == 1:  # in place: the scratch is z and the result
+            return [z.mul_(scales[0]).add_(w).to(p.dtype)]
+        return [(z * scale).add_(w).to(p.dtype) for scale in scales]
+
+    def update(self, data: torch.Tensor, index: int, seeds: Sequence[int], grads: Sequence[float], lr: float,
+               wd: float) -> None:
+        """``data -= lr (sum_k g_k z_k + wd data)`` a block of rows at a time (the noise's unit), computed in fp32
+        and stored once, ``UPDATE_ELEMENTS`` at a time (so the rounding's temporaries stay small)."""
+        for block, (start, end) in enumerate(row_blocks(data)):
+            w = rows(data, start, end)
+            direction = None
+            for seed, g in zip(seeds, grads, strict=True):
+                z = self.normal(seed, index, block, w.shape, data.device)
+                direction = z.mul_(g) if direction is None else direction.add_(z, alpha=g)
+            uniform = None
+            if data.dtype != torch.float32:
+                uniform = self.uniform(seeds[0], index, block, w.shape, data.device)
+            step = max(1, UPDATE_ELEMENTS // max(1, w[0].numel() if w.dim() > 1 else 1))
+            for a in range(0, w.shape[0], step):
+                piece, new = w[a:a + step], w[a:a + step].float()  # fp32: ``new`` is ``piece`` (updated in place)
+                if wd:
+                    new.mul_(1.0 - lr * wd)
+                new.add_(direction[a:a + step], alpha=-lr)
+                if uniform is not None:
+                    piece.copy_(stochastic_round(new, data.dtype, uniform[a:a + step]))
+
+
+class PhiloxNoise:
+    """Keyed noise from Triton's Philox: element ``e`` of parameter ``index`` (flat, row-major) under step seed
+    ``seed`` is ``tl.randn(block_key(seed, index, 0), e)``. Perturbations and updates run as the
+    ``lowmem.kernels.zo_noise`` kernels on CUDA (the noise is drawn in registers, never stored) and as their torch
+    twins elsewhere, which draw the same noise: a CPU run reproduces a GPU run's noise."""
+
+    def key(self, seed: int, index: int) -> int:
+        """The Philox seed of parameter ``index``'s noise under step seed ``seed``."""
+        return block_key(seed, index, 0)
+
+    def round_key(self, seed: int, index: int) -> int:
+        """The Philox seed of the uniforms that stochastically round parameter ``index``'s update."""
+        return block_key(seed, index, 0, _ROUND)
+
+    def perturbed_rows(self, p: torch.Tensor, seed: int, index: int, block: int, start: int, end: int,
+                       scales: Sequence[float]) -> list[torch.Tensor]:
+        """Rows ``start:end`` of ``p + scale z`` for each scale, in ``p``'s dtype (fresh tensors; the row block
+        only bounds their size: the rows' noise starts at their first element's flat index)."""
+        w = rows(p, start, end).contiguous()
+        offset = start * math.prod(p.shape[1:]) if p.dim() else 0
+        return zo_noise.perturbed(w, self.key(seed, index), offset, scales)
+
+    def update(self, data: torch.Tensor, index: int, seeds: Sequence[int], grads: Sequence[float], lr: float,
+               wd: float) -> None:
+        """``data -= lr (sum_k g_k z_k + wd data)`` in place, in fp32, stochastically rounded for bf16 / fp16 with
+        uniforms keyed by the first seed (one pass over ``data``: ``zo_noise.update_``)."""
+        target = data if data.is_contiguous() else data.contiguous()
+        zo_noise.update_(target, [self.key(s, index) for s in seeds], grads, lr, wd, self.round_key(seeds[0], index))
+        if target is not data:
+            data.copy_(target)
+
+
+def make_noise(kind: str, first: torch.Tensor) -> Noise | PhiloxNoise:
+    """The noise MeZO draws: ``torch`` (``Noise``), ``philox`` (``PhiloxNoise``), or ``auto``: ``philox`` where the
+    Triton kernels run on ``first`` (a trainable tensor; CUDA with Triton installed), else ``torch``."""
+    if kind not in NOISES:
+        raise ValueError(f"noise={kind!r} is unknown: use one of {NOISES} ('philox' reproduces on CPU the noise of a "
+                         "CUDA run, whose 'auto' is 'philox')")
+    if kind == "auto":
+        kind = "philox" if dispatch.use_triton(first) else "torch"
+    return PhiloxNoise() if kind == "philox" else Noise()
+
 
 def rows(p: torch.Tensor, start: int, end: int) -> torch.Tensor:
     """Rows ``start:end`` of ``p`` (a 0-d tensor is one row)."""
@@ -111,18 +197,14 @@ class Perturbation:
 
     seed: int
     scales: tuple[float, ...]
-    noise: Noise
+    noise: Noise | PhiloxNoise
     #: The dual forward's whole batch size (learnt from the first module to run, which sees the token ids).
     batch: int | None = None
 
     def perturbed_rows(self, p: torch.Tensor, index: int, block: int, start: int, end: int) -> list[torch.Tensor]:
         """Rows ``start:end`` (block ``block``) of ``p + scale z`` for each scale, in ``p``'s dtype (fresh tensors
-        from one draw of ``z``)."""
-        w = rows(p, start, end)
-        z = self.noise.normal(self.seed, index, block, w.shape, p.device)
-        if len(self.scales) == 1:  # in place: the scratch is z and the result
-            return [z.mul_(self.scales[0]).add_(w).to(p.dtype)]
-        return [(z * scale).add_(w).to(p.dtype) for scale in self.scales]
+        from one draw of ``z``, by the noise)."""
+        return self.noise.perturbed_rows(p, self.seed, index, block, start, end, self.scales)
 
     def perturbed(self, p: torch.Tensor, index: int) -> list[torch.Tensor]:
         """The whole of ``p + scale z`` for each scale (for the small tensors of generic modules)."""
@@ -173,7 +255,8 @@ class ZOParameters:
                    if id(p) in self.index]
             if own:
                 self.owners.append((module, own))
-        self.noise = Noise()
+        #: The noise of the perturbations and updates (``MeZO`` sets it from its ``noise`` option).
+        self.noise: Noise | PhiloxNoise = Noise()
         self._touched: set[int] | None = None
 
     @contextlib.contextmanager

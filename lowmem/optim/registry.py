@@ -220,7 +220,7 @@ ZEROTH_ORDER: dict[str, OptimizerSpec] = {
     "mezo": OptimizerSpec(
         MeZO, "MeZO: zeroth-order SGD from two perturbed forwards per step; no gradients, no state",
         ctor=dict(lr=1e-6, zo_eps=1e-3, zo_samples=1, seed=0, offload=None, offload_dir=None, offload_layers=None,
-                  offload_device=None), low_rank=False, zeroth_order=True),
+                  offload_device=None, noise="auto"), low_rank=False, zeroth_order=True),
 }
 
 

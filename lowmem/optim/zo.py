@@ -14,7 +14,9 @@ Used two ways:
   the Trainer's own ``optimizer.step()`` and learning-rate scheduler do the rest.
 
 Memory: no gradients and no optimizer state; during a forward, one block of noise (4 MiB) beside a linear layer
-or embedding, or a perturbed copy of a smaller module's own tensors.
+or embedding, or a perturbed copy of a smaller module's own tensors. With the Philox noise (``noise="philox"``,
+the default on CUDA with Triton) the kernels draw ``z`` in registers: only the perturbed rows take memory, and the
+update is one pass over each weight.
 
 With ``offload="ram"`` or ``"disk"`` the decoder blocks live off the device (``lowmem.offload``), each step runs
 the *dual* forward (the batch taken twice, the first copy at ``W + eps z`` and the second at ``W - eps z``, so each
@@ -30,10 +32,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .perturb import ZOParameters, row_blocks, rows, stochastic_round
+from .perturb import ZOParameters, make_noise
 
-#: Elements of a low-precision weight rounded at once (the stochastic rounding's temporaries: ~16 B each).
-UPDATE_ELEMENTS = 1 << 16
 _ZO = "zo"  # the key of the step counter in ``Optimizer.state`` (kept by state_dict / load_state_dict)
 
 
@@ -44,11 +44,16 @@ class MeZO(torch.optim.Optimizer):
     ``zo_eps``: the perturbation size (1e-3 full, 1e-2 LoRA, 1e-1 prefix); ``zo_samples``: seeds per step;
     ``seed``: the base of every step's seed (a run is reproducible, and resumes with the same noise).
     ``weight_decay`` applies to tensors of two or more dimensions (not to biases or norm weights).
+    ``noise``: how ``z`` is drawn (``lowmem.optim.perturb``): ``"torch"``, torch generators per block of rows;
+    ``"philox"``, Triton's Philox inside the perturbation and update kernels (their torch twins off CUDA: the same
+    noise, so a CPU run reproduces a GPU run); ``"auto"`` (default), ``"philox"`` where the kernels run (CUDA with
+    Triton, see ``lowmem.kernels.dispatch``), else ``"torch"``. The choice changes the noise, so resume a run with
+    the same one.
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-6, weight_decay: float = 0.0, zo_eps: float = 1e-3,
                  zo_samples: int = 1, seed: int = 0, offload: str | None = None, offload_dir: str | None = None,
-                 offload_layers: str | None = None, offload_device: str | None = None):
+                 offload_layers: str | None = None, offload_device: str | None = None, noise: str = "auto"):
         if not zo_eps > 0:
             raise ValueError(f"zo_eps={zo_eps} must be positive: it is the size of the perturbation (MeZO uses 1e-3 "
                              "for full fine-tuning, 1e-2 with LoRA, 1e-1 for prefix tuning).")
@@ -74,6 +79,8 @@ class MeZO(torch.optim.Optimizer):
             device = torch.device(offload_device or ("cuda" if torch.cuda.is_available() else "cpu"))
             store = make_store(offload, offload_dir, pin=device.type == "cuda")
             self.streamer = BlockStreamer(model, store, device, offload_layers)
+        # after the streamer: offloaded tensors now live (as placeholders) on the device the updates run on
+        self.zo.noise = make_noise(noise, self.zo.named[0][1])
         self.zo_eps, self.zo_samples, self.seed = zo_eps, int(zo_samples), int(seed)
         self.state[_ZO] = {"step": 0}
         self._projected: list[float] = [0.0] * self.zo_samples
@@ -161,28 +168,11 @@ class MeZO(torch.optim.Optimizer):
 
     def _update(self, p: torch.Tensor, index: int, seeds: list[int], grads: list[float], lr: float,
                 wd: float) -> None:
-        """``p -= lr (sum_k g_k z_k + wd p)`` a block of rows at a time (the noise's unit), computed in fp32 and
-        stored once, ``UPDATE_ROWS_ELEMENTS`` at a time (so the rounding's temporaries stay small)."""
+        """``p -= lr (sum_k g_k z_k + wd p)`` in fp32, stochastically rounded for bf16 / fp16, by the noise that
+        drew ``z`` (``p.data`` is read now: an offloaded block's update runs when the block is resident)."""
         if lr == 0:
             return
-        noise, data = self.zo.noise, p.data
-        for block, (start, end) in enumerate(row_blocks(data)):
-            w = rows(data, start, end)
-            direction = None
-            for seed, g in zip(seeds, grads, strict=True):
-                z = noise.normal(seed, index, block, w.shape, data.device)
-                direction = z.mul_(g) if direction is None else direction.add_(z, alpha=g)
-            uniform = None
-            if data.dtype != torch.float32:
-                uniform = noise.uniform(seeds[0], index, block, w.shape, data.device)
-            step = max(1, UPDATE_ELEMENTS // max(1, w[0].numel() if w.dim() > 1 else 1))
-            for a in range(0, w.shape[0], step):
-                piece, new = w[a:a + step], w[a:a + step].float()  # fp32: ``new`` is ``piece`` (updated in place)
-                if wd:
-                    new.mul_(1.0 - lr * wd)
-                new.add_(direction[a:a + step], alpha=-lr)
-                if uniform is not None:
-                    piece.copy_(stochastic_round(new, data.dtype, uniform[a:a + step]))
+        self.zo.noise.update(p.data, index, seeds, grads, lr, wd)
 
 
 def _pair(losses) -> tuple[float, float]:

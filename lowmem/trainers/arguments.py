@@ -90,6 +90,11 @@ class TrainingArguments(transformers.TrainingArguments):
 
     ``optim="mezo"`` (zeroth-order) likewise has ``max_grad_norm`` 0 by default and refuses a positive one, fp16 and
     more than one process; its options (``zo_eps``, ``zo_samples``, ``seed``) come through ``optim_args``.
+
+    ``linear_cross_entropy=True`` has the lowmem ``Trainer`` patch a LLaMA / Qwen2 / Mistral model (peft-wrapped or
+    not) so that its loss comes from the last hidden states and the head's weight a block of vocabulary at a time,
+    never the ``tokens x vocab`` logits (``lowmem.kernels.model_patch``); MeZO refuses it (it perturbs the head
+    through its forward, so the logits would be computed anyway).
     """
 
     optim: str = field(default=transformers.TrainingArguments.__dataclass_fields__["optim"].default, metadata={
@@ -97,6 +102,10 @@ class TrainingArguments(transformers.TrainingArguments):
                 "'<name>_layerwise') or a transformers OptimizerNames value."})
     max_grad_norm: float | None = field(default=None, metadata={
         "help": "Max gradient norm (default 1.0; 0 for layer-wise lowmem optimizers, which cannot clip)."})
+    linear_cross_entropy: bool = field(default=False, metadata={
+        "help": "Compute a LLaMA / Qwen2 / Mistral causal LM's loss without materializing its logits (linear + "
+                "cross-entropy a block of vocabulary at a time; Triton kernels on CUDA). The model then returns "
+                "logits=None when given labels."})
 
     def __post_init__(self):
         self.max_grad_norm_given = self.max_grad_norm is not None
@@ -129,8 +138,13 @@ class TrainingArguments(transformers.TrainingArguments):
         return super().place_model_on_device
 
     def _check_zeroth_order(self) -> None:
-        """What a zeroth-order step cannot honour: there are no gradients to clip or to scale, and one process."""
+        """What a zeroth-order step cannot honour: there are no gradients to clip or to scale, and one process; and
+        the loss cannot bypass the head, whose forward carries MeZO's perturbation."""
         name = self.lowmem_optim
+        if self.linear_cross_entropy:
+            raise ValueError(f"optim={name!r} with linear_cross_entropy=True: MeZO perturbs lm_head through its "
+                             "forward, so the loss must compute the logits and the option would save nothing. Set "
+                             "linear_cross_entropy=False.")
         self._refuse_clipping_fp16_and_ddp(
             f"optim={name!r} computes no gradients (it estimates one scalar per step from two forwards), so "
             f"max_grad_norm={self.max_grad_norm} has nothing to clip. Set max_grad_norm=0, and bound the step with a "

@@ -1,4 +1,5 @@
-"""``Trainer`` that builds lowmem optimizers by name, through the Trainer's own ``create_optimizer`` override point.
+"""``Trainer`` that builds lowmem optimizers by name, through the Trainer's own ``create_optimizer`` override point,
+and patches the model's loss to skip the logits when ``args.linear_cross_entropy`` asks (at init, before any step).
 
 ``Trainer(model, args, optim="galore_adamw", optim_args="rank=64", optim_target_modules=["attn", "mlp"])`` works
 as well as putting those three in ``TrainingArguments``. The training loop, scheduler, checkpointing and
@@ -12,6 +13,7 @@ import dataclasses
 
 import transformers
 
+from ..kernels.model_patch import patch_linear_cross_entropy
 from ..optim.registry import create_optimizer
 from ..optim.zo import MeZO, pair_loss
 from .arguments import TrainingArguments, layerwise_ddp_error
@@ -28,7 +30,16 @@ class Trainer(transformers.Trainer):
                      if v is not None}
         if overrides:
             args = _with_optimizer(args, overrides)
+        if model is not None and getattr(args, "linear_cross_entropy", False):
+            patch_linear_cross_entropy(model)  # before the Trainer inspects the model's forward
         super().__init__(model, args, *positional, **kwargs)
+
+    def call_model_init(self, *args, **kwargs):
+        """transformers' ``model_init`` call, its model patched like one given directly."""
+        model = super().call_model_init(*args, **kwargs)
+        if getattr(self.args, "linear_cross_entropy", False):
+            patch_linear_cross_entropy(model)
+        return model
 
     def create_optimizer(self, *args, **kwargs):
         """A lowmem optimizer when ``args.optim`` names one, else transformers' own choice."""
@@ -109,7 +120,8 @@ def _with_optimizer(args, overrides: dict) -> TrainingArguments:
     """lowmem ``TrainingArguments`` equal to ``args`` (or the defaults) with the optimizer fields replaced."""
     if args is None:
         return TrainingArguments(output_dir="trainer_output", **overrides)
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(transformers.TrainingArguments) if f.init}
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments)
+              if f.init and hasattr(args, f.name)}  # lowmem's own fields too, when ``args`` has them
     if not getattr(args, "max_grad_norm_given", args.max_grad_norm != 1.0):
         values["max_grad_norm"] = None  # unset: the default suits the new optimizer (0 for layer-wise ones)
     return TrainingArguments(**{**values, **overrides})
