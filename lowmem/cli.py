@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--batch", type=int, default=1, help="sequences per micro-batch (default 1)")
     plan.add_argument("--card-gib", type=float, default=24.0, help="the card's memory in GiB (default 24)")
     plan.add_argument("--bf16", action="store_true", help="weights in bf16 (pure_bf16) instead of fp32")
+    plan.add_argument("--linear-ce", action=argparse.BooleanOptionalAction, default=None,
+                      help="price the loss without logits (recipe key linear_cross_entropy); default: on for LLaMA, "
+                           "Qwen2 and Mistral, the architectures it supports")
     commands.add_parser("list", help="every optimizer name with its state bytes per parameter and a summary")
     bench = commands.add_parser("bench", help="quick benchmark against the reference packages: state bytes per "
                                               "parameter and step-time ratios on LLaMA-130M-shaped weights")
@@ -67,11 +70,17 @@ def _train(name: str, overrides: list[str]) -> int:
 
 
 def _plan(args) -> int:
-    from .memory import format_plan, plan, recipe_command, recommend
+    from .kernels.model_patch import LINEAR_CE_MODEL_TYPES
+    from .memory import format_plan, load_config, plan, recipe_command, recommend
 
-    rows = plan(args.model, args.seq, args.batch, args.card_gib, "bf16" if args.bf16 else "fp32")
+    linear_ce = args.linear_ce
+    if linear_ce is None:
+        linear_ce = load_config(args.model).model_type in LINEAR_CE_MODEL_TYPES
+    rows = plan(args.model, args.seq, args.batch, args.card_gib, "bf16" if args.bf16 else "fp32", linear_ce=linear_ce)
     best = recommend(rows)
-    command = recipe_command(best, args.model, args.seq, args.batch, args.bf16) if best else ""
+    command = recipe_command(best, args.model, args.seq, args.batch, args.bf16, linear_ce) if best else ""
+    if linear_ce:
+        print("(the loss without logits: linear_cross_entropy; --no-linear-ce prices the plain loss)")
     print(format_plan(rows, args.card_gib, command))
     return 0
 

@@ -356,8 +356,22 @@ class Estimate:
         return self.weights + self.gradients + self.states + self.activations + self.logits + self.temporaries
 
 
+def linear_ce_loss_bytes(config, tokens: int, dtype: torch.dtype) -> dict[str, int]:
+    """What the loss's backward holds with ``linear_cross_entropy`` (``kernels.model_patch``) instead of the
+    logits' three ``tokens x vocab`` fp32 tensors, from reading ``kernels.linear_ce`` (measured exact in fp32):
+    ``logits``: one block of fp32 logits; ``head``: the head weight's gradient, made there; ``temporaries``: the
+    fp32 hidden gradient, and below fp32 the hidden states' fp32 copy and the larger of the block's product in the
+    weights' dtype (beside its fp32 copy) and the block's fp32 weight rows or their gradient (beside the block)."""
+    from .kernels.linear_ce import block_rows
+
+    d, e = Dims.of(config), nbytes(1, dtype)
+    rows = min(d.vocab, block_rows(tokens))
+    extra = 0 if e == 4 else tokens * d.hidden * 4 + max(tokens * rows * e, rows * d.hidden * 4)
+    return dict(logits=tokens * rows * 4, head=d.vocab * d.hidden * e, temporaries=tokens * d.hidden * 4 + extra)
+
+
 def peak_bytes(model: nn.Module, name: str, batch: int, seq: int, checkpointing: bool = False,
-               quantized: bool = False, **options) -> Estimate:
+               quantized: bool = False, linear_ce: bool = False, **options) -> Estimate:
     """The peak live bytes of a steady-state training step (forward, backward, ``optimizer.step()``,
     ``zero_grad(set_to_none=True)``) of ``model`` (a meta model) with optimizer ``name``.
 
@@ -372,7 +386,9 @@ def peak_bytes(model: nn.Module, name: str, batch: int, seq: int, checkpointing:
       head) with the activations still saved, one decoder weight's update beside a recomputed layer
       (checkpointing), and the embedding's update at the end (no activations left);
     * ``quantized`` (QLoRA, a LoRA ``model``): frozen linear weights in 4 bits, and a recomputed layer also holds
-      one linear weight dequantized to the compute dtype.
+      one linear weight dequantized to the compute dtype;
+    * ``linear_ce`` (``TrainingArguments.linear_cross_entropy``): no log-softmax is saved, and the loss backward
+      holds one block of logits and the head's gradient instead (``linear_ce_loss_bytes``).
     """
     from . import create_optimizer
     from .optim.compose import build_parts
@@ -402,7 +418,12 @@ def peak_bytes(model: nn.Module, name: str, batch: int, seq: int, checkpointing:
     emb = _param_id(model.get_input_embeddings())
     head = _param_id(model.get_output_embeddings())
     layer_ids = [i for i in upd if i not in (emb, head)]
-    phases = [Estimate(weights, 0, states, body, 3 * act["logits"], 0, "loss backward")]
+    if linear_ce:
+        loss = linear_ce_loss_bytes(config, batch * seq, dtype)
+        head_grad = loss["head"] if head in upd else 0
+        phases = [Estimate(weights, head_grad, states, body, loss["logits"], loss["temporaries"], "loss backward")]
+    else:
+        phases = [Estimate(weights, 0, states, body, 3 * act["logits"], 0, "loss backward")]
     if not layerwise:
         if checkpointing:
             layer_grads = (grads - upd.get(emb, (0, 0))[0]) * (1 - 1 / config.num_hidden_layers)
@@ -460,11 +481,12 @@ def _param_id(module) -> int | None:
 # --- measurement
 def measure_peak(config, name: str, batch: int, seq: int, checkpointing: bool = False,
                  dtype: torch.dtype = torch.float32, steps: int = 2, lora: dict | None = None,
-                 quantized: bool = False, **options) -> dict:
+                 quantized: bool = False, linear_ce: bool = False, **options) -> dict:
     """Run ``steps`` real training steps on CPU (random weights and tokens) under ``MemTracker`` and return the
     last (steady) step's peak live bytes by MemTracker category plus ``Total`` and ``state_bytes`` (the optimizer's
     own count). ``lora``: peft ``LoraConfig`` fields; ``quantized``: the base loaded in 4 bits first (QLoRA; the
-    quantization constants, which MemTracker does not see, are ``QuantConstants``, added to ``Total``). For validating
+    quantization constants, which MemTracker does not see, are ``QuantConstants``, added to ``Total``);
+    ``linear_ce``: the model's loss patched to skip the logits (``kernels.model_patch``). For validating
     ``peak_bytes``; use models up to ~100M parameters."""
     import warnings
 
@@ -479,6 +501,10 @@ def measure_peak(config, name: str, batch: int, seq: int, checkpointing: bool = 
         model = _peft(model, lora)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if linear_ce:
+        from .kernels.model_patch import patch_linear_cross_entropy
+
+        patch_linear_cross_entropy(model)
     model.config.use_cache = False
     model.train()
     optimizer = create_optimizer(name, model, **options)
@@ -602,10 +628,11 @@ class Row:
 
 
 def plan(model, seq_len: int, batch_size: int, card_gib: float, weights_dtype: str = "fp32",
-         modes=None, **options) -> list[Row]:
+         modes=None, linear_ce: bool = False, **options) -> list[Row]:
     """Price every (optimizer, checkpointing, adapters) mode for ``model`` (hub id, model dir, config JSON or dict)
     at ``batch_size`` x ``seq_len`` tokens; ``fits``: the peak is within ``card_gib`` GiB. Unsupported modes (say,
-    Adam-mini without head counts) get a note and are left out."""
+    Adam-mini without head counts) get a note and are left out. ``linear_ce``: the loss without logits (gradient
+    modes; MeZO refuses it)."""
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[weights_dtype]
     config = load_config(model)
     rows, metas = [], {}
@@ -615,8 +642,8 @@ def plan(model, seq_len: int, batch_size: int, card_gib: float, weights_dtype: s
             metas[lora] = meta_model(config, dtype, LORA if lora else None)
         try:
             extra = {"offload": "ram"} if adapters == "offload" else {}
-            est = peak_bytes(metas[lora], name, batch_size, seq_len, ckpt, quantized=adapters == "qlora", **options,
-                             **extra)
+            est = peak_bytes(metas[lora], name, batch_size, seq_len, ckpt, quantized=adapters == "qlora",
+                             linear_ce=linear_ce, **options, **extra)
         except ValueError as err:
             rows.append(Row(name, ckpt, adapters, Estimate(0, 0, 0, 0, 0, 0, "-"), notes=[str(err)[:120]]))
             continue
@@ -636,9 +663,11 @@ def recommend(rows: list[Row]) -> Row | None:
     return None
 
 
-def recipe_command(row: Row, model, seq_len: int, batch_size: int, bf16: bool) -> str:
+def recipe_command(row: Row, model, seq_len: int, batch_size: int, bf16: bool, linear_ce: bool = False) -> str:
     """The ``lowmem train`` command for ``row``: the bundled recipe nearest to it (same optimizer and adapters;
-    pretraining for a full-parameter row on a config JSON, else fine-tuning), with the keys that differ overridden.
+    pretraining for a full-parameter row on a config JSON, else fine-tuning), with the keys that differ overridden
+    (``linear_ce``: the row was planned with the loss without logits, so a recipe without it gets it; MeZO does
+    not take it).
     An adapter row planned from a config JSON names the model ``MODEL`` (the config says nothing of the weights)."""
     import shlex
 
@@ -670,6 +699,10 @@ def recipe_command(row: Row, model, seq_len: int, batch_size: int, bf16: bool) -
                  ("model_config" if from_config else "model_name_or_path"): str(model) if from_config
                  else source, "cutoff_len": seq_len, "per_device_train_batch_size": batch_size,
                  "gradient_checkpointing": row.checkpointing, "pure_bf16": bf16}
+    if linear_ce and row.optimizer != "mezo":  # planned without the logits: run so (planned with them: either fits)
+        overrides["linear_cross_entropy"] = True
+    elif row.optimizer == "mezo" and values.get("linear_cross_entropy"):  # MeZO refuses it
+        overrides["linear_cross_entropy"] = False
     changed = [shlex.quote(f"{k}={yaml.safe_dump(v).splitlines()[0]}") for k, v in overrides.items()
                if values.get(k, False if isinstance(v, bool) else None) != v]
     hint = "   (MODEL: the hub id or directory of the weights)" if source == "MODEL" else ""

@@ -57,6 +57,19 @@ def test_peak_within_10_percent(config, name, batch, seq, ckpt, eager_8bit):
     assert abs(estimate.total / measured["Total"] - 1) < 0.10, (estimate, measured)
 
 
+@pytest.mark.parametrize("name, ckpt, dtype", [("adamw", False, torch.float32),
+                                               ("apollo_mini_layerwise", True, torch.bfloat16)])
+def test_linear_ce_peak_within_2_percent(name, ckpt, dtype):
+    """The loss without logits (``linear_ce``): the planned peak against a measured step of the patched model, and
+    far below the unpatched plan (the vocabulary dominates this model, as Llama 3's does a 1B one)."""
+    config = _llama(128, 2, 32000)
+    measured = memory.measure_peak(config, name, 2, 256, ckpt, dtype=dtype, linear_ce=True)
+    meta = memory.meta_model(config, dtype)
+    estimate = memory.peak_bytes(meta, name, 2, 256, ckpt, linear_ce=True)
+    assert abs(estimate.total / measured["Total"] - 1) < 0.02, (estimate, measured)
+    assert estimate.total < 0.7 * memory.peak_bytes(meta, name, 2, 256, ckpt).total
+
+
 @pytest.mark.parametrize("quantized, ckpt", [(False, False), (True, True)])
 def test_lora_and_qlora_peak_within_10_percent(quantized, ckpt):
     """LoRA on all linear layers; QLoRA: the base loaded through bitsandbytes in 4 bits (nf4, double quantization),
@@ -87,6 +100,14 @@ def test_recommended_recipe_command():
     assert "optim=" not in scratch  # a GaLore pretraining recipe keeps its own optim_args
     other = memory.recipe_command(memory.Row("adamw_8bit", False, None, rows[0].estimate), "org/m", 1024, 4, True)
     assert "optim=adamw_8bit optim_args=null" in other  # another optimizer drops the recipe's options
+    # planned without logits: a recipe without the key gets it; one with it keeps it
+    assert "linear_cross_entropy=true" in memory.recipe_command(
+        memory.Row("galore_adamw", False, None, rows[0].estimate), "cfg.json", 256, 8, bf16=True, linear_ce=True)
+    assert "linear_cross_entropy" not in scratch
+    assert memory.recipe_command(full, "meta-llama/Llama-3.1-8B-Instruct", 1024, 1, bf16=True, linear_ce=True) == \
+        "lowmem train recipes/finetune-llama-3.1-8b-24gb-apollo-mini.yaml"
+    mezo = memory.recipe_command(memory.Row("mezo", False, None, rows[0].estimate), "org/m", 512, 4, True, True)
+    assert "linear_cross_entropy" not in mezo and "mezo" in mezo  # MeZO refuses the option
 
 
 def test_plan_table_and_recommendation():
@@ -116,6 +137,9 @@ def test_lowmem_plan_command(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "galore_adamw_8bit_layerwise" in out and "Recommended on a 1 GiB card" in out
     assert "adamw + QLoRA + ckpt" in out and "Run it: lowmem train recipes/" in out
+    assert "loss without logits" in out  # a LLaMA: priced with linear_cross_entropy by default
+    assert cli.main(["plan", str(tmp_path / "config.json"), "--seq", "64", "--card-gib", "1", "--no-linear-ce"]) == 0
+    assert "loss without logits" not in capsys.readouterr().out
     assert cli.main(["plan", str(tmp_path / "missing.json")]) == 2
     assert capsys.readouterr().err.startswith("lowmem: error: config file")
 

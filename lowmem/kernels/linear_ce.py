@@ -34,8 +34,13 @@ BLOCK_BYTES = 32 << 20
 REDUCTIONS = ("mean", "sum", "none")
 
 
+def block_rows(tokens: int) -> int:
+    """Vocabulary rows per block for ``tokens`` tokens: ``BLOCK_BYTES`` of fp32 logits, at least 128 rows."""
+    return max(128, BLOCK_BYTES // (4 * max(tokens, 1)))
+
+
 def _blocks(vocab: int, tokens: int):
-    rows = max(128, BLOCK_BYTES // (4 * max(tokens, 1)))
+    rows = block_rows(tokens)
     return [(start, min(start + rows, vocab)) for start in range(0, vocab, rows)]
 
 
@@ -98,10 +103,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         with _without_autocast(x.device.type):  # the forward's products again, not autocast's
             for start, end in _blocks(weight.shape[0], x.shape[0]):
                 g = ctx.ops.backward_block(_logits(x, weight, start, end), start, y, ctx.ignore_index, lse, share)
-                if grad_w is not None:
+                if grad_w is not None and grad_w.dtype == torch.float32:  # straight into the gradient's rows
+                    torch.mm(g.t(), x32, out=grad_w[start:end])
+                elif grad_w is not None:
                     grad_w[start:end] = g.t() @ x32
                 if grad_x is not None:
-                    grad_x += g @ weight[start:end].float()
+                    grad_x.addmm_(g, weight[start:end].float())
+                del g  # before the next block's logits exist: one block at a time
         if grad_x is not None:
             grad_x = grad_x.to(x.dtype).view(ctx.hidden_shape)
         return grad_x, grad_w, None, None, None, None, None

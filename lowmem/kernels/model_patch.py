@@ -28,6 +28,8 @@ from .linear_ce import linear_cross_entropy
 
 #: The causal LMs whose forward the patch reproduces (transformers class names).
 SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+#: Their configs' ``model_type`` (what the planner reads to price the patched loss by default).
+LINEAR_CE_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
 
 def _supported_classes() -> tuple[type, ...]:
