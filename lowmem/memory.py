@@ -356,18 +356,20 @@ class Estimate:
         return self.weights + self.gradients + self.states + self.activations + self.logits + self.temporaries
 
 
-def linear_ce_loss_bytes(config, tokens: int, dtype: torch.dtype) -> dict[str, int]:
+def linear_ce_loss_bytes(config, tokens: int, dtype: torch.dtype, head_trained: bool = True) -> dict[str, int]:
     """What the loss's backward holds with ``linear_cross_entropy`` (``kernels.model_patch``) instead of the
     logits' three ``tokens x vocab`` fp32 tensors, from reading ``kernels.linear_ce`` (measured exact in fp32):
     ``logits``: one block of fp32 logits; ``head``: the head weight's gradient, made there; ``temporaries``: the
-    fp32 hidden gradient, and below fp32 the hidden states' fp32 copy and the larger of the block's product in the
-    weights' dtype (beside its fp32 copy) and the block's fp32 weight rows or their gradient (beside the block)."""
+    fp32 hidden gradient, and below fp32 the hidden states' fp32 copy (for the head's gradient: none when the head is
+    frozen) and the larger of the block's product in the weights' dtype (beside its fp32 copy) and the block's fp32
+    weight rows or their gradient (beside the block)."""
     from .kernels.linear_ce import block_rows
 
     d, e = Dims.of(config), nbytes(1, dtype)
     rows = min(d.vocab, block_rows(tokens))
-    extra = 0 if e == 4 else tokens * d.hidden * 4 + max(tokens * rows * e, rows * d.hidden * 4)
-    return dict(logits=tokens * rows * 4, head=d.vocab * d.hidden * e, temporaries=tokens * d.hidden * 4 + extra)
+    extra = 0 if e == 4 else tokens * d.hidden * 4 * head_trained + max(tokens * rows * e, rows * d.hidden * 4)
+    return dict(logits=tokens * rows * 4, head=d.vocab * d.hidden * e * head_trained,
+                temporaries=tokens * d.hidden * 4 + extra)
 
 
 def peak_bytes(model: nn.Module, name: str, batch: int, seq: int, checkpointing: bool = False,
@@ -419,9 +421,8 @@ def peak_bytes(model: nn.Module, name: str, batch: int, seq: int, checkpointing:
     head = _param_id(model.get_output_embeddings())
     layer_ids = [i for i in upd if i not in (emb, head)]
     if linear_ce:
-        loss = linear_ce_loss_bytes(config, batch * seq, dtype)
-        head_grad = loss["head"] if head in upd else 0
-        phases = [Estimate(weights, head_grad, states, body, loss["logits"], loss["temporaries"], "loss backward")]
+        loss = linear_ce_loss_bytes(config, batch * seq, dtype, head_trained=head in upd)
+        phases = [Estimate(weights, loss["head"], states, body, loss["logits"], loss["temporaries"], "loss backward")]
     else:
         phases = [Estimate(weights, 0, states, body, 3 * act["logits"], 0, "loss backward")]
     if not layerwise:

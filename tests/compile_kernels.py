@@ -17,6 +17,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from lowmem.kernels import _probe_triton as probe  # noqa: E402
 from lowmem.kernels import blockwise_8bit_triton as b8  # noqa: E402
 from lowmem.kernels import linear_ce_triton as ce  # noqa: E402
 from lowmem.kernels import zo_noise_triton as zo  # noqa: E402
@@ -36,6 +37,7 @@ def _adamw_signature(dtype: str) -> dict:
 
 def checks():
     """(name, kernel, signature, constexprs) for every kernel and each variant its callers launch."""
+    yield ("dispatch probe", probe._add_one, dict(x_ptr="*fp32"), {})
     group = dict(GROUP=4, QBLOCK=b8.QBLOCK, TINY=b8.TINY)
     for dtype in FLOATS:
         yield (f"quantize {dtype}", b8.quantize_kernel,
@@ -57,8 +59,8 @@ def checks():
                         offset="i64", scale_a="fp32", scale_b="fp32"), dict(TWO=two, BLOCK=1024))
         rounding = {"fp32": zo.ROUND_NONE, "bf16": zo.ROUND_BF16, "fp16": zo.ROUND_FP16}[dtype]
         yield (f"zo update {dtype}", zo._update_kernel,
-               dict(w_ptr=f"*{dtype}", seeds_ptr="*i64", coefs_ptr="*fp32", n_seeds="i32", decay="fp32", n="i64",
-                    round_seed="i64", offset="i64"), dict(ROUND=rounding, BLOCK=1024))
+               dict(w_ptr=f"*{dtype}", seed0="i64", coef0="fp32", seeds_ptr="*i64", coefs_ptr="*fp32", n_more="i32",
+                    decay="fp32", n="i64", round_seed="i64", offset="i64"), dict(ROUND=rounding, BLOCK=1024))
     rows = dict(logits_ptr="*fp32", stride="i32", tokens="i32", width="i32", start="i32", labels_ptr="*i64",
                 ignore_index="i32", lse_ptr="*fp32")
     for tiling in ((1, 4096), (8, 512), (32, 128)):  # a wide block; ragged last blocks get narrower tiles

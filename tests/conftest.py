@@ -3,7 +3,9 @@
 import os
 
 # Triton kernels run on CPU tensors in Triton's interpreter: it must be switched on before Triton is imported
-# (lowmem imports it only when a kernel runs); on a machine with a GPU, unset it to test the compiled kernels.
+# (lowmem imports it only when a kernel runs). The tests build CPU tensors, so they check the kernels' semantics
+# here on any machine; tests/compile_kernels.py checks that they compile for GPUs, and
+# benchmarks/bench_kernels_gpu.py runs them on one.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402

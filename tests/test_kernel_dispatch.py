@@ -1,5 +1,9 @@
 """The kernel dispatcher: auto runs Triton only on CUDA tensors, a forced backend that cannot run says why."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -40,3 +44,21 @@ def test_unknown_backend_is_refused_and_the_previous_one_kept():
     with pytest.raises(ValueError, match="auto.*triton.*torch"):
         dispatch.set_backend("cuda")
     assert dispatch.current() == before
+
+
+def test_a_kernel_that_cannot_launch_makes_auto_warn_once_and_use_the_twins(monkeypatch):
+    import lowmem.kernels._probe_triton as probe
+
+    pytest.importorskip("triton")
+    monkeypatch.setattr(dispatch, "_launch_checked", False)
+    monkeypatch.setattr(dispatch, "_launch_error", None)
+    monkeypatch.setattr(probe, "probe", lambda device: (_ for _ in ()).throw(RuntimeError("no C compiler")))
+    with pytest.warns(RuntimeWarning, match="no C compiler.*torch twins"):
+        assert dispatch._launches(torch.device("cpu")) is False
+    assert dispatch._launches(torch.device("cpu")) is False  # decided once per process
+
+
+def test_a_misspelt_backend_fails_at_import():
+    done = subprocess.run([sys.executable, "-c", "import lowmem"], env={**os.environ, "LOWMEM_KERNELS": "cuda"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "kernel backend 'cuda' is unknown" in done.stderr

@@ -176,6 +176,14 @@ def test_refusals_name_the_problem_and_the_fix():
     assert not any(is_patched(m) for m in (gpt2, biased, lora_head, custom))
 
 
+def test_eval_mode_keeps_the_logits():
+    """Evaluation and prediction run the model's own forward (compute_metrics needs the logits)."""
+    model = patch_linear_cross_entropy(tiny()).eval()
+    out = model(**batch())
+    assert out.logits is not None and out.logits.shape[-1] == VOCAB
+    assert model.train()(**batch()).logits is None
+
+
 def test_a_hooked_head_computes_the_logits_and_warns():
     """Something around the head's forward (here a hook that scales its output) must run: the patched model falls
     back to the logits rather than skip it."""
@@ -210,8 +218,11 @@ def test_trainer_with_linear_cross_entropy_gives_the_same_losses(tmp_path):
     torch.testing.assert_close(torch.tensor(losses(fused)), torch.tensor(losses(plain)), rtol=1e-5, atol=1e-5)
     for p, q in zip(fused.model.parameters(), plain.model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
-    evaluated = [t.evaluate(eval_dataset=StdlibText(4))["eval_loss"] for t in (fused, plain)]  # logits=None there
+    evaluated = [t.evaluate(eval_dataset=StdlibText(4))["eval_loss"] for t in (fused, plain)]
     assert abs(evaluated[0] - evaluated[1]) < 1e-5
+    predicted = [t.predict(StdlibText(2)).predictions for t in (fused, plain)]  # eval mode keeps the logits
+    assert predicted[0].shape == predicted[1].shape and predicted[0].shape[-1] == VOCAB
+    assert is_patched(fused.model)  # still patched: training mode (the Trainer sets it each step) uses it
 
 
 def test_trainer_keeps_the_switch_when_the_optimizer_is_given_to_it(tmp_path):

@@ -1,11 +1,12 @@
 """Fused Adam moment update on blockwise 8-bit states, compiled by ``torch.compile`` for CPU.
 
-Dequantize both moments, update them with the gradient, compute the Adam direction, and requantize
-them: the eager path (``BlockwiseQuantStore.load`` -> ``rules.AdamW`` -> ``save``) is the twin this
-must match, and it remains what runs where this cannot (tensors whose size is not a multiple of the block size, a
-machine without a C++ compiler, or ``LOWMEM_COMPILE=0``; on a GPU ``blockwise_8bit``'s Triton kernel runs instead). Two compiled kernels, because inductor's vectorized C++ emulates a gather lane
-by lane (about 4x slower than its scalar loop): the dequantizing gathers compile as scalar code, the
-Adam math, block maxima and the quantizer as vectorized code.
+Dequantize both moments, update them with the gradient, compute the Adam direction, and requantize them: the
+eager path (``BlockwiseQuantStore.load`` -> ``rules.AdamW`` -> ``save``) is the twin this must match, and it
+remains what runs where this cannot (tensors whose size is not a multiple of the block size, a machine without
+a C++ compiler, or ``LOWMEM_COMPILE=0``; on a GPU ``blockwise_8bit``'s Triton kernel runs instead). Two
+compiled kernels, because inductor's vectorized C++ emulates a gather lane by lane (about 4x slower than its
+scalar loop): the dequantizing gathers compile as scalar code, the Adam math, block maxima and the quantizer
+as vectorized code.
 
 The compiled code may round the moment update differently in the last bit (fused multiply-add), so a
 code can differ from the twin's where a value sits on a midpoint between two codes: tests allow one

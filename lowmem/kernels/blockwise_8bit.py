@@ -8,8 +8,10 @@ between: about 14 more bytes of traffic per element and ``12 x numel`` bytes of 
 be stochastically rounded (unbiased, so updates far below half an ulp are not lost), the rounding bits drawn from
 ``tl.rand(round_seed, element)`` in the kernel and from its torch twin (``philox``) in the twin.
 
-The twin is the eager path written out in fp32 (``optim.quantized`` does the coding): the kernel matches it up to
-the last bit of fp32 arithmetic, so a value on a midpoint between two codes may take the neighbouring code.
+The twin is the eager path written out in fp32 (``optim.quantized`` does the coding). The kernel computes every
+fp32 operation correctly rounded and unfused; torch's CPU kernels fuse some multiply-adds and their fp32 ``sqrt`` is
+1 ulp off on about a fifth of values (torch 2.13), so where a moment sits on a midpoint between two codes the two
+may pick neighbouring codes (a few elements in 1e5; quantize and dequantize alone are identical).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ _BOUNDS: dict[tuple[bool, torch.device], torch.Tensor] = {}
 
 def _bounds(code: torch.Tensor) -> torch.Tensor:
     """The 255 midpoints between consecutive codes, then +inf: what the kernel's binary search compares with."""
-    return torch.cat([(code[:-1] + code[1:]) / 2, code.new_tensor([float("inf")])])
+    return torch.cat([(code[:-1] + code[1:]) / 2, torch.full((1,), float("inf"), device=code.device)])
 
 
 def _default_bounds(signed: bool, device: torch.device) -> torch.Tensor:
@@ -34,6 +36,14 @@ def _default_bounds(signed: bool, device: torch.device) -> torch.Tensor:
     if key not in _BOUNDS:
         _BOUNDS[key] = _bounds(quantized.cached_map(signed, device))
     return _BOUNDS[key]
+
+
+def _bounds_of(code: torch.Tensor) -> torch.Tensor:
+    """``_bounds(code)``, cached for the two default maps (what every optimizer state uses)."""
+    for signed in (True, False):
+        if code is quantized.cached_map(signed, code.device):
+            return _default_bounds(signed, code.device)
+    return _bounds(code.float())
 
 
 def _kernels():
@@ -45,7 +55,7 @@ def _kernels():
 def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int = QBLOCK):
     """(uint8 codes shaped like ``x``, fp32 maximum of each block of ``blocksize``) on the map ``code``."""
     if blocksize == QBLOCK and use_triton(x):
-        return _kernels().quantize(x.contiguous(), _bounds(code.float()))
+        return _kernels().quantize(x.contiguous(), _bounds_of(code))
     return quantized.quantize_blockwise(x, code, blocksize)
 
 
@@ -108,7 +118,10 @@ def _adamw_8bit_twin(param, grad, state, maps, beta1, beta2, eps, step_size, dec
         p.add_(direction, alpha=-step_size).add_(p, alpha=-decay)
     else:
         p.mul_(1.0 - decay).add_(direction, alpha=-step_size)
-    if round_seed is not None:
-        noise = (philox.rand(round_seed, torch.arange(p.numel(), device=p.device)) * 65536).to(torch.int32)
-        p = (p.view(-1).view(torch.int32) + noise).bitwise_and_(-65536).view(torch.float32).view(p.shape)
-    param.copy_(p)
+    if round_seed is None:
+        param.copy_(p)
+        return
+    from ..optim.perturb import stochastic_round
+
+    uniform = philox.rand(round_seed, torch.arange(p.numel(), device=p.device)).view(p.shape)
+    param.copy_(stochastic_round(p, torch.bfloat16, uniform))

@@ -4,7 +4,9 @@ Each program handles ``GROUP`` quantization blocks of ``QBLOCK`` (256) elements 
 block's maximum is a reduction along the tile's rows. The nearest code is found by an 8-step branchless binary search
 over the 256 midpoints between codes (``bounds``, padded with +inf): it counts the midpoints below the value, which
 is ``torch.bucketize(x, bounds)`` (ties to the lower code), the rule of the torch twin. All arithmetic is fp32 (the
-interpreter computes bf16 on raw bits; on a GPU it is the precision the update needs anyway).
+interpreter computes bf16 on raw bits; on a GPU it is the precision the update needs anyway), with correctly rounded
+division and square root (``div_rn``, ``sqrt_rn``) and no fused multiply-adds (``FUSION``), so the GPU computes
+what the twin computes: these kernels are memory-bound, exact arithmetic costs nothing.
 
 Imported only when a kernel runs (``dispatch.use_triton``), so lowmem works without Triton.
 """
@@ -15,11 +17,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import interpreting
+from ._triton_common import stochastic_bf16
+from .blockwise_8bit import QBLOCK
+from .dispatch import interpreting, on_device
 
-QBLOCK = 256
 #: fp32's smallest normal: the floor under a block maximum before dividing by it (a zero block stays zero).
 TINY = 1.1754943508222875e-38
+#: Launch option: multiplies and adds round separately, as in torch (the interpreter never fuses).
+FUSION = dict(enable_fp_fusion=False)
 
 
 def _group() -> int:
@@ -50,7 +55,7 @@ def _quantize_tile(values, inside, bounds_ptr, TINY: tl.constexpr):
     """(codes, block maxima) of a tile of fp32 ``values`` (elements outside the tensor count as 0)."""
     values = tl.where(inside, values, 0.0)
     absmax = tl.max(tl.abs(values), axis=1)
-    scale = 1.0 / tl.maximum(absmax, TINY)
+    scale = tl.math.div_rn(1.0, tl.maximum(absmax, TINY))
     scaled = tl.minimum(tl.maximum(values * scale[:, None], -1.0), 1.0)
     return _nearest_codes(scaled, bounds_ptr), absmax
 
@@ -82,16 +87,7 @@ def dequantize_kernel(codes_ptr, absmax_ptr, code_ptr, out_ptr, n, n_blocks, GRO
     tl.store(out_ptr + offs, values, mask=inside)
 
 
-@triton.jit
-def _stochastic_bf16(x, seed, offs):
-    """``x`` (fp32) rounded to a bf16 value at random, unbiased: 16 random low bits added, then cut off (the
-    uniforms of ``tl.rand(seed, offs)``, as the torch twin draws them)."""
-    noise = (tl.rand(seed, offs) * 65536.0).to(tl.int32)
-    bits = (x.to(tl.int32, bitcast=True) + noise) & -65536
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
+@triton.jit(do_not_specialize=["round_seed"])
 def adamw_8bit_kernel(p_ptr, g_ptr, out_ptr, m_ptr, m_absmax_ptr, v_ptr, v_absmax_ptr,
                       signed_code_ptr, unsigned_code_ptr, signed_bounds_ptr, unsigned_bounds_ptr,
                       n, n_blocks, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, bias_div,
@@ -110,7 +106,7 @@ def adamw_8bit_kernel(p_ptr, g_ptr, out_ptr, m_ptr, m_absmax_ptr, v_ptr, v_absma
     v = _dequantize_tile(v_ptr, v_absmax_ptr, unsigned_code_ptr, offs, blocks, inside, n_blocks)
     m = m * beta1 + g * one_minus_beta1
     v = v * beta2 + g * g * one_minus_beta2
-    direction = m / (tl.sqrt(v) / bias_div + eps)
+    direction = tl.math.div_rn(m, tl.math.div_rn(tl.sqrt_rn(v), bias_div) + eps)
     m_codes, m_absmax = _quantize_tile(m, inside, signed_bounds_ptr, TINY)
     v_codes, v_absmax = _quantize_tile(v, inside, unsigned_bounds_ptr, TINY)
     tl.store(m_ptr + offs, m_codes, mask=inside)
@@ -126,7 +122,7 @@ def adamw_8bit_kernel(p_ptr, g_ptr, out_ptr, m_ptr, m_absmax_ptr, v_ptr, v_absma
             p = p * decay
             p = p - step_size * direction
         if ROUND_BF16:
-            p = _stochastic_bf16(p, round_seed, offs)
+            p = stochastic_bf16(p, tl.rand(round_seed, offs))
         tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=inside)
     else:
         tl.store(out_ptr + offs, direction, mask=inside)
@@ -143,7 +139,9 @@ def quantize(x: torch.Tensor, bounds: torch.Tensor) -> tuple[torch.Tensor, torch
     codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(triton.cdiv(n, QBLOCK), dtype=torch.float32, device=x.device)
     grid, group = _grid(n)
-    quantize_kernel[grid](x, codes, absmax, bounds, n, absmax.numel(), GROUP=group, QBLOCK=QBLOCK, TINY=TINY)
+    with on_device(x):
+        quantize_kernel[grid](x, codes, absmax, bounds, n, absmax.numel(), GROUP=group, QBLOCK=QBLOCK, TINY=TINY,
+                              **FUSION)
     return codes, absmax
 
 
@@ -152,7 +150,8 @@ def dequantize(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor) ->
     n = codes.numel()
     out = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
     grid, group = _grid(n)
-    dequantize_kernel[grid](codes, absmax, code, out, n, absmax.numel(), GROUP=group, QBLOCK=QBLOCK)
+    with on_device(codes):
+        dequantize_kernel[grid](codes, absmax, code, out, n, absmax.numel(), GROUP=group, QBLOCK=QBLOCK, **FUSION)
     return out
 
 
@@ -162,9 +161,10 @@ def adamw_8bit(param, grad, out, m, m_absmax, v, v_absmax, maps, bounds, *, beta
     n = grad.numel()
     grid, group = _grid(n)
     update_param = out is None
-    adamw_8bit_kernel[grid](
-        param if update_param else grad, grad, grad if update_param else out, m, m_absmax, v, v_absmax,
-        maps[0], maps[1], bounds[0], bounds[1], n, m_absmax.numel(), beta1, 1.0 - beta1, beta2, 1.0 - beta2,
-        eps, bias_div, step_size, decay, round_seed,
-        UPDATE_PARAM=update_param, DECAY_AFTER=decay_after, ROUND_BF16=round_seed is not None and update_param,
-        GROUP=group, QBLOCK=QBLOCK, TINY=TINY)
+    scalars = [float(x) for x in (beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, bias_div, step_size, decay)]
+    with on_device(grad):
+        adamw_8bit_kernel[grid](
+            param if update_param else grad, grad, grad if update_param else out, m, m_absmax, v, v_absmax,
+            maps[0], maps[1], bounds[0], bounds[1], n, m_absmax.numel(), *scalars, round_seed or 0,
+            UPDATE_PARAM=update_param, DECAY_AFTER=decay_after, ROUND_BF16=round_seed is not None and update_param,
+            GROUP=group, QBLOCK=QBLOCK, TINY=TINY, **FUSION)

@@ -13,20 +13,25 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import warnings
 from collections.abc import Iterator
 
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
-_backend = os.environ.get("LOWMEM_KERNELS", "auto")
 _triton_error: str | None = None
 _triton_checked = False
+_launch_error: str | None = None
+_launch_checked = False
 
 
 def _check(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"kernel backend {name!r} is unknown: use one of {BACKENDS} (LOWMEM_KERNELS or set_backend)")
     return name
+
+
+_backend = _check(os.environ.get("LOWMEM_KERNELS", "auto"))  # a typo fails at import, not at the first step
 
 
 def interpreting() -> bool:
@@ -77,7 +82,7 @@ def use_triton(*tensors: torch.Tensor) -> bool:
         return False
     on_cuda = all(t.is_cuda for t in tensors)
     if name == "auto":
-        return on_cuda and triton_error() is None
+        return on_cuda and triton_error() is None and _launches(tensors[0].device)
     if triton_error() is not None:
         raise RuntimeError(f"LOWMEM_KERNELS=triton, but Triton does not import ({triton_error()}): install it "
                            "(`pip install triton`), or use LOWMEM_KERNELS=auto to run the torch twins")
@@ -86,3 +91,26 @@ def use_triton(*tensors: torch.Tensor) -> bool:
         raise RuntimeError(f"LOWMEM_KERNELS=triton, but the tensors are on {devices}: Triton kernels need CUDA "
                            "tensors (or CPU tensors with TRITON_INTERPRET=1 set before Triton is imported)")
     return True
+
+
+def _launches(device: torch.device) -> bool:
+    """Whether a Triton kernel compiles and runs here (once per process): Triton can import yet fail at its first
+    launch (no C compiler for its launcher, an unsupported GPU). ``auto`` then warns once and runs the twins."""
+    global _launch_error, _launch_checked
+    if not _launch_checked:
+        _launch_checked = True
+        try:
+            from ._probe_triton import probe
+
+            probe(device)
+        except Exception as err:  # any failure to build or run a kernel: the twins still work
+            _launch_error = f"{type(err).__name__}: {str(err)[:300]}"
+            warnings.warn(f"lowmem: Triton kernels do not run here ({_launch_error}); using the torch twins "
+                          "(LOWMEM_KERNELS=torch silences this)", RuntimeWarning, stacklevel=3)
+    return _launch_error is None
+
+
+def on_device(t: torch.Tensor):
+    """The context a kernel on ``t`` launches in: ``t``'s CUDA device made current (Triton launches on the current
+    device, so a tensor on ``cuda:1`` would otherwise be read from ``cuda:0``'s context)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

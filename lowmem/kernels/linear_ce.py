@@ -99,7 +99,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         share = _shares(grad_output, y != ctx.ignore_index, count, ctx.reduction)
         grad_x = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if ctx.needs_input_grad[0] else None
         grad_w = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
-        x32 = x.float()
+        x32 = x.float() if grad_w is not None else None  # only the weight's gradient reads it (a frozen head: none)
         with _without_autocast(x.device.type):  # the forward's products again, not autocast's
             for start, end in _blocks(weight.shape[0], x.shape[0]):
                 g = ctx.ops.backward_block(_logits(x, weight, start, end), start, y, ctx.ignore_index, lse, share)

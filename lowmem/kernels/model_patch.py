@@ -6,6 +6,8 @@ Trainer passes it under gradient accumulation, the mean otherwise; an fp32 loss)
 the last hidden states and the ``lm_head`` weight, and returns ``logits=None``. Without labels, and wherever the
 shortcut would change the result, it runs the model's own forward unchanged:
 
+* in eval mode: evaluation and prediction keep their logits (``compute_metrics``, ``predict``), and hold no
+  activations for backward, so the logits are the smaller cost there;
 * ``logits_to_keep`` other than 0 (generation: the loss then is whatever transformers makes of it);
 * an ``lm_head`` whose forward is replaced or hooked while the model runs (MeZO's perturbed forwards, accelerate's
   device hooks): reading its weight directly would skip what the hook does, so the logits are computed (warned).
@@ -137,7 +139,7 @@ def _patched_forward(self, input_ids=None, attention_mask=None, position_ids=Non
     arguments = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                      past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
     original = type(self).forward
-    if labels is None or not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+    if labels is None or not self.training or not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
         return original(self, labels=labels, logits_to_keep=logits_to_keep, **arguments, **kwargs)
     head = self.get_output_embeddings()
     problem = _head_problem(head) or ("lm_head's forward is replaced or hooked" if _hooked(head) else None)

@@ -116,9 +116,7 @@ def update_(w: torch.Tensor, seeds: Sequence[int], grads: Sequence[float], lr: f
     coefs = torch.tensor([-lr * g for g in grads], dtype=torch.float32)
     decay = 1.0 - lr * weight_decay
     if dispatch.use_triton(w):
-        signed = [s - (1 << 64) if s >= 1 << 63 else s for s in seeds]  # uint64 bits in int64 (the kernel's view)
-        keys = torch.tensor(signed, dtype=torch.int64).to(w.device)
-        _kernels().update_(w, keys, coefs.to(w.device), decay, round_seed, offset, BLOCK)
+        _kernels().update_(w, list(seeds), coefs.tolist(), decay, round_seed, offset, BLOCK)
     else:
         _update_twin(w, seeds, coefs.tolist(), decay, round_seed, offset)
     return w

@@ -15,6 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._triton_common import stochastic_bf16
+from .dispatch import on_device
+
 #: Rounding of ``update``'s result: a plain store (fp32), or stochastic rounding to bf16 / fp16.
 ROUND_NONE, ROUND_BF16, ROUND_FP16 = 0, 1, 2
 _ROUNDING = {torch.float32: ROUND_NONE, torch.bfloat16: ROUND_BF16, torch.float16: ROUND_FP16}
@@ -33,13 +36,6 @@ def _perturbed_kernel(w_ptr, out_a_ptr, out_b_ptr, n, seed, offset, scale_a, sca
     tl.store(out_a_ptr + offs, (w + scale_a * z).to(out_a_ptr.dtype.element_ty), mask=mask)
     if TWO:
         tl.store(out_b_ptr + offs, (w + scale_b * z).to(out_b_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _round_bf16(x, u):
-    """Stochastic rounding of fp32 ``x`` to bf16 with uniforms ``u``: add 16 random low bits, cut them off."""
-    bits = x.to(tl.int32, bitcast=True) + (u * 65536.0).to(tl.int32)
-    return (bits & -65536).to(tl.float32, bitcast=True).to(tl.bfloat16)
 
 
 @triton.jit
@@ -62,19 +58,21 @@ def _round_fp16(x, u):
     return tl.where(u < ratio, other, nearest)
 
 
-@triton.jit(do_not_specialize=["n_seeds", "round_seed", "offset"])
-def _update_kernel(w_ptr, seeds_ptr, coefs_ptr, n_seeds, decay, n, round_seed, offset, ROUND: tl.constexpr,
-                   BLOCK: tl.constexpr):
-    """``w <- round(w decay + sum_k coefs[k] z_k)`` with ``z_k`` drawn under ``seeds[k]`` (int64 bits of a uint64)
+@triton.jit(do_not_specialize=["seed0", "n_more", "round_seed", "offset"])
+def _update_kernel(w_ptr, seed0, coef0, seeds_ptr, coefs_ptr, n_more, decay, n, round_seed, offset,
+                   ROUND: tl.constexpr, BLOCK: tl.constexpr):
+    """``w <- round(w decay + coef0 z_0 + sum_k coefs[k] z_k)``: ``z_0`` drawn under ``seed0`` (the first sample,
+    passed as scalars: no per-call copy to the device), any further ones under ``seeds[k]`` (int64 bits of a uint64),
     and the rounding's uniforms under ``round_seed``."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     counter = offset + offs
     new = tl.load(w_ptr + offs, mask=mask).to(tl.float32) * decay
-    for k in range(n_seeds):
+    new += coef0 * tl.randn(seed0, counter)
+    for k in range(n_more):
         new += tl.load(coefs_ptr + k) * tl.randn(tl.load(seeds_ptr + k), counter)
     if ROUND == 1:
-        out = _round_bf16(new, tl.rand(round_seed, counter))
+        out = stochastic_bf16(new, tl.rand(round_seed, counter))
     elif ROUND == 2:
         out = _round_fp16(new, tl.rand(round_seed, counter))
     else:
@@ -90,12 +88,23 @@ def perturbed(w: torch.Tensor, outs: list[torch.Tensor], seed: int, offset: int,
               block: int) -> None:
     """Write ``w + scale z`` into each of ``outs`` (one or two, contiguous, like ``w``)."""
     two = len(scales) == 2
-    _perturbed_kernel[_grid(w.numel(), block)](w, outs[0], outs[-1], w.numel(), seed, offset, float(scales[0]),
-                                               float(scales[-1]), TWO=two, BLOCK=block, **FUSION)
+    with on_device(w):
+        _perturbed_kernel[_grid(w.numel(), block)](w, outs[0], outs[-1], w.numel(), seed, offset, float(scales[0]),
+                                                   float(scales[-1]), TWO=two, BLOCK=block, **FUSION)
 
 
-def update_(w: torch.Tensor, seeds: torch.Tensor, coefs: torch.Tensor, decay: float, round_seed: int, offset: int,
+def update_(w: torch.Tensor, seeds: list[int], coefs: list[float], decay: float, round_seed: int, offset: int,
             block: int) -> None:
-    """``w <- round(w decay + sum_k coefs[k] z_k)`` in place (``seeds`` int64, ``coefs`` fp32, on ``w``'s device)."""
-    _update_kernel[_grid(w.numel(), block)](w, seeds, coefs, seeds.numel(), float(decay), w.numel(), round_seed,
-                                            offset, ROUND=_ROUNDING[w.dtype], BLOCK=block, **FUSION)
+    """``w <- round(w decay + sum_k coefs[k] z_k)`` in place (``coefs``: fp32 values). The first sample goes as
+    scalars; only further ones (``zo_samples`` > 1) are copied to the device, as int64 bits and fp32."""
+    more = [s - (1 << 64) if s >= 1 << 63 else s for s in seeds[1:]]  # uint64 bits in int64 (the kernel's view)
+    if more:
+        more_seeds = torch.tensor(more, dtype=torch.int64).to(w.device)
+        more_coefs = torch.tensor(coefs[1:], dtype=torch.float32).to(w.device)
+    else:  # no copy at all (typed pointers the kernel never reads)
+        more_seeds = torch.empty(0, dtype=torch.int64, device=w.device)
+        more_coefs = torch.empty(0, dtype=torch.float32, device=w.device)
+    with on_device(w):
+        _update_kernel[_grid(w.numel(), block)](w, seeds[0], coefs[0], more_seeds, more_coefs, len(more), float(decay),
+                                                w.numel(), round_seed, offset, ROUND=_ROUNDING[w.dtype], BLOCK=block,
+                                                **FUSION)

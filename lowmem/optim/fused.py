@@ -2,11 +2,14 @@
 
 * ``fused_adamw_8bit``: an unprojected tensor under AdamW with blockwise 8-bit moments and the plain lift is
   updated by one Triton kernel (``kernels.blockwise_8bit.adamw_8bit_update_``) when the kernels run (CUDA with
-  Triton, or forced); elsewhere the composed path runs, with the same arithmetic.
+  Triton, or forced); elsewhere the composed path runs. The arithmetic is the same for fp32 weights; a bf16 / fp16
+  weight's update is computed in fp32 and rounded once by the kernel, where the composed path rounds the direction,
+  the step and the decay each to the weight's dtype.
 * ``round_seed`` / ``stochastic_round_into``: the group key ``bf16_stochastic_round`` rounds a bf16 parameter's
   update stochastically instead of to nearest (unbiased: a step far below half a bf16 ulp still moves the weight on
   average), in the kernel and in the composed path alike. The rounding bits are keyed by (parameter, step), so a
-  resumed run rounds as the uninterrupted one.
+  resumed run rounds as the uninterrupted one on the same kind of device (the kernel draws Philox bits, the composed
+  path torch's generator).
 """
 
 from __future__ import annotations
@@ -34,11 +37,23 @@ def wants_rounding(group: dict, p: torch.Tensor) -> bool:
     return bool(group.get("bf16_stochastic_round")) and p.dtype == torch.bfloat16
 
 
+#: Elements rounded at once (the rounding's temporaries, about 16 bytes per element, stay this size).
+ROUND_CHUNK = 1 << 20
+
+
 def stochastic_round_into(p: torch.Tensor, updated: torch.Tensor, seed: int) -> None:
-    """Store fp32 ``updated`` into bf16 ``p``, rounded at random with the bits of generator seed ``seed``."""
+    """Store fp32 ``updated`` into bf16 ``p``, rounded at random with the bits of generator seed ``seed`` (drawn in
+    order, ``ROUND_CHUNK`` elements at a time)."""
     gen = torch.Generator(device=p.device).manual_seed(seed)
-    uniform = torch.rand(updated.shape, generator=gen, device=p.device, dtype=torch.float32)
-    p.copy_(stochastic_round(updated, p.dtype, uniform))
+    if not p.is_contiguous():  # no flat view to write through: round it whole
+        uniform = torch.rand(updated.shape, generator=gen, device=p.device, dtype=torch.float32)
+        p.copy_(stochastic_round(updated, p.dtype, uniform))
+        return
+    target, source = p.view(-1), updated.reshape(-1)
+    for start in range(0, source.numel(), ROUND_CHUNK):
+        part = source[start:start + ROUND_CHUNK]
+        uniform = torch.rand(part.shape, generator=gen, device=p.device, dtype=torch.float32)
+        target[start:start + ROUND_CHUNK] = stochastic_round(part, p.dtype, uniform)
 
 
 def fused_adamw_8bit(p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, parts, ordinal: int) -> bool:

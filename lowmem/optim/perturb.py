@@ -157,14 +157,24 @@ class PhiloxNoise:
             data.copy_(target)
 
 
-def make_noise(kind: str, first: torch.Tensor) -> Noise | PhiloxNoise:
-    """The noise MeZO draws: ``torch`` (``Noise``), ``philox`` (``PhiloxNoise``), or ``auto``: ``philox`` where the
-    Triton kernels run on ``first`` (a trainable tensor; CUDA with Triton installed), else ``torch``."""
+def check_noise(kind: str) -> None:
+    """``ValueError`` unless ``kind`` is one of ``NOISES``."""
     if kind not in NOISES:
         raise ValueError(f"noise={kind!r} is unknown: use one of {NOISES} ('philox' reproduces on CPU the noise of a "
                          "CUDA run, whose 'auto' is 'philox')")
+
+
+def make_noise(kind: str, trained: list[torch.Tensor]) -> Noise | PhiloxNoise:
+    """The noise MeZO draws: ``torch`` (``Noise``), ``philox`` (``PhiloxNoise``), or ``auto``: ``philox`` where the
+    Triton kernels run on the ``trained`` tensors (CUDA with Triton installed) and take their dtypes, else
+    ``torch``. ``philox`` on a dtype the kernels do not take (fp64) is an error here, before any step."""
+    check_noise(kind)
+    unsupported = sorted({str(t.dtype) for t in trained if t.dtype not in zo_noise.DTYPES})
     if kind == "auto":
-        kind = "philox" if dispatch.use_triton(first) else "torch"
+        kind = "philox" if not unsupported and dispatch.use_triton(trained[0]) else "torch"
+    if kind == "philox" and unsupported:
+        raise TypeError(f"noise='philox' draws fp32 / fp16 / bf16 weights' noise, not {', '.join(unsupported)}: use "
+                        "noise='torch', or cast the model")
     return PhiloxNoise() if kind == "philox" else Noise()
 
 

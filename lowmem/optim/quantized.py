@@ -170,7 +170,8 @@ class BlockwiseQuantStore:
         if like.numel() < self.min_8bit_size:
             state[key] = torch.zeros_like(like, dtype=torch.float32)
             return
-        state[key] = torch.empty_like(like, dtype=torch.uint8)
+        # contiguous whatever ``like``'s strides: codes are read and written in flat order, on every path
+        state[key] = torch.empty_like(like, dtype=torch.uint8, memory_format=torch.contiguous_format)
         blocks = -(-like.numel() // self.blocksize)
         state[key + "_absmax"] = torch.empty(blocks, dtype=torch.float32, device=like.device)
         state[key + "_signed"] = bool(signed)

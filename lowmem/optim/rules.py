@@ -85,7 +85,8 @@ class AdamW(Rule):
     def direction(self, grad, state, store, lr, param):
         self.init_state(state, store, grad)
         t = state["step"]
-        if "exp_avg_absmax" in state and use_triton(grad):  # one Triton pass writes the direction
+        if (use_triton(grad) and "exp_avg_absmax" in state and store.blocksize == blockwise_8bit.QBLOCK
+                and state["exp_avg"].is_contiguous() and state["exp_avg_sq"].is_contiguous()):  # one Triton pass
             direction = torch.empty(grad.shape, dtype=torch.float32, device=grad.device)
             blockwise_8bit.adamw_8bit_update_(None, grad.contiguous(), state, beta1=self.beta1, beta2=self.beta2,
                                               eps=self.eps, bias_div=self._bias_div(t), out=direction)

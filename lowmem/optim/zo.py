@@ -32,7 +32,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .perturb import ZOParameters, make_noise
+from .perturb import ZOParameters, check_noise, make_noise
 
 _ZO = "zo"  # the key of the step counter in ``Optimizer.state`` (kept by state_dict / load_state_dict)
 
@@ -64,6 +64,7 @@ class MeZO(torch.optim.Optimizer):
         if offload is None and (offload_dir or offload_layers or offload_device):
             raise ValueError("offload_dir / offload_layers / offload_device only apply with offload='ram' or 'disk'; "
                              "set offload, or drop them.")
+        check_noise(noise)  # before the streamer moves anything
         self.zo = ZOParameters(model)
         decay = [p for _, p in self.zo.named if p.dim() >= 2]
         no_decay = [p for _, p in self.zo.named if p.dim() < 2]
@@ -80,7 +81,7 @@ class MeZO(torch.optim.Optimizer):
             store = make_store(offload, offload_dir, pin=device.type == "cuda")
             self.streamer = BlockStreamer(model, store, device, offload_layers)
         # after the streamer: offloaded tensors now live (as placeholders) on the device the updates run on
-        self.zo.noise = make_noise(noise, self.zo.named[0][1])
+        self.zo.noise = make_noise(noise, [p for _, p in self.zo.named])
         self.zo_eps, self.zo_samples, self.seed = zo_eps, int(zo_samples), int(seed)
         self.state[_ZO] = {"step": 0}
         self._projected: list[float] = [0.0] * self.zo_samples
