@@ -100,14 +100,27 @@ def test_recommended_recipe_command():
     assert "optim=" not in scratch  # a GaLore pretraining recipe keeps its own optim_args
     other = memory.recipe_command(memory.Row("adamw_8bit", False, None, rows[0].estimate), "org/m", 1024, 4, True)
     assert "optim=adamw_8bit optim_args=null" in other  # another optimizer drops the recipe's options
-    # planned without logits: a recipe without the key gets it; one with it keeps it
-    assert "linear_cross_entropy=true" in memory.recipe_command(
-        memory.Row("galore_adamw", False, None, rows[0].estimate), "cfg.json", 256, 8, bf16=True, linear_ce=True)
+    # planned without logits: a recipe that has the key keeps it (every GPU recipe sets it)
     assert "linear_cross_entropy" not in scratch
     assert memory.recipe_command(full, "meta-llama/Llama-3.1-8B-Instruct", 1024, 1, bf16=True, linear_ce=True) == \
         "lowmem train recipes/finetune-llama-3.1-8b-24gb-apollo-mini.yaml"
     mezo = memory.recipe_command(memory.Row("mezo", False, None, rows[0].estimate), "org/m", 512, 4, True, True)
     assert "linear_cross_entropy" not in mezo and "mezo" in mezo  # MeZO refuses the option
+
+
+def test_recipe_command_adds_linear_ce_to_a_recipe_without_it(tmp_path, monkeypatch):
+    """Planned without logits, the command turns the loss without logits on where the nearest recipe lacks it."""
+    import lowmem.recipe
+
+    source = lowmem.recipe.RECIPES_DIR / "finetune-llama-3.2-1b-16gb-adam-mini.yaml"
+    text = "\n".join(line for line in source.read_text().splitlines() if "linear_cross_entropy" not in line)
+    (tmp_path / source.name).write_text(text + "\n")
+    monkeypatch.setattr(lowmem.recipe, "RECIPES_DIR", tmp_path)
+    row = memory.Row("adam_mini", True, None, memory.Estimate(0, 0, 0, 0, 0, 0, "-"))
+    with_it = memory.recipe_command(row, "meta-llama/Llama-3.2-1B-Instruct", 1024, 4, True, linear_ce=True)
+    assert with_it == f"lowmem train recipes/{source.name} linear_cross_entropy=true"
+    assert memory.recipe_command(row, "meta-llama/Llama-3.2-1B-Instruct", 1024, 4, True) == \
+        f"lowmem train recipes/{source.name}"  # planned with the logits: either fits, nothing forced
 
 
 def test_plan_table_and_recommendation():

@@ -12,10 +12,12 @@ shortcut would change the result, it runs the model's own forward unchanged:
 * an ``lm_head`` whose forward is replaced or hooked while the model runs (MeZO's perturbed forwards, accelerate's
   device hooks): reading its weight directly would skip what the hook does, so the logits are computed (warned).
 
-The patch replaces ``forward`` on the instance only (other models of the class are untouched), and finds the
-transformers model inside a peft wrapper. It refuses what it cannot reproduce: another architecture, an
-``lm_head`` that is not a bias-free ``nn.Linear`` (LoRA or quantization on the head), final logit softcapping,
-a custom ``loss_function``. Tied embeddings need nothing special: the head's weight is the embedding's.
+With ``return_dict=False`` the tuple has no logits entry (transformers' ``to_tuple`` drops ``None``), so what
+follows the loss moves up one place; read outputs by name. The patch replaces ``forward`` on the instance only
+(other models of the class are untouched), and finds the transformers model inside a peft wrapper. It refuses what
+it cannot reproduce: another architecture, an ``lm_head`` that is not a bias-free ``nn.Linear`` (LoRA or
+quantization on the head), final logit softcapping, a custom ``loss_function``. Tied embeddings need nothing
+special: the head's weight is the embedding's.
 """
 
 from __future__ import annotations
