@@ -73,10 +73,9 @@ def _plan(args) -> int:
     from .kernels.model_patch import LINEAR_CE_MODEL_TYPES
     from .memory import format_plan, load_config, plan, recipe_command, recommend
 
-    linear_ce = args.linear_ce
-    if linear_ce is None:
-        linear_ce = load_config(args.model).model_type in LINEAR_CE_MODEL_TYPES
-    rows = plan(args.model, args.seq, args.batch, args.card_gib, "bf16" if args.bf16 else "fp32", linear_ce=linear_ce)
+    config = load_config(args.model)  # read once (a hub id is a download)
+    linear_ce = args.linear_ce if args.linear_ce is not None else config.model_type in LINEAR_CE_MODEL_TYPES
+    rows = plan(config, args.seq, args.batch, args.card_gib, "bf16" if args.bf16 else "fp32", linear_ce=linear_ce)
     best = recommend(rows)
     command = recipe_command(best, args.model, args.seq, args.batch, args.bf16, linear_ce) if best else ""
     if linear_ce:

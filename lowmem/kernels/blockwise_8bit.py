@@ -28,7 +28,7 @@ _BOUNDS: dict[tuple[bool, torch.device], torch.Tensor] = {}
 
 def _bounds(code: torch.Tensor) -> torch.Tensor:
     """The 255 midpoints between consecutive codes, then +inf: what the kernel's binary search compares with."""
-    return torch.cat([(code[:-1] + code[1:]) / 2, torch.full((1,), float("inf"), device=code.device)])
+    return torch.cat([quantized.midpoints(code), torch.full((1,), float("inf"), device=code.device)])
 
 
 def _default_bounds(signed: bool, device: torch.device) -> torch.Tensor:
@@ -100,12 +100,11 @@ def adamw_8bit_update_(param: torch.Tensor | None, grad: torch.Tensor, state: di
 def _adamw_8bit_twin(param, grad, state, maps, beta1, beta2, eps, step_size, decay, decay_after, bias_div,
                      round_seed, out) -> None:
     """The fused update in eager torch, in the kernel's order of operations."""
+    from ..optim.rules import adam_moments_
+
     m = quantized.dequantize_blockwise(state["exp_avg"], state["exp_avg_absmax"], maps[0], QBLOCK)
     v = quantized.dequantize_blockwise(state["exp_avg_sq"], state["exp_avg_sq_absmax"], maps[1], QBLOCK)
-    g = grad.float()
-    m.mul_(beta1).add_(g, alpha=1.0 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-    direction = m / (v.sqrt() / bias_div + eps)
+    direction = adam_moments_(m, v, grad.float(), beta1, beta2, eps, bias_div)
     for key, value, code in (("exp_avg", m, maps[0]), ("exp_avg_sq", v, maps[1])):
         codes, absmax = quantized.quantize_blockwise(value, code, QBLOCK)
         state[key].copy_(codes)

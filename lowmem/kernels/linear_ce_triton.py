@@ -26,11 +26,23 @@ MAX_BLOCK = 4096
 
 
 @triton.jit
+def _rows(logits_ptr, stride, tokens, ROWS: tl.constexpr):
+    """The program's token rows, which of them exist, and a pointer to each row's first logit."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    return rows, rows < tokens, logits_ptr + rows.to(tl.int64)[:, None] * stride
+
+
+@triton.jit
+def _labels_in_block(labels_ptr, rows, row_ok, ignore_index, start, width):
+    """Each row's label, and whether it is a (not ignored) word of the block ``start...start + width``."""
+    labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
+    return labels, row_ok & (labels != ignore_index) & (labels >= start) & (labels < start + width)
+
+
+@triton.jit
 def _merge_lse_kernel(logits_ptr, stride, tokens, width, start, labels_ptr, ignore_index, lse_ptr, target_ptr,
                       ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < tokens
-    base = logits_ptr + rows.to(tl.int64)[:, None] * stride
+    rows, row_ok, base = _rows(logits_ptr, stride, tokens, ROWS)
     cols = tl.arange(0, BLOCK)
     high = tl.full((ROWS,), float("-inf"), tl.float32)  # running max of the block's row
     total = tl.zeros((ROWS,), tl.float32)  # running sum of exp(logit - safe high)
@@ -51,8 +63,7 @@ def _merge_lse_kernel(logits_ptr, stride, tokens, width, start, labels_ptr, igno
     both = tl.where(finite, tl.exp(before - top) + tl.exp(block_lse - top), 1.0)  # >= 1 where finite
     merged = tl.where(finite, top + tl.log(both), float("-inf"))
     tl.store(lse_ptr + rows, merged, mask=row_ok)
-    labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
-    inside = row_ok & (labels != ignore_index) & (labels >= start) & (labels < start + width)
+    labels, inside = _labels_in_block(labels_ptr, rows, row_ok, ignore_index, start, width)
     column = tl.where(inside, labels - start, 0)
     picked = tl.load(logits_ptr + rows.to(tl.int64) * stride + column, mask=inside, other=0.0).to(tl.float32)
     tl.store(target_ptr + rows, picked, mask=inside)
@@ -61,14 +72,11 @@ def _merge_lse_kernel(logits_ptr, stride, tokens, width, start, labels_ptr, igno
 @triton.jit
 def _softmax_grad_kernel(logits_ptr, stride, tokens, width, start, labels_ptr, ignore_index, lse_ptr, share_ptr,
                          ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < tokens
-    base = logits_ptr + rows.to(tl.int64)[:, None] * stride
+    rows, row_ok, base = _rows(logits_ptr, stride, tokens, ROWS)
     cols = tl.arange(0, BLOCK)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     share = tl.load(share_ptr + rows, mask=row_ok, other=0.0)
-    labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
-    inside = row_ok & (labels != ignore_index) & (labels >= start) & (labels < start + width)
+    labels, inside = _labels_in_block(labels_ptr, rows, row_ok, ignore_index, start, width)
     column = tl.where(inside, labels - start, -1)  # -1: no column of this block is the label
     for first in range(0, width, BLOCK):
         c = first + cols

@@ -77,11 +77,16 @@ def _sortable(bits: torch.Tensor) -> torch.Tensor:
     return torch.bitwise_xor(bits, (bits >> 31) & 0x7FFFFFFF)
 
 
+def midpoints(code: torch.Tensor) -> torch.Tensor:
+    """The 255 bounds between consecutive codes: a value above bound ``i`` (strictly) takes a code past ``i``."""
+    return (code[:-1] + code[1:]) / 2
+
+
 def lookup_table(code: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(packed int32 table, cell offset) for ``nearest_code`` on ``code``, built once per map and device."""
     key = (bool(code[0] < 0), code.device)
     if key not in _TABLES:
-        bounds = (code[:-1] + code[1:]) / 2
+        bounds = midpoints(code)
         lowest = -(_ONE_BITS >> _CELL_SHIFT) - 1
         cells = torch.arange(lowest, (_ONE_BITS >> _CELL_SHIFT) + 1, device=code.device)
         starts = cells << _CELL_SHIFT

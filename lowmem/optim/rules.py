@@ -32,6 +32,19 @@ from .states import StateStore
 CHUNK_8BIT = CHUNK
 
 
+def adam_moments_(m: torch.Tensor, v: torch.Tensor, grad: torch.Tensor, beta1: float, beta2: float, eps: float,
+                  bias_div: float = 1.0) -> torch.Tensor:
+    """Adam's moments ``m``, ``v`` (fp32) updated in place from ``grad``; returns the direction
+    ``m / (sqrt(v) / bias_div + eps)`` in one new buffer (``bias_div`` 1: the hf core, no division)."""
+    m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+    v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    denom = v.sqrt()
+    if bias_div != 1.0:
+        denom.div_(bias_div)
+    denom.add_(eps)
+    return torch.div(m, denom, out=denom)
+
+
 class Rule:
     """Base rule: state-free SGD (``N = g``)."""
 
@@ -106,13 +119,7 @@ class AdamW(Rule):
             if direction is not None:
                 return direction
         m, v = store.load(state, "exp_avg"), store.load(state, "exp_avg_sq")
-        m.mul_(b1).add_(grad, alpha=1.0 - b1)
-        v.mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
-        denom = v.sqrt()
-        if self.core == "torch" and self.correct_bias:
-            denom.div_(math.sqrt(1.0 - b2**t))
-        denom.add_(self.eps)
-        direction = torch.div(m, denom, out=denom)
+        direction = adam_moments_(m, v, grad, b1, b2, self.eps, self._bias_div(t))
         store.save(state, "exp_avg", m, signed=True)
         store.save(state, "exp_avg_sq", v, signed=False)
         return direction
