@@ -1,4 +1,7 @@
-"""CPU benchmark: 8-bit AdamW step time, lowmem (compiled and eager) vs bitsandbytes vs torchao vs fp32 AdamW.
+"""Still for the CPU 8-bit AdamW's compiled kernel against its eager twin and fp32 AdamW (``bench_suite.py`` gives the
+ratios against bitsandbytes and torchao; benchmarks/RESULTS.md, "8-bit AdamW step on the CPU").
+
+CPU benchmark: 8-bit AdamW step time, lowmem (compiled and eager) vs bitsandbytes vs torchao vs fp32 AdamW.
 
 LLaMA-130M-shaped fp32 weights (``--layers`` of its 12 decoder layers), fixed random gradients, every
 optimizer timed in one process, interleaved, median of ``--reps`` blocks of ``--steps`` steps. lowmem runs

@@ -1,4 +1,6 @@
-"""How far two runs of one optimizer drift apart on the quality model: lowmem against its reference, or lowmem
+"""Still for telling an implementation difference from a chaotic run (benchmarks/RESULTS.md, "Quality").
+
+How far two runs of one optimizer drift apart on the quality model: lowmem against its reference, or lowmem
 against itself from weights nudged by 1e-7 (relative). If the nudge drifts as far as the reference does, the gap
 between the two implementations' final losses is the run's own sensitivity, not a difference in the algorithm.
 

@@ -1,4 +1,7 @@
-"""CPU benchmark: peak live tensor bytes by category (parameters, gradients, optimizer state, activations, ...)
+"""Still for the split of a step's peak by category and the layer-wise gradient check (``bench_memory_plan.py`` gives
+the current peaks; benchmarks/RESULTS.md, "Memory by category during a training step").
+
+CPU benchmark: peak live tensor bytes by category (parameters, gradients, optimizer state, activations, ...)
 during a training step, for torch AdamW and lowmem's GaLore / layer-wise / APOLLO-Mini optimizers.
 
 A LLaMA built from a ``transformers.LlamaConfig`` (fp32, untied embeddings, random weights, random tokens) runs

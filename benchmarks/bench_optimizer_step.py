@@ -1,4 +1,7 @@
-"""CPU benchmark: ``opt.step()`` time and optimizer-state bytes, lowmem vs the reference packages.
+"""Still for what ``bench_suite.py`` (the step-time ratios) does not time: refresh and amortized steps, FRUGAL vs AdamW,
+APOLLO's per-step redraw of its projection, page faults per step (benchmarks/RESULTS.md, "Not in the suite").
+
+CPU benchmark: ``opt.step()`` time and optimizer-state bytes, lowmem vs the reference packages.
 
 Builds the weight matrices of LLaMA-130M (hidden 768, intermediate 2048; per layer q/k/v/o 768x768,
 gate/up 2048x768, down 768x2048, ``nn.Linear`` layout out x in) as fp32 ``nn.Parameter`` with fixed

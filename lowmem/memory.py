@@ -18,13 +18,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import warnings
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 
 import torch
 from torch import nn
 
 GIB = 2**30
-BLOCK = 256  # blockwise 8-bit: one fp32 absmax per 256 codes (lowmem.optim.quantized)
+BLOCK = 256  # blockwise 8-bit: one fp32 absmax per 256 codes (lowmem.kernels.codes_8bit)
 
 
 # --- config and model
@@ -91,7 +94,10 @@ def _with_lora(model: nn.Module, lora: dict) -> nn.Module:
 def _peft(model: nn.Module, lora: dict) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
+    from .quiet import lora_without_bitsandbytes
+
+    with lora_without_bitsandbytes(model):  # unless it is quantized (measure_peak's QLoRA)
+        return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
 
 
 def nbytes(numel: int, dtype: torch.dtype) -> int:
@@ -214,12 +220,20 @@ def _active_blocks(optimizer, index: int, parts) -> set[int]:
     return set(parts.projector.choose(dict(optimizer.param_groups[index]), len(params)))
 
 
+def _priced_optimizer(name: str, model: nn.Module, **options):
+    """``lowmem.create_optimizer(name, model, **options)`` without the warning about ranks at or above a matrix's
+    smaller dimension: the plan prices those matrices at that dimension, as the optimizer runs them."""
+    from . import create_optimizer
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"rank=\S+ is at least min\(m, n\)")
+        return create_optimizer(name, model, **options)
+
+
 def optimizer_state_bytes(name: str, model: nn.Module, **options) -> dict[str, int]:
     """``{parameter name: state bytes}`` of optimizer ``name`` on ``model`` (a meta model is enough): the
     optimizer is built with ``lowmem.create_optimizer`` and each parameter priced from its param group."""
-    from . import create_optimizer
-
-    optimizer = create_optimizer(name, model, **options)
+    optimizer = _priced_optimizer(name, model, **options)
     if optimizer.layerwise is not None:
         optimizer.layerwise.remove()  # hooks on meta parameters are harmless, but leave the model as it was
     return _priced_states(optimizer, model)
@@ -302,9 +316,9 @@ def update_temp_bytes(shape: tuple, dtype: torch.dtype, parts) -> int:
     Adam-mini's ``g * g``; Adafactor / CAME's fp32 ``g^2`` buffer; GaLore's projected gradient and direction plus
     the back-projected m x n update; APOLLO (fp32) only projected-size tensors, no full-size one.
     """
+    from .kernels.codes_8bit import CHUNK as QUANT_CHUNK
     from .optim.compose import updates_in_chunks
     from .optim.projectors import GaussianProjector
-    from .optim.quantized import CHUNK as QUANT_CHUNK
     from .optim.quantized import BlockwiseQuantStore
     from .optim.rules import CAME, CHUNK_8BIT, Adafactor, AdamMini, AdamW
 
@@ -392,7 +406,6 @@ def peak_bytes(model: nn.Module, name: str, batch: int, seq: int, checkpointing:
     * ``linear_ce`` (``TrainingArguments.linear_cross_entropy``): no log-softmax is saved, and the loss backward
       holds one block of logits and the head's gradient instead (``linear_ce_loss_bytes``).
     """
-    from . import create_optimizer
     from .optim.compose import build_parts
     from .optim.registry import get_spec
 
@@ -400,7 +413,7 @@ def peak_bytes(model: nn.Module, name: str, batch: int, seq: int, checkpointing:
         return zeroth_order_peak(model, batch, seq, offload=bool(options.get("offload")))
     config = getattr(model, "config", None)
     dtype = next(model.parameters()).dtype
-    optimizer = create_optimizer(name, model, **options)
+    optimizer = _priced_optimizer(name, model, **options)
     layerwise = optimizer.layerwise is not None or get_spec(name).layerwise
     if optimizer.layerwise is not None:
         optimizer.layerwise.remove()
@@ -489,8 +502,6 @@ def measure_peak(config, name: str, batch: int, seq: int, checkpointing: bool = 
     quantization constants, which MemTracker does not see, are ``QuantConstants``, added to ``Total``);
     ``linear_ce``: the model's loss patched to skip the logits (``kernels.model_patch``). For validating
     ``peak_bytes``; use models up to ~100M parameters."""
-    import warnings
-
     from torch.distributed._tools.mem_tracker import MemTracker
 
     from . import create_optimizer
@@ -545,8 +556,6 @@ def forward_peak_bytes(model: nn.Module, run, steps: int = 2) -> int:
     """Peak live tensor bytes (``MemTracker``, every category) of the last of ``steps`` calls of ``run(fresh)``.
     ``run`` passes each closure that calls the model through ``fresh``, which clears MemTracker's per-module stats
     first, so one step may run the model several times (MeZO's two perturbed forwards)."""
-    import warnings
-
     from torch.distributed._tools.mem_tracker import MemTracker
 
     warnings.filterwarnings("ignore", message="Expected a tensor or a traceable wrapper-subclass")
@@ -664,35 +673,72 @@ def recommend(rows: list[Row]) -> Row | None:
     return None
 
 
-def recipe_command(row: Row, model, seq_len: int, batch_size: int, bf16: bool, linear_ce: bool = False) -> str:
-    """The ``lowmem train`` command for ``row``: the bundled recipe nearest to it (same optimizer and adapters;
-    pretraining for a full-parameter row on a config JSON, else fine-tuning), with the keys that differ overridden
-    (``linear_ce``: the row was planned with the loss without logits, so a recipe without it gets it; MeZO does
-    not take it).
-    An adapter row planned from a config JSON names the model ``MODEL`` (the config says nothing of the weights)."""
+#: A bundled recipe's model size, from its name: ``finetune-llama-3.2-1b-...`` is 1e9 parameters, ``...-60m-...`` 6e7.
+_RECIPE_SIZE = re.compile(r"-(\d+(?:\.\d+)?)([mb])(?=-)")
+#: Recipes for a model this many times larger or smaller count as the same size.
+SAME_SIZE = 2.0
+#: The placeholder the command names the weights by when the plan was made from a config JSON.
+MODEL_PLACEHOLDER = "MODEL"
+
+
+def parameter_count(config) -> int:
+    """The parameters of ``config``'s causal LM (built on the ``meta`` device)."""
+    return sum(p.numel() for p in meta_model(config).parameters())
+
+
+def recipe_size(stem: str, values: dict) -> float | None:
+    """Parameters of a recipe's model: from its name, else from an inline ``model_config`` (cpu-tiny)."""
+    match = _RECIPE_SIZE.search(stem)
+    if match:
+        return float(match.group(1)) * {"m": 1e6, "b": 1e9}[match.group(2)]
+    if isinstance(values.get("model_config"), dict):
+        return float(parameter_count(load_config(values["model_config"])))
+    return None
+
+
+def recipe_command(row: Row, model, seq_len: int, batch_size: int, bf16: bool, linear_ce: bool = False,
+                   config=None) -> str:
+    """The ``lowmem train`` command for ``row``: the bundled recipe nearest to it, by its bundled name (it runs from
+    any folder), with the keys that differ overridden. Nearest: pretraining for a full-parameter gradient row on a
+    config JSON, else fine-tuning; then, given ``config``, a recipe for a model of the same size (its parameters
+    within a factor ``SAME_SIZE`` of the size in the recipe's name); then the same optimizer and adapters; then no
+    options of another optimizer to clear; then the same model family; then the closest size.
+
+    A recipe for another optimizer runs with ``optim=`` and ``optim_args=`` (its options were written for its own
+    optimizer; the plan priced the new one's defaults). ``linear_ce``: the row was planned with the loss without
+    logits, so a recipe without it gets it (MeZO does not take it). An adapter or MeZO row planned from a config
+    JSON names the weights ``MODEL``, a placeholder the command explains (the config says nothing of them)."""
     import shlex
 
-    import yaml
-
-    from .recipe import RECIPES_DIR, read_values
+    from .recipe import RECIPES_DIR, MethodArguments, read_values
 
     if isinstance(model, dict):
         return ""  # an inline config has no name a recipe could take
     # a full-parameter gradient row on a config JSON: pretraining; MeZO fine-tunes (it does not train from scratch)
     from_config = row.adapters is None and row.optimizer != "mezo" and str(model).endswith(".json")
-    source = str(model) if not str(model).endswith(".json") else "MODEL"
+    source = str(model) if not str(model).endswith(".json") else MODEL_PLACEHOLDER
+    params = parameter_count(config) if config is not None else None
+    family = re.sub(r"\d+$", "", config.model_type) if config is not None else None  # qwen2 -> qwen
     wanted = {"optim": row.optimizer, "finetuning_type": "lora" if row.adapters in ("lora", "qlora") else "full",
               "quantization_bit": 4 if row.adapters == "qlora" else None}
     candidates = []
     for path in sorted(RECIPES_DIR.glob("*.yaml")):
         values = read_values(path)
-        if ("model_config" in values) == from_config:
-            values.setdefault("finetuning_type", "full")
-            offloads = "offload" in str(values.get("optim_args"))
-            score = (sum(values.get(k) != v for k, v in wanted.items()) + (offloads != (row.adapters == "offload")),
-                     values.get("model_name_or_path") != source,
-                     path.stem == "cpu-tiny")  # the CPU demo only when nothing else is as near
-            candidates.append((score, path, values))
+        if ("model_config" in values) != from_config:
+            continue
+        values.setdefault("finetuning_type", "full")
+        size = recipe_size(path.stem, values) if params else None
+        distance = abs(math.log(size / params)) if size else (math.inf if params else 0.0)
+        same_size = distance <= math.log(SAME_SIZE)
+        offloads = "offload" in str(values.get("optim_args"))
+        score = (not same_size,
+                 sum(values.get(k) != v for k, v in wanted.items()) + (offloads != (row.adapters == "offload")),
+                 values.get("optim") != row.optimizer and bool(values.get("optim_args")),
+                 values.get("model_name_or_path") != source,
+                 bool(family) and family not in path.stem,
+                 distance,
+                 path.stem == "cpu-tiny")  # the CPU demo only when nothing else is as near
+        candidates.append((score, path, values))
     if not candidates:
         return ""
     _, path, values = min(candidates, key=lambda c: c[0])
@@ -700,21 +746,34 @@ def recipe_command(row: Row, model, seq_len: int, batch_size: int, bf16: bool, l
                  ("model_config" if from_config else "model_name_or_path"): str(model) if from_config
                  else source, "cutoff_len": seq_len, "per_device_train_batch_size": batch_size,
                  "gradient_checkpointing": row.checkpointing, "pure_bf16": bf16}
+    if row.adapters in ("lora", "qlora"):  # the adapters the plan priced
+        overrides.update(lora_rank=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_target="all")
     if linear_ce and row.optimizer != "mezo":  # planned without the logits: run so (planned with them: either fits)
         overrides["linear_cross_entropy"] = True
     elif row.optimizer == "mezo" and values.get("linear_cross_entropy"):  # MeZO refuses it
         overrides["linear_cross_entropy"] = False
-    changed = [shlex.quote(f"{k}={yaml.safe_dump(v).splitlines()[0]}") for k, v in overrides.items()
-               if values.get(k, False if isinstance(v, bool) else None) != v]
-    hint = "   (MODEL: the hub id or directory of the weights)" if source == "MODEL" else ""
-    return " ".join(["lowmem train", f"recipes/{path.name}", *changed]) + hint
+    defaults = {f.name: f.default for f in dataclass_fields(MethodArguments)}
+    changed = [shlex.quote(f"{k}={_yaml_value(v)}") for k, v in overrides.items()
+               if values.get(k, defaults.get(k, False if isinstance(v, bool) else None)) != v]
+    command = " ".join(["lowmem train", path.stem, *changed])
+    if f"={MODEL_PLACEHOLDER}" in command:
+        command += f"   ({MODEL_PLACEHOLDER}: the hub id or directory of the weights)"
+    return command
+
+
+def _yaml_value(value) -> str:
+    """``value`` as a ``key=value`` override writes it (nothing for None: ``optim_args=`` clears the options)."""
+    import yaml
+
+    return "" if value is None else yaml.safe_dump(value).splitlines()[0]
 
 
 def format_plan(rows: list[Row], card_gib: float | None = None, command: str = "") -> str:
     """The plan as a text table (GiB) plus the recommended optimizer string and ``command`` (the recipe to run)."""
     head = f"{'optimizer / mode':42} {'weights':>8} {'grads':>8} {'states':>8} {'activ.':>8} {'logits':>8} " \
            f"{'temps':>8} {'peak':>8}  fits  peak during"
-    lines = [head, "-" * len(head)]
+    units = f"{'':42}" + f" {'GiB':>8}" * 7
+    lines = [head, units, "-" * len(head)]
     for r in rows:
         e = r.estimate
         cells = [e.weights, e.gradients, e.states, e.activations, e.logits, e.temporaries, e.total]

@@ -21,7 +21,9 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
-from .trainers import TrainingArguments
+from .optim.registry import get_spec
+from .trainers import TrainingArguments, parse_optim_args
+from .trainers.arguments import is_lowmem_name
 
 #: Where ``lowmem train NAME`` finds a recipe given by name.
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -122,6 +124,36 @@ def read_values(path: Path, overrides: list[str] = ()) -> dict:
             raise ValueError(f"override {item!r} is not key=value (e.g. max_steps=10)")
         values[key.strip()] = yaml.safe_load(value) if value.strip() else None
     return values
+
+
+def adapt_overrides(recipe: dict, values: dict) -> list[str]:
+    """What ``lowmem train`` tells the user about ``values`` (``recipe`` with the command line's overrides), as
+    ``warning: ...`` lines; ``values`` is adapted in place:
+
+    * an ``optim`` override without ``optim_args`` keeps the recipe's options that the new optimizer takes and
+      drops the others (they were written for the recipe's own optimizer), naming them;
+    * overrides that change the recipe but not ``output_dir`` write over an earlier run there: named (not when
+      resuming)."""
+    lines = []
+    optim, old = values.get("optim"), recipe.get("optim")
+    if optim != old and values.get("optim_args") == recipe.get("optim_args") and isinstance(optim, str) \
+            and is_lowmem_name(optim):
+        options = parse_optim_args(values.get("optim_args"))
+        taken = get_spec(optim).options()
+        dropped = [f"{k}={v!r}" for k, v in options.items() if k not in taken]
+        if dropped:
+            kept = {k: v for k, v in options.items() if k in taken}
+            values["optim_args"] = ", ".join(f"{k}={v!r}" for k, v in kept.items()) or None
+            lines.append(f"warning: optim={optim} does not take {', '.join(dropped)} (the recipe's optim_args for "
+                         f"{old}); running without {'them' if len(dropped) > 1 else 'it'} (optim_args=... sets "
+                         f"{optim}'s options)")
+    out = values.get("output_dir")
+    changed = any(values[k] != recipe.get(k) for k in values)
+    if changed and out == recipe.get("output_dir") and out and not values.get("resume_from_checkpoint") \
+            and Path(out).is_dir() and any(Path(out).iterdir()):
+        lines.append(f"warning: this run (the recipe with overrides) writes over the earlier run in {out}; "
+                     "output_dir=... keeps both")
+    return lines
 
 
 def parse_recipe(values: dict) -> Recipe:

@@ -26,6 +26,7 @@ from .data import (
     train_bpe_tokenizer,
 )
 from .optim.states import state_bytes
+from .quiet import lora_without_bitsandbytes
 from .recipe import Recipe
 
 #: The model ``stand_in: tiny`` trains instead of the recipe's (any recipe runs in seconds on a CPU, offline).
@@ -131,8 +132,22 @@ def prepare(recipe: Recipe):
                          streaming=data_args.streaming, limit_bytes=limit)
         tokenizer = load_tokenizer(recipe, text)
         dataset = pack(text, tokenizer, data_args.cutoff_len, data_args.max_samples)
+    seed_everything(recipe.train)
     model = load_model(recipe, tokenizer)
     return tokenizer, dataset, with_adapters(model, recipe.method)
+
+
+def seed_everything(args) -> None:
+    """Seed Python, NumPy and torch with the recipe's ``seed`` before the model is built: its initial weights (and
+    adapters) come from the global generators, which torch seeds at random in each process, and the Trainer seeds
+    them only once the model exists. ``full_determinism`` also asks torch for deterministic algorithms, as the
+    Trainer does."""
+    from transformers import enable_full_determinism, set_seed
+
+    if args.full_determinism:
+        enable_full_determinism(args.seed)
+    else:
+        set_seed(args.seed)
 
 
 def with_adapters(model, method):
@@ -147,7 +162,8 @@ def with_adapters(model, method):
     target = "all-linear" if method.lora_target == "all" else [t.strip() for t in method.lora_target.split(",")]
     config = LoraConfig(task_type="CAUSAL_LM", r=method.lora_rank, lora_alpha=method.lora_alpha,
                         lora_dropout=method.lora_dropout, target_modules=target)
-    return get_peft_model(model, config)
+    with lora_without_bitsandbytes(model):  # bitsandbytes is imported for a quantized (QLoRA) model only
+        return get_peft_model(model, config)
 
 
 def run(recipe: Recipe) -> dict:
@@ -159,6 +175,8 @@ def run(recipe: Recipe) -> dict:
     tokenizer, dataset, model = prepare(recipe)
     if recipe.model.stand_in:
         _fit_rank_to_stand_in(recipe.train)
+    if not _has_accelerator():
+        recipe.train.dataloader_pin_memory = False  # nothing to pin for; torch would warn at every epoch
     collator = (DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE) if recipe.method.stage == "sft"
                 else DataCollatorForLanguageModeling(tokenizer, mlm=False))
     out = Path(recipe.train.output_dir)
@@ -179,6 +197,11 @@ def run(recipe: Recipe) -> dict:
     if recipe.method.plot_loss:
         plot_loss(trainer.state.log_history, out / "loss.png")
     return report
+
+
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, ROCm, XPU, MPS...
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
 
 
 def _fit_rank_to_stand_in(args) -> None:
@@ -209,20 +232,29 @@ def memory_report(trainer, model) -> dict:
     return report
 
 
-def plot_loss(log_history: list[dict], path: Path) -> None:
-    """The training loss against the step, as a PNG."""
+#: Up to this many logged points, each is drawn as a marker too (one or two points make no visible line).
+MARKED_POINTS = 50
+
+
+def plot_loss(log_history: list[dict], path: Path) -> bool:
+    """The training loss against the step, as a PNG (each point marked when there are few); False, and no file
+    (an earlier run's is removed), when no loss was logged."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     points = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
     if not points:
-        return
+        path.unlink(missing_ok=True)
+        return False
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(*zip(*points, strict=True))
+    ax.plot(*zip(*points, strict=True), marker="o" if len(points) <= MARKED_POINTS else None, markersize=4)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps, not 1.2 or 1.4
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True

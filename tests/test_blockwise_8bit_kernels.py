@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from lowmem.kernels import blockwise_8bit, dispatch
-from lowmem.optim import create_optimizer, quantized
+from lowmem.kernels import blockwise_8bit, codes_8bit, dispatch
+from lowmem.optim import create_optimizer
 
 pytest.importorskip("triton")
 
@@ -25,18 +25,18 @@ def _values(n: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_quantize_and_dequantize_equal_the_twin(signed, dtype):
-    code = quantized.cached_map(signed)
+    code = codes_8bit.cached_map(signed)
     for n in SIZES:
         x = _values(n, dtype, seed=n)
         x = x if signed else x.abs()
         with dispatch.backend("triton"):
             codes, absmax = blockwise_8bit.quantize_blockwise(x, code)
             values = blockwise_8bit.dequantize_blockwise(codes, absmax, code)
-        want_codes, want_absmax = quantized.quantize_blockwise(x, code)
+        want_codes, want_absmax = codes_8bit.quantize_blockwise(x, code)
         assert codes.shape == x.shape and absmax.shape == want_absmax.shape
         assert torch.equal(codes, want_codes), n
         assert torch.equal(absmax, want_absmax), n
-        assert torch.equal(values, quantized.dequantize_blockwise(want_codes, want_absmax, code)), n
+        assert torch.equal(values, codes_8bit.dequantize_blockwise(want_codes, want_absmax, code)), n
 
 
 def _state(n: int, seed: int) -> dict:
@@ -44,7 +44,7 @@ def _state(n: int, seed: int) -> dict:
     m, v = _values(n, seed=seed) * 1e-2, _values(n, seed=seed + 1).square() * 1e-4
     state = {}
     for key, value, signed in (("exp_avg", m, True), ("exp_avg_sq", v, False)):
-        state[key], state[key + "_absmax"] = quantized.quantize_blockwise(value, quantized.cached_map(signed))
+        state[key], state[key + "_absmax"] = codes_8bit.quantize_blockwise(value, codes_8bit.cached_map(signed))
     return state
 
 
@@ -91,8 +91,8 @@ def test_direction_mode_writes_the_direction_and_leaves_no_parameter():
         outs.append((out, s))
     torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-6, atol=1e-7)
     _assert_codes_close(outs[0][1], outs[1][1])
-    m = quantized.dequantize_blockwise(state["exp_avg"], state["exp_avg_absmax"], quantized.cached_map(True))
-    v = quantized.dequantize_blockwise(state["exp_avg_sq"], state["exp_avg_sq_absmax"], quantized.cached_map(False))
+    m = codes_8bit.dequantize_blockwise(state["exp_avg"], state["exp_avg_absmax"], codes_8bit.cached_map(True))
+    v = codes_8bit.dequantize_blockwise(state["exp_avg_sq"], state["exp_avg_sq_absmax"], codes_8bit.cached_map(False))
     m, v = 0.9 * m + 0.1 * grad, 0.99 * v + 0.01 * grad**2
     torch.testing.assert_close(outs[1][0], m / (v.sqrt() / 0.3 + 1e-6), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="exactly one"):

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import lowmem
+from lowmem.kernels.codes_8bit import CHUNK
 from lowmem.optim import compose
-from lowmem.optim.quantized import CHUNK
 
 
 class Net(nn.Module):

@@ -21,8 +21,19 @@ def test_readme_has_exactly_two_commands_and_ci_runs_the_test_one():
     assert len(commands) == 2
     main_job, test_cmd = commands
     assert "lowmem" in main_job and "pytest" in test_cmd
-    ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if "pytest" in line]
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    ci_lines = [line for line in ci if "pytest" in line and not line.startswith("#")]
     assert ci_lines == [test_cmd]
+
+
+def test_ci_runs_in_a_fresh_clone_with_nothing_beside_it():
+    """CI runs the README's command in a clone alone in a temp dir (committed files only), then removes the dir."""
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    clone = next(i for i, line in enumerate(ci) if line.startswith("git clone"))
+    cd = next(i for i, line in enumerate(ci) if line.startswith("cd "))
+    test = next(i for i, line in enumerate(ci) if "pytest" in line and not line.startswith("#"))
+    assert clone < cd < test and '"$tmp/' in ci[clone] and '"$tmp/' in ci[cd]
+    assert any(line.startswith("trap ") and "rm -rf" in line for line in ci[:clone])
 
 
 def test_no_top_level_kernels_or_trainers_package():

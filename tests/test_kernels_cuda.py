@@ -11,8 +11,7 @@ import os
 import pytest
 import torch
 
-from lowmem.kernels import blockwise_8bit, dispatch, linear_cross_entropy, zo_noise
-from lowmem.optim import quantized
+from lowmem.kernels import blockwise_8bit, codes_8bit, dispatch, linear_cross_entropy, zo_noise
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
                                 reason="needs a CUDA device and TRITON_INTERPRET=0 (compiled kernels)")
@@ -27,14 +26,14 @@ def _values(n: int, seed: int = 0) -> torch.Tensor:
 def test_quantize_and_dequantize(signed):
     x = _values(70001)
     x = x if signed else x.abs()
-    code = quantized.cached_map(signed)
+    code = codes_8bit.cached_map(signed)
     with dispatch.backend("triton"):
         codes, absmax = blockwise_8bit.quantize_blockwise(x.cuda(), code.cuda())
         values = blockwise_8bit.dequantize_blockwise(codes, absmax, code.cuda())
-    want_codes, want_absmax = quantized.quantize_blockwise(x, code)
+    want_codes, want_absmax = codes_8bit.quantize_blockwise(x, code)
     assert (codes.cpu() != want_codes).float().mean() < 1e-4  # a value on a midpoint may round either way
     torch.testing.assert_close(absmax.cpu(), want_absmax, rtol=0, atol=0)
-    torch.testing.assert_close(values.cpu(), quantized.dequantize_blockwise(codes.cpu(), absmax.cpu(), code))
+    torch.testing.assert_close(values.cpu(), codes_8bit.dequantize_blockwise(codes.cpu(), absmax.cpu(), code))
 
 
 def test_fused_adamw_update():
@@ -42,7 +41,7 @@ def test_fused_adamw_update():
     param, grad = _values(n, 1), _values(n, 2) * 1e-2
     state = {}
     for key, value, signed in (("exp_avg", _values(n, 3) * 1e-2, True), ("exp_avg_sq", _values(n, 4) ** 2, False)):
-        state[key], state[key + "_absmax"] = quantized.quantize_blockwise(value, quantized.cached_map(signed))
+        state[key], state[key + "_absmax"] = codes_8bit.quantize_blockwise(value, codes_8bit.cached_map(signed))
     gpu_param, gpu_state = param.cuda(), {k: v.cuda() for k, v in state.items()}
     options = dict(beta1=0.9, beta2=0.999, eps=1e-8, step_size=1e-3, decay=1e-4)
     with dispatch.backend("triton"):

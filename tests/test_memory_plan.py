@@ -86,26 +86,60 @@ def test_lora_and_qlora_peak_within_10_percent(quantized, ckpt):
 
 
 def test_recommended_recipe_command():
-    """The plan names the bundled recipe nearest to the recommended row, with the keys that differ overridden."""
+    """The plan names the bundled recipe nearest to the recommended row, by its bundled name (it runs from any
+    folder), with the keys that differ overridden."""
     rows = memory.plan(dict(TINY.to_dict()), seq_len=64, batch_size=2, card_gib=1, modes=[("adamw", True, "qlora")])
     command = memory.recipe_command(rows[0], "org/model", 64, 2, bf16=True)
-    assert command == ("lowmem train recipes/finetune-llama-3.1-8b-12gb-qlora.yaml model_name_or_path=org/model "
-                       "cutoff_len=64")
+    assert command == "lowmem train finetune-llama-3.1-8b-12gb-qlora model_name_or_path=org/model cutoff_len=64"
     full = memory.Row("apollo_mini_layerwise", True, None, rows[0].estimate)
     assert memory.recipe_command(full, "meta-llama/Llama-3.1-8B-Instruct", 1024, 1, bf16=True) == \
-        "lowmem train recipes/finetune-llama-3.1-8b-24gb-apollo-mini.yaml"
+        "lowmem train finetune-llama-3.1-8b-24gb-apollo-mini"
     scratch = memory.recipe_command(memory.Row("galore_adamw", False, None, rows[0].estimate), "cfg.json", 256, 8,
                                     bf16=True)
-    assert scratch.startswith("lowmem train recipes/pretrain-llama-") and "model_config=cfg.json" in scratch
+    assert scratch.startswith("lowmem train pretrain-llama-") and "model_config=cfg.json" in scratch
     assert "optim=" not in scratch  # a GaLore pretraining recipe keeps its own optim_args
+    assert "MODEL" not in scratch  # pretraining names no weights, so no placeholder either
     other = memory.recipe_command(memory.Row("adamw_8bit", False, None, rows[0].estimate), "org/m", 1024, 4, True)
-    assert "optim=adamw_8bit optim_args=null" in other  # another optimizer drops the recipe's options
+    assert "optim=adamw_8bit" in other and "optim_args=null" not in other
     # planned without logits: a recipe that has the key keeps it (every GPU recipe sets it)
     assert "linear_cross_entropy" not in scratch
     assert memory.recipe_command(full, "meta-llama/Llama-3.1-8B-Instruct", 1024, 1, bf16=True, linear_ce=True) == \
-        "lowmem train recipes/finetune-llama-3.1-8b-24gb-apollo-mini.yaml"
+        "lowmem train finetune-llama-3.1-8b-24gb-apollo-mini"
     mezo = memory.recipe_command(memory.Row("mezo", False, None, rows[0].estimate), "org/m", 512, 4, True, True)
     assert "linear_cross_entropy" not in mezo and "mezo" in mezo  # MeZO refuses the option
+
+
+LLAMA_1B = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                       num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True)
+LLAMA_3B = LlamaConfig(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                       num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=True)
+
+
+def test_recipe_command_picks_a_recipe_for_the_same_model_size(tmp_path):
+    """A 1B model on a 24 GiB card (AdamW fits) runs a 1B recipe with only optim= changed, never the 8B one with
+    optim_args cleared; a size no recipe has gets the closest one with the model overridden; from a config JSON,
+    the placeholder the command explains is in the command."""
+    estimate = memory.Estimate(0, 0, 0, 0, 0, 0, "-")
+    adamw = memory.Row("adamw", False, None, estimate)
+    command = memory.recipe_command(adamw, "meta-llama/Llama-3.2-1B-Instruct", 1024, 1, True, config=LLAMA_1B)
+    assert command.startswith("lowmem train finetune-llama-3.2-1b-") and " optim=adamw" in command
+    assert "optim_args" not in command and "model_name_or_path" not in command and ".yaml" not in command
+    qlora = memory.Row("adamw", True, "qlora", estimate)
+    command = memory.recipe_command(qlora, "org/llama-3b", 1024, 1, True, config=LLAMA_3B)
+    assert command.startswith("lowmem train finetune-llama-3.1-8b-12gb-qlora model_name_or_path=org/llama-3b")
+    config_json = str(tmp_path / "config.json")
+    command = memory.recipe_command(memory.Row("adamw", True, "lora", estimate), config_json, 1024, 1, True,
+                                    config=LLAMA_1B)
+    assert command.startswith("lowmem train finetune-llama-3.2-1b-") and "model_name_or_path=MODEL" in command
+    assert command.endswith("(MODEL: the hub id or directory of the weights)")
+    assert "finetuning_type=lora" in command and "lora_rank=16" in command  # the adapters the plan priced
+    scratch = memory.recipe_command(adamw, config_json, 256, 8, True, config=LLAMA_1B)
+    assert scratch.startswith("lowmem train pretrain-llama-1b-") and f"model_config={config_json}" in scratch
+    assert "optim=adamw optim_args= " in scratch  # the 1B pretraining recipes' options are another optimizer's
+    from lowmem.recipe import RECIPES_DIR
+
+    for path in RECIPES_DIR.glob("*.yaml"):  # every recipe but the CPU demo says its model size in its name
+        assert path.stem == "cpu-tiny" or memory._RECIPE_SIZE.search(path.stem), path.stem
 
 
 def test_recipe_command_adds_linear_ce_to_a_recipe_without_it(tmp_path, monkeypatch):
@@ -118,9 +152,9 @@ def test_recipe_command_adds_linear_ce_to_a_recipe_without_it(tmp_path, monkeypa
     monkeypatch.setattr(lowmem.recipe, "RECIPES_DIR", tmp_path)
     row = memory.Row("adam_mini", True, None, memory.Estimate(0, 0, 0, 0, 0, 0, "-"))
     with_it = memory.recipe_command(row, "meta-llama/Llama-3.2-1B-Instruct", 1024, 4, True, linear_ce=True)
-    assert with_it == f"lowmem train recipes/{source.name} linear_cross_entropy=true"
+    assert with_it == f"lowmem train {source.stem} linear_cross_entropy=true"
     assert memory.recipe_command(row, "meta-llama/Llama-3.2-1B-Instruct", 1024, 4, True) == \
-        f"lowmem train recipes/{source.name}"  # planned with the logits: either fits, nothing forced
+        f"lowmem train {source.stem}"  # planned with the logits: either fits, nothing forced
 
 
 def test_plan_table_and_recommendation():
@@ -149,7 +183,8 @@ def test_lowmem_plan_command(tmp_path, capsys):
     assert cli.main(["plan", str(tmp_path / "config.json"), "--seq", "64", "--card-gib", "1"]) == 0
     out = capsys.readouterr().out
     assert "galore_adamw_8bit_layerwise" in out and "Recommended on a 1 GiB card" in out
-    assert "adamw + QLoRA + ckpt" in out and "Run it: lowmem train recipes/" in out
+    assert "adamw + QLoRA + ckpt" in out and "Run it: lowmem train " in out and ".yaml" not in out
+    assert out.splitlines()[2].split() == ["GiB"] * 7  # the columns' unit
     assert "loss without logits" in out  # a LLaMA: priced with linear_cross_entropy by default
     assert cli.main(["plan", str(tmp_path / "config.json"), "--seq", "64", "--card-gib", "1", "--no-linear-ce"]) == 0
     assert "loss without logits" not in capsys.readouterr().out
@@ -185,8 +220,8 @@ def test_mezo_rows_are_recommended_only_when_nothing_with_gradients_fits():
     best = memory.recommend(rows)
     assert best.optimizer == "mezo" and best.adapters is None
     assert memory.recipe_command(best, "org/m", 512, 4, True).startswith(
-        "lowmem train recipes/finetune-llama-3.2-1b-8gb-mezo.yaml")
+        "lowmem train finetune-llama-3.2-1b-8gb-mezo")
     offloaded = next(r for r in rows if r.adapters == "offload")
     assert offloaded.label == "mezo + offload (blocks in RAM)"
     assert memory.recipe_command(offloaded, "org/m", 512, 2, True).startswith(
-        "lowmem train recipes/finetune-qwen2.5-14b-12gb-mezo-offload.yaml")
+        "lowmem train finetune-qwen2.5-14b-12gb-mezo-offload")

@@ -20,8 +20,8 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
+from lowmem.kernels.codes_8bit import cached_map, dequantize_blockwise
 from lowmem.optim import AdamW8bit, GaLoreAdamW8bit, LowMemOptimizer
-from lowmem.optim.quantized import cached_map, dequantize_blockwise
 from lowmem.optim.states import state_bytes
 
 SHAPE = (256, 64)  # 16384 elements: above the 4096 threshold, 64 blocks

@@ -239,3 +239,20 @@ def test_fira_limiter_engages_in_the_parity_run(monkeypatch):
         a, b = without[-1][name], with_limiter[-1][name]
         diff = ((a - b).abs().max() / b.abs().max()).item()
         assert diff > 1e-3, (name, diff)
+
+
+@pytest.mark.parametrize("rank", [64, 100], ids=["rank=min", "rank>min"])
+@pytest.mark.parametrize("name", ["galore_std", "galore_full", "fira_std", "apollo_random_channel",
+                                  "apollo_svd_channel"])
+def test_rank_at_or_above_min_dim_matches_reference(name, rank):
+    """galore-torch, fira and apollo-torch accept a rank >= min(m, n) (the transformers docs' rank=128 on a small
+    model): the SVD then yields min(m, n) factors, APOLLO's random sketch keeps ``rank`` rows. lowmem runs the same
+    numbers and warns once, naming the matrices."""
+    ours_cls, ref_cls, keys, ctor = case(name)
+    keys["rank"] = rank
+    grads = gradients(torch.float32, steps=25)
+    ref_hist, _ = run(ref_cls, dict(keys), ctor, torch.float32, grads)
+    with pytest.warns(UserWarning, match=rf"rank={rank} is at least min\(m, n\) for 2 matrices \(#0 of param group 1 "
+                                         r"\(96, 64\), #1 of param group 1 \(64, 96\)\)"):
+        ours_hist, _ = run(ours_cls, dict(keys), ctor, torch.float32, grads)
+    assert_fp32_parity(ours_hist, ref_hist)

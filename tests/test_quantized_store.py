@@ -12,13 +12,8 @@ import bitsandbytes.functional as F
 import pytest
 import torch
 
-from lowmem.optim.quantized import (
-    BlockwiseQuantStore,
-    cached_map,
-    dequantize_blockwise,
-    dynamic_map,
-    quantize_blockwise,
-)
+from lowmem.kernels.codes_8bit import cached_map, dequantize_blockwise, dynamic_map, quantize_blockwise
+from lowmem.optim.quantized import BlockwiseQuantStore
 from lowmem.optim.states import state_bytes
 
 
@@ -221,7 +216,7 @@ def test_negative_led_block_shrinks_like_bnb():
 @pytest.mark.parametrize("signed", [True, False])
 def test_table_lookup_equals_bucketize_exactly(signed):
     """nearest_code is a faster search; it must agree with bucketize on the midpoints everywhere."""
-    from lowmem.optim.quantized import nearest_code
+    from lowmem.kernels.codes_8bit import nearest_code
 
     code = dynamic_map(signed)
     bounds = (code[:-1] + code[1:]) / 2
@@ -240,14 +235,14 @@ def test_table_lookup_equals_bucketize_exactly(signed):
 @pytest.mark.parametrize("numel", [5 * 256, 5 * 256 + 77])
 def test_chunked_quantization_is_bit_identical(monkeypatch, numel):
     """(De)quantizing CHUNK elements at a time bounds the temporaries and changes nothing."""
-    from lowmem.optim import quantized
+    from lowmem.kernels import codes_8bit
 
     x = torch.randn(numel, generator=torch.Generator().manual_seed(0)) ** 3
-    code = quantized.cached_map(True, x.device)
-    whole = quantized.quantize_blockwise(x, code)
-    monkeypatch.setattr(quantized, "CHUNK", 512)
-    chunked = quantized.quantize_blockwise(x, code)
+    code = codes_8bit.cached_map(True, x.device)
+    whole = codes_8bit.quantize_blockwise(x, code)
+    monkeypatch.setattr(codes_8bit, "CHUNK", 512)
+    chunked = codes_8bit.quantize_blockwise(x, code)
     assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
-    restored = quantized.dequantize_blockwise(*chunked, code)
-    monkeypatch.setattr(quantized, "CHUNK", 1 << 30)
-    assert torch.equal(restored, quantized.dequantize_blockwise(*whole, code))
+    restored = codes_8bit.dequantize_blockwise(*chunked, code)
+    monkeypatch.setattr(codes_8bit, "CHUNK", 1 << 30)
+    assert torch.equal(restored, codes_8bit.dequantize_blockwise(*whole, code))

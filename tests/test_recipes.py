@@ -2,13 +2,16 @@
 input is one line on stderr, exit status 2, and nothing written."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from lowmem import cli
-from lowmem.recipe import RECIPES_DIR, parse_recipe, read_values
+from lowmem.recipe import RECIPES_DIR, adapt_overrides, parse_recipe, read_values
+from lowmem.trainers import parse_optim_args
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -118,13 +121,157 @@ def test_version_specific_keys_are_translated():
     assert getattr(checkpointing, "activation_checkpointing", None) or checkpointing.gradient_checkpointing
 
 
+def _list_rows(out: str) -> dict[str, tuple[float, float, str]]:
+    """``lowmem list``'s rows: name -> (B/param over the model, over its linear weights, summary)."""
+    rows = {}
+    for line in out.splitlines():
+        cells = line.split(maxsplit=3)
+        if len(cells) == 4 and cells[1].replace(".", "").isdigit():
+            rows[cells[0]] = (float(cells[1]), float(cells[2]), cells[3])
+    return rows
+
+
 def test_list_names_every_optimizer(capsys):
     assert cli.main(["list"]) == 0
+    rows = _list_rows(capsys.readouterr().out)
+    assert rows["adamw"][:2] == (8.0, 8.0) and rows["adam_mini"][0] < 4.1 and rows["galore_adamw"][0] < 8
+    assert set(rows) >= {"galore_adamw", "apollo_mini", "came_8bit", "frugal", "galore_came_8bit", "mezo"}
+
+
+def test_list_words_agree_with_its_numbers(capsys):
+    """Summaries state no bytes of their own (the columns do), the low-rank names' savings show in the linear
+    weights' column, and a composed name is listed, priced and shown under its own name."""
+    assert cli.main(["list"]) == 0
+    rows = _list_rows(capsys.readouterr().out)
+    assert not [name for name, (_, _, summary) in rows.items() if "B/param" in summary or "SGD-like" in summary]
+    assert rows["apollo_mini"][1] < 0.1 < rows["adam_mini"][1]  # "almost no state on projected weights"
+    assert rows["adamw_8bit"][1] == 2.03 and rows["adamw_8bit"][0] > 3  # the embeddings keep fp32 states
+    assert cli.main(["list", "galore+came+8bit", "apollo_mini_layerwise"]) == 0
+    rows = _list_rows(capsys.readouterr().out)
+    assert list(rows) == ["galore+came+8bit", "apollo_mini_layerwise"]
+    assert rows["galore+came+8bit"][2] == "galore projection and lift, came moments, states in 8bit"
+    assert cli.main(["list", "galore+cme"]) == 2
+    assert capsys.readouterr().err.count("lowmem: error:") == 1
+
+
+def test_help_has_whole_sentences_and_no_markup(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
     out = capsys.readouterr().out
-    rows = {line.split()[0]: float(line.split()[1]) for line in out.splitlines()[1:] if line[:1].isalpha()
-            and len(line.split()) > 1 and line.split()[1].replace(".", "").isdigit()}
-    assert rows["adamw"] == 8.0 and rows["adam_mini"] < 4.1 and rows["galore_adamw"] < rows["adamw"]
-    assert set(rows) >= {"galore_adamw", "apollo_mini", "came_8bit", "frugal", "galore_came_8bit"}
+    description = " ".join(out.split("\n\n")[1].split())
+    assert "``" not in out and description.endswith(".") and "train a recipe" in out
+
+
+def _run(code: str, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).parents[1])
+
+
+def test_a_mistake_is_one_error_line_with_no_third_party_noise():
+    done = _run("import sys; from lowmem.cli import main; sys.exit(main(sys.argv[1:]))", "train", "nonexistent",
+                "max_steps=1")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("lowmem: error: recipe 'nonexistent' does not exist") and \
+        done.stderr.count("\n") == 1, done.stderr
+
+
+def test_plan_and_list_do_not_import_bitsandbytes(tmp_path):
+    """The commands that use no bitsandbytes never import it (peft would: 2 s of imports and, on some CPUs, a
+    warning about a hub kernel), though the planner wraps LoRA models."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                vocab_size=512).save_pretrained(tmp_path)
+    code = ("import sys; from lowmem import cli, quiet\n"
+            "assert cli.main(['list', 'adamw', 'galore+came+8bit']) == 0\n"
+            "assert cli.main(['plan', sys.argv[1], '--seq', '64', '--card-gib', '1']) == 0\n"
+            "print('bitsandbytes imported:', quiet.bitsandbytes_imported())\n")
+    done = _run(code, str(tmp_path / "config.json"))
+    assert done.returncode == 0, done.stderr
+    assert "bitsandbytes imported: False" in done.stdout and "adamw + QLoRA" in done.stdout
+    assert "kernels-community" not in done.stderr and "is_gradient_checkpointing" not in done.stderr, done.stderr
+
+
+def test_deferred_bitsandbytes_is_the_real_package_on_first_use():
+    """The stand-in the command line puts in bitsandbytes' place: peft and the Trainer import without it, and the
+    first use, whatever its form, imports the real package once, submodules included."""
+    code = ("import sys\n"
+            "from lowmem.quiet import quiet, bitsandbytes_imported\n"
+            "quiet()\n"
+            "import peft, peft.helpers, transformers.trainer\n"
+            "assert not bitsandbytes_imported()\n"
+            "from bitsandbytes.optim import AdamW8bit\n"  # transformers' optim='adamw_bnb_8bit' does this
+            "import bitsandbytes, bitsandbytes.nn, bitsandbytes.functional as F\n"
+            "assert bitsandbytes_imported() and AdamW8bit.__module__.startswith('bitsandbytes.')\n"
+            "assert peft.helpers.bnb.nn is bitsandbytes.nn is sys.modules['bitsandbytes.nn']\n"
+            "assert bitsandbytes.nn.__spec__.origin.endswith('__init__.py')\n"
+            "assert F.quantize_4bit is peft.helpers.bnb.functional.quantize_4bit\n")
+    done = _run(code)
+    assert done.returncode == 0, done.stderr
+
+
+def test_another_optimizer_keeps_only_the_recipe_options_it_takes(tmp_path):
+    """``optim=`` without ``optim_args=``: the recipe's options the new optimizer takes stay, the others are dropped
+    with one warning naming them."""
+    path = RECIPES_DIR / "cpu-tiny.yaml"  # galore_adamw with rank=32, update_proj_gap=100, scale=0.25
+    given = [f"output_dir={tmp_path / 'out'}"]
+    mezo = read_values(path, ["optim=mezo", *given])
+    notes = adapt_overrides(read_values(path), mezo)
+    assert mezo["optim_args"] is None and len(notes) == 1
+    assert notes[0].startswith("warning: optim=mezo does not take rank=32, update_proj_gap=100, scale=0.25")
+    assert parse_recipe(mezo).train.lowmem_optim == "mezo"
+    fira = read_values(path, ["optim=fira_adamw", *given])
+    assert len(adapt_overrides(read_values(path), fira)) == 1 and parse_optim_args(fira["optim_args"]) == \
+        {"rank": 32, "update_proj_gap": 100}  # Fira has no scale
+    layerwise = read_values(path, ["optim=galore_adamw_layerwise", *given])
+    assert adapt_overrides(read_values(path), layerwise) == [] and layerwise["optim_args"] == "rank=32, " \
+        "update_proj_gap=100, scale=0.25"
+    cleared = read_values(path, ["optim=mezo", "optim_args=", *given])
+    assert adapt_overrides(read_values(path), cleared) == [] and cleared["optim_args"] is None
+
+
+def test_cpu_tiny_with_mezo_logs_its_projected_gradient_and_warns_before_overwriting(tmp_path, capsys):
+    """``lowmem train cpu-tiny optim=mezo`` runs; its log has projected_grad and no grad_norm (MeZO forms no
+    gradient); two logged points make a loss plot; no pin_memory warning on a CPU; and a second run with other
+    values of the recipe's keys says which earlier run it writes over."""
+    import warnings
+
+    out = tmp_path / "out"
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text((RECIPES_DIR / "cpu-tiny.yaml").read_text().replace("output_dir: out/cpu-tiny",
+                                                                         f"output_dir: {out}"))
+    quick = ["stand_in=tiny", "max_steps=2", "logging_steps=1", "max_bytes=200000", "cutoff_len=64",
+             "per_device_train_batch_size=2", "optim=mezo"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli.main(["train", str(recipe), *quick]) == 0
+    assert not [w for w in caught if "pin_memory" in str(w.message)]
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("lowmem:")] == [
+        "lowmem: warning: optim=mezo does not take rank=32, update_proj_gap=100, scale=0.25 (the recipe's optim_args "
+        "for galore_adamw); running without them (optim_args=... sets mezo's options)"]
+    logged = [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    assert len(logged) == 2 and all("projected_grad" in e and "grad_norm" not in e for e in logged)
+    assert (out / "loss.png").is_file()
+    assert cli.main(["train", str(recipe), *quick, "max_steps=1", "optim_args="]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lowmem:")]
+    assert notes == [f"lowmem: warning: this run (the recipe with overrides) writes over the earlier run in {out}; "
+                     "output_dir=... keeps both"]
+
+
+def test_loss_plot_marks_few_points(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from lowmem.train import plot_loss
+
+    drawn = []
+    plot = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **kw: drawn.append(kw) or plot(self, *a, **kw))
+    path = tmp_path / "loss.png"
+    assert plot_loss([{"step": 5, "loss": 3.0}, {"train_loss": 3.0}], path) and path.stat().st_size > 1000
+    assert drawn[-1]["marker"] == "o"  # one point: a marker, not an invisible line
+    assert plot_loss([{"step": s, "loss": 1.0} for s in range(200)], path) and drawn[-1]["marker"] is None
+    assert not plot_loss([{"train_loss": 3.0}], path) and not path.exists()  # nothing logged: no stale plot
 
 
 def test_jsonl_records_stream_and_a_missing_column_is_named(tmp_path, capsys):

@@ -7,6 +7,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import lowmem
 from lowmem.optim import FRUGAL, GaLoreAdamW, split_parameters
+from lowmem.optim.compose import build_parts
 
 
 def tiny_llama(tie=False):
@@ -84,6 +85,13 @@ def test_biases_and_norms_get_no_weight_decay():
         assert group["weight_decay"] == expected
 
 
+def test_an_optimizer_shows_the_name_it_was_created_with():
+    """A composed name is built on a preset's class (GaLoreAdamW here) but reports its own name."""
+    composed = lowmem.create_optimizer("galore+came+8bit", tiny_llama(), rank=8)
+    assert type(composed) is GaLoreAdamW and repr(composed).startswith("galore+came+8bit (\nParameter Group 0")
+    assert repr(GaLoreAdamW(tiny_llama().parameters())).startswith("GaLoreAdamW (")  # a class built directly
+
+
 def test_unknown_name_lists_valid_names_and_closest():
     with pytest.raises(ValueError, match=r"unknown optimizer 'galor_adamw'.*Did you mean 'galore_adamw'.*apollo_mini"):
         lowmem.create_optimizer("galor_adamw", tiny_llama())
@@ -94,11 +102,16 @@ def test_unknown_option_names_closest():
         lowmem.create_optimizer("galore_adamw", tiny_llama(), rnk=8)
 
 
-def test_rank_too_large_is_caught_before_any_step():
-    with pytest.raises(ValueError, match=r"rank=64 must be between 1 and .* = 63 .*q_proj"):
-        lowmem.create_optimizer("galore_adamw", tiny_llama(), rank=64)
-    with pytest.raises(ValueError, match=r"rank=128"):  # the default rank on a 64-wide model
-        lowmem.create_optimizer("galore_adamw", tiny_llama())
+def test_rank_at_or_above_a_dimension_projects_at_that_dimension_with_one_warning():
+    """As galore-torch (and transformers' docs, rank=128 on any model): no error; the state is priced at min(m, n)."""
+    expected = r"rank=128 is at least min\(m, n\) for 14 matrices \('model.layers.0.self_attn.q_proj.weight' \(64, 64\)"
+    with pytest.warns(UserWarning, match=expected + r".* and 10 more\)") as seen:
+        opt = lowmem.create_optimizer("galore_adamw", tiny_llama())  # the default rank on a 64-wide model
+    assert len([w for w in seen if "rank=" in str(w.message)]) == 1
+    parts = build_parts(opt.param_groups[0])
+    assert parts.projector.rank_for((64, 32)) == 32 and parts.projector.rank_for((256, 512)) == 128
+    with pytest.raises(ValueError, match=r"rank=0 must be at least 1 .*q_proj"):
+        lowmem.create_optimizer("galore_adamw", tiny_llama(), rank=0)
 
 
 def test_unknown_proj_type():

@@ -13,6 +13,10 @@ Triton modules (``*_triton``) are imported only when a kernel runs.
   (seed, element), used by MeZO on CUDA.
 * ``philox``: Triton's Philox random numbers in torch, so twins draw the kernels' noise.
 * ``adam_8bit``: the 8-bit Adam moment update compiled by ``torch.compile`` for the CPU.
+* ``codes_8bit``: the blockwise 8-bit format in pure torch (dynamic maps, nearest code, quantize / dequantize).
+* ``common``: torch arithmetic the twins share with ``lowmem.optim`` (``adam_moments_``, ``stochastic_round``).
+
+The layers point one way: ``lowmem.optim`` imports ``lowmem.kernels``, never the reverse (``tests/test_layers.py``).
 """
 
 from .linear_ce import linear_cross_entropy

@@ -23,7 +23,7 @@ import warnings
 
 import torch
 
-from ..optim.quantized import block_codes, cached_map, lookup_table
+from .codes_8bit import block_codes, cached_map, lookup_table
 
 BLOCKSIZE = 256
 # Indices are in range by construction (uint8 codes into 256 entries; cells clamped to the table), so

@@ -8,7 +8,7 @@ between: about 14 more bytes of traffic per element and ``12 x numel`` bytes of 
 be stochastically rounded (unbiased, so updates far below half an ulp are not lost), the rounding bits drawn from
 ``tl.rand(round_seed, element)`` in the kernel and from its torch twin (``philox``) in the twin.
 
-The twin is the eager path written out in fp32 (``optim.quantized`` does the coding). The kernel computes every
+The twin is the eager path written out in fp32 (``codes_8bit`` does the coding). The kernel computes every
 fp32 operation correctly rounded and unfused; torch's CPU kernels fuse some multiply-adds and their fp32 ``sqrt`` is
 1 ulp off on about a fifth of values (torch 2.13), so where a moment sits on a midpoint between two codes the two
 may pick neighbouring codes (a few elements in 1e5; quantize and dequantize alone are identical).
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from ..optim import quantized
-from . import philox
+from . import codes_8bit, philox
+from .common import adam_moments_, stochastic_round
 from .dispatch import use_triton
 
 QBLOCK = 256
@@ -28,20 +28,20 @@ _BOUNDS: dict[tuple[bool, torch.device], torch.Tensor] = {}
 
 def _bounds(code: torch.Tensor) -> torch.Tensor:
     """The 255 midpoints between consecutive codes, then +inf: what the kernel's binary search compares with."""
-    return torch.cat([quantized.midpoints(code), torch.full((1,), float("inf"), device=code.device)])
+    return torch.cat([codes_8bit.midpoints(code), torch.full((1,), float("inf"), device=code.device)])
 
 
 def _default_bounds(signed: bool, device: torch.device) -> torch.Tensor:
     key = (signed, device)
     if key not in _BOUNDS:
-        _BOUNDS[key] = _bounds(quantized.cached_map(signed, device))
+        _BOUNDS[key] = _bounds(codes_8bit.cached_map(signed, device))
     return _BOUNDS[key]
 
 
 def _bounds_of(code: torch.Tensor) -> torch.Tensor:
     """``_bounds(code)``, cached for the two default maps (what every optimizer state uses)."""
     for signed in (True, False):
-        if code is quantized.cached_map(signed, code.device):
+        if code is codes_8bit.cached_map(signed, code.device):
             return _default_bounds(signed, code.device)
     return _bounds(code.float())
 
@@ -56,14 +56,14 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int = QBL
     """(uint8 codes shaped like ``x``, fp32 maximum of each block of ``blocksize``) on the map ``code``."""
     if blocksize == QBLOCK and use_triton(x):
         return _kernels().quantize(x.contiguous(), _bounds_of(code))
-    return quantized.quantize_blockwise(x, code, blocksize)
+    return codes_8bit.quantize_blockwise(x, code, blocksize)
 
 
 def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int = QBLOCK):
     """fp32 values shaped like ``codes``: ``code[codes]`` times their block's maximum."""
     if blocksize == QBLOCK and use_triton(codes):
         return _kernels().dequantize(codes.contiguous(), absmax, code.float().contiguous())
-    return quantized.dequantize_blockwise(codes, absmax, code, blocksize)
+    return codes_8bit.dequantize_blockwise(codes, absmax, code, blocksize)
 
 
 def adamw_8bit_update_(param: torch.Tensor | None, grad: torch.Tensor, state: dict, *, beta1: float, beta2: float,
@@ -84,7 +84,7 @@ def adamw_8bit_update_(param: torch.Tensor | None, grad: torch.Tensor, state: di
         raise ValueError("stochastic rounding applies to a bf16 parameter being updated")
     tensors = [t for t in (param, grad, out) if t is not None]
     device = grad.device
-    maps = (quantized.cached_map(True, device), quantized.cached_map(False, device))
+    maps = (codes_8bit.cached_map(True, device), codes_8bit.cached_map(False, device))
     if use_triton(*tensors):
         bounds = (_default_bounds(True, device), _default_bounds(False, device))
         factor = decay if decay_after else 1.0 - decay
@@ -100,13 +100,11 @@ def adamw_8bit_update_(param: torch.Tensor | None, grad: torch.Tensor, state: di
 def _adamw_8bit_twin(param, grad, state, maps, beta1, beta2, eps, step_size, decay, decay_after, bias_div,
                      round_seed, out) -> None:
     """The fused update in eager torch, in the kernel's order of operations."""
-    from ..optim.rules import adam_moments_
-
-    m = quantized.dequantize_blockwise(state["exp_avg"], state["exp_avg_absmax"], maps[0], QBLOCK)
-    v = quantized.dequantize_blockwise(state["exp_avg_sq"], state["exp_avg_sq_absmax"], maps[1], QBLOCK)
+    m = codes_8bit.dequantize_blockwise(state["exp_avg"], state["exp_avg_absmax"], maps[0], QBLOCK)
+    v = codes_8bit.dequantize_blockwise(state["exp_avg_sq"], state["exp_avg_sq_absmax"], maps[1], QBLOCK)
     direction = adam_moments_(m, v, grad.float(), beta1, beta2, eps, bias_div)
     for key, value, code in (("exp_avg", m, maps[0]), ("exp_avg_sq", v, maps[1])):
-        codes, absmax = quantized.quantize_blockwise(value, code, QBLOCK)
+        codes, absmax = codes_8bit.quantize_blockwise(value, code, QBLOCK)
         state[key].copy_(codes)
         state[key + "_absmax"].copy_(absmax)
     if out is not None:
@@ -120,7 +118,5 @@ def _adamw_8bit_twin(param, grad, state, maps, beta1, beta2, eps, step_size, dec
     if round_seed is None:
         param.copy_(p)
         return
-    from ..optim.perturb import stochastic_round
-
     uniform = philox.rand(round_seed, torch.arange(p.numel(), device=p.device)).view(p.shape)
     param.copy_(stochastic_round(p, torch.bfloat16, uniform))

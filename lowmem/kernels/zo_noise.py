@@ -10,7 +10,7 @@ given its first element's position as ``offset``, and the perturbation and the u
   bf16 / fp16 weights (each add rounds), so lowmem's MeZO uses ``perturbed`` instead;
 * ``update_(w, seeds, grads, lr, weight_decay, round_seed, offset)``: the MeZO step
   ``w <- round(w (1 - lr wd) - lr sum_k g_k z_k)`` in place, in fp32, stochastically rounded for bf16 / fp16 with
-  the uniforms ``tl.rand(round_seed, offset + e)`` (``lowmem.optim.perturb.stochastic_round``'s rule).
+  the uniforms ``tl.rand(round_seed, offset + e)`` (``common.stochastic_round``'s rule).
 
 Each runs as a Triton kernel (``zo_noise_triton``) where ``dispatch.use_triton(w)`` says so (CUDA tensors), and as
 its pure-torch twin otherwise. The twin computes the same fp32 operations in the same order from bit-identical
@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import torch
 
 from . import dispatch, philox
+from .common import stochastic_round
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: Elements per program of the kernels (the interpreter runs programs one by one in Python: larger is faster there).
@@ -124,8 +125,6 @@ def update_(w: torch.Tensor, seeds: Sequence[int], grads: Sequence[float], lr: f
 
 def _update_twin(w: torch.Tensor, seeds: Sequence[int], coefs: list[float], decay: float, round_seed: int,
                  offset: int) -> None:
-    from ..optim.perturb import stochastic_round
-
     flat = w.view(-1)
     for a, b in _pieces(w.numel()):
         counter = _counter(offset, a, b, w.device)

@@ -13,6 +13,8 @@ adam-mini has no rule for them, and its per-head split of q/k does not fit an ``
 
 from __future__ import annotations
 
+import torch
+
 EMBEDDING = ("embed", "embd", "wte")
 OUTPUT = ("lm_head", "output", "final_layer")
 QUERY_KEY = ("k_proj", "q_proj", "wq", "wk", "query", "key")
@@ -44,11 +46,11 @@ def model_dims(config) -> tuple[int | None, int | None]:
 
 
 def adam_mini_groups(named_parameters, dim: int | None, n_heads: int | None, weight_decay: float) -> list[dict]:
-    """One param group per trainable parameter, keyed for the ``adam_mini`` rule."""
+    """One param group per parameter, keyed for the ``adam_mini`` rule. Frozen tensors are kept, as torch.optim keeps
+    them: one unfrozen later trains (until then it has no gradient, so no update and no state)."""
     groups = []
-    for name, param in named_parameters:
-        if not param.requires_grad:
-            continue
+    for item in named_parameters:
+        name, param = _named(item)
         kind = block_kind(name, param.dim())
         group = {"params": [param], "param_names": [name], "rule": "adam_mini", "mini_block": kind}
         if kind == "heads":
@@ -70,3 +72,12 @@ def adam_mini_groups(named_parameters, dim: int | None, n_heads: int | None, wei
         group["weight_decay"] = 0.0 if no_decay else weight_decay
         groups.append(group)
     return groups
+
+
+def _named(item) -> tuple[str, torch.Tensor]:
+    """A ``(name, tensor)`` pair from ``named_parameters()``, else a ``TypeError`` saying what Adam-mini needs."""
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], torch.Tensor):
+        return item
+    got = "a param group dict" if isinstance(item, dict) else type(item).__name__
+    raise TypeError(f"Adam-mini partitions parameters by name, so it takes model.named_parameters() (name, tensor "
+                    f"pairs); got {got}. Pass model.named_parameters(), or use create_optimizer('adam_mini', model).")

@@ -18,20 +18,23 @@ Group keys (all optional; defaults in ``GROUP_DEFAULTS``):
   ``disable_nl``, ``inactive_update_rule``, ``inactive_lr_scale``, ``proj_params_lr_scale``
 * storage: ``state_dtype`` (None = the gradient's dtype | float32 | bfloat16 | 8bit), ``min_8bit_size``
 * ``bf16_stochastic_round``: round bf16 parameters' updates stochastically (see ``fused``)
+* ``skip_nonfinite`` (default True): a tensor whose gradient has NaN / inf skips its update (see ``nonfinite``)
 * ``lr``, ``weight_decay``; ``param_names`` (used in error messages only)
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 
+from ..kernels.codes_8bit import CHUNK
 from . import fused
 from .lifts import Lift, make_lift
+from .nonfinite import SkipCounter, finite_flags
 from .projectors import GaussianProjector, Projector, make_projector
-from .quantized import CHUNK
 from .rules import DEFAULT_BETAS, DEFAULT_EPS, Rule, make_rule
 from .states import StateStore, make_store, state_bytes
 
@@ -42,6 +45,7 @@ GROUP_DEFAULTS = dict(
     eps=DEFAULT_EPS,
     correct_bias=True,
     state_dtype=None,
+    skip_nonfinite=True,
 )
 
 
@@ -75,16 +79,25 @@ class LowMemOptimizer(torch.optim.Optimizer):
         self._blocks_chosen: set[int] = set()  # groups whose block projector has chosen this step
         #: ``LayerwiseUpdates`` once ``enable_layerwise()`` ran: updates then run inside backward.
         self.layerwise = None
+        self._skips = SkipCounter()
+        self._screened = False  # the gradients of this step were already screened (``drop_nonfinite_grads``)
         merged = {**GROUP_DEFAULTS, **defaults}
-        if merged["lr"] is not None and merged["lr"] < 0:
-            raise ValueError(f"Invalid learning rate: {merged['lr']} - should be >= 0.0")
+        check_hyperparameters(merged)
         super().__init__(params, merged)
+
+    @property
+    def nonfinite_skips(self) -> int:
+        """How many tensor updates were skipped because their gradient had NaN or inf values."""
+        return self._skips.count
 
     def __setstate__(self, state: dict) -> None:
         """torch calls this from ``load_state_dict`` (new group dicts: drop the per-step caches) and when copying
         or unpickling, which keep only groups and state (rebuild the rest; a copy has no layer-wise hooks)."""
         super().__setstate__(state)
         self._step_parts, self._blocks_chosen, self._ordinals = {}, set(), None
+        self._screened = False
+        if not hasattr(self, "_skips"):
+            self._skips = SkipCounter()
         if not hasattr(self, "layerwise"):
             self.layerwise = None
             self._params_seen = sum(len(g["params"]) for g in self.param_groups)
@@ -95,22 +108,69 @@ class LowMemOptimizer(torch.optim.Optimizer):
         self._ordinals = None
         group = self.param_groups[-1]
         self.normalize_group(group)
+        check_hyperparameters(group)
         parts = build_parts(group)
-        if not all(0.0 <= b < 1.0 for b in group["betas"]):
-            raise ValueError(f"Invalid betas {group['betas']}: each must be in [0, 1)")
         parts.projector.check_group(len(group["params"]))
-        names = group.get("param_names") or [None] * len(group["params"])
+        index = len(self.param_groups) - 1
+        full_rank = []
         for i, p in enumerate(group["params"]):
             self._params_seen += 1
-            name = names[i] or f"#{i} of param group {len(self.param_groups) - 1}"
+            name = self.param_name(index, i)
+            if p.is_complex():
+                raise ValueError(f"parameter {name} is complex ({p.dtype}): lowmem optimizers update real tensors "
+                                 "only. Optimize torch.view_as_real(param) (a real view of the same memory) instead.")
             if group.get("projector", "identity") != "identity":
-                parts.projector.check_shape(p.shape, f"'{name}'")
+                parts.projector.check_shape(p.shape, name)
+                if getattr(parts.projector, "full_rank", None) and parts.projector.full_rank(p.shape):
+                    full_rank.append(f"{name} {tuple(p.shape)}")
             if isinstance(parts.projector, GaussianProjector) and p.requires_grad:
                 # APOLLO seeds: 1-based index over every parameter of every group, in order.
                 self.state[p]["seed"] = self._params_seen
+        if full_rank:
+            warnings.warn(parts.projector.full_rank_warning(full_rank), UserWarning, stacklevel=3)
 
     def normalize_group(self, group: dict) -> None:
         """Hook for named presets: translate reference group keys into the compose keys."""
+
+    def __repr__(self) -> str:
+        """torch's listing of the param groups, headed by the name ``create_optimizer`` was given (if any)."""
+        text = super().__repr__()
+        name = getattr(self, "name", None)
+        return text.replace(type(self).__name__, name, 1) if name else text
+
+    def param_name(self, group_index: int, i: int) -> str:
+        """Parameter ``i`` of group ``group_index`` as messages name it: its name in quotes, else its position."""
+        names = self.param_groups[group_index].get("param_names")
+        return f"'{names[i]}'" if names and names[i] else f"#{i} of param group {group_index}"
+
+    @torch.no_grad()
+    def drop_nonfinite_grads(self) -> int:
+        """Set the ``.grad`` of every parameter whose gradient has NaN or inf values to None and count it as a
+        skipped update (groups with ``skip_nonfinite``); returns how many. The lowmem Trainer calls this before it
+        clips gradients, so a NaN in one tensor neither reaches the global norm nor the other tensors; the next
+        ``step()`` then does not screen again."""
+        dropped = 0
+        for index, group in enumerate(self.param_groups):
+            if not group.get("skip_nonfinite", True):
+                continue
+            for p in self.count_nonfinite(index, [p for p in group["params"] if p.grad is not None]):
+                p.grad = None
+                dropped += 1
+        self._screened = True
+        return dropped
+
+    def count_nonfinite(self, index: int, params: list, grads: list | None = None) -> list:
+        """The parameters of group ``index`` among ``params`` whose gradient (``.grad``, or ``grads``: what their
+        updates would read) is not finite, each counted as a skip."""
+        if not params:
+            return []
+        flags = finite_flags(grads if grads is not None else [p.grad for p in params])
+        bad = [p for p, ok in zip(params, flags, strict=True) if not ok]
+        if bad:
+            where = {id(q): i for i, q in enumerate(self.param_groups[index]["params"])}
+            for p in bad:
+                self._skips.skip(self.param_name(index, where[id(p)]), self.state[p].get("step"))
+        return bad
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
@@ -125,15 +185,19 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 loss = closure()
         for index, group in enumerate(self.param_groups):
             parts = self.parts_for_step(index)
-            for p in group["params"]:
-                if p.grad is not None:
-                    if self.layerwise is not None:
-                        self.layerwise.count_norm(p.grad)
-                    self.update_param(p, group, parts)
+            params = [p for p in group["params"] if p.grad is not None]
+            if group.get("skip_nonfinite", True) and not self._screened:
+                skipped = {id(p) for p in self.count_nonfinite(index, params)}
+                params = [p for p in params if id(p) not in skipped]
+            for p in params:
+                if self.layerwise is not None:
+                    self.layerwise.count_norm(p.grad)
+                self.update_param(p, group, parts)
         if self.layerwise is not None:
             self.layerwise.end_step()
         self._step_parts.clear()
         self._blocks_chosen.clear()
+        self._screened = False
         return loss
 
     def parts_for_step(self, index: int, choose_blocks: bool = True) -> Parts:
@@ -173,6 +237,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         grad = p.grad
         if grad.is_sparse:
             raise RuntimeError("lowmem optimizers do not support sparse gradients")
+        if torch.is_tensor(group["lr"]):  # a 1-element tensor lr (checked when the group was added)
+            group = {**group, "lr": group["lr"].item()}
         state = self.state[p]
         if low is None and fused.fused_adamw_8bit(p, grad, state, group, parts, self._ordinal(p)):
             return
@@ -252,6 +318,29 @@ class LowMemOptimizer(torch.optim.Optimizer):
     def state_bytes(self) -> int:
         """Exact bytes of every tensor this optimizer holds as state."""
         return sum(state_bytes(s) for s in self.state.values())
+
+
+def check_hyperparameters(group: dict) -> None:
+    """``ValueError`` in torch.optim's words for a learning rate, weight decay, eps or beta out of range, and for a
+    tensor ``lr`` of more than one element."""
+    lr = group.get("lr")
+    if torch.is_tensor(lr) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if lr is not None and not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    eps = group.get("eps")
+    for value in eps if isinstance(eps, (tuple, list)) else [eps]:
+        if value is not None and not 0.0 <= value:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+    for i, beta in enumerate(group.get("betas") or ()):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+    beta1 = group.get("beta1")
+    if beta1 is not None and not 0.0 <= beta1 < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {beta1}")
+    weight_decay = group.get("weight_decay")
+    if weight_decay is not None and not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
 
 
 def updates_in_chunks(parts: Parts, numel: int) -> bool:

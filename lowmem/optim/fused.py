@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 
 from ..kernels import blockwise_8bit
+from ..kernels.common import stochastic_round
 from ..kernels.dispatch import use_triton
 from .lifts import Lift
-from .perturb import stochastic_round
 from .projectors import Projector
 from .quantized import BlockwiseQuantStore
 from .rules import AdamW

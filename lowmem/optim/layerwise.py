@@ -85,9 +85,18 @@ class LayerwiseUpdates:
         low = self._projected_sums.pop(p, None)
         if low is not None:
             low.add_(parts.projector.down(self.optimizer.state[p], p.grad))
-        self.count_norm(p.grad if low is None else low)
-        self.optimizer.update_param(p, group, parts, low)
+        used = p.grad if low is None else low
+        if self._finite(p, index, used):
+            self.count_norm(used)
+            self.optimizer.update_param(p, group, parts, low)
         p.grad = None
+
+    def _finite(self, p: torch.Tensor, index: int, used: torch.Tensor) -> bool:
+        """Whether the gradient the update of ``p`` would use is finite; if not, the skip is counted (a NaN in any
+        micro-batch reaches the step's sum, so one test per step covers them all)."""
+        if not self.optimizer.param_groups[index].get("skip_nonfinite", True):
+            return True
+        return not self.optimizer.count_nonfinite(index, [p], [used])
 
     def _accumulate(self, p: torch.Tensor, parts) -> None:
         """Move ``p.grad`` into its projected running sum where that is exact; else leave it in ``.grad``."""
@@ -114,6 +123,8 @@ class LayerwiseUpdates:
         the last micro-batch, and record the step's gradient norm."""
         for p, low in list(self._projected_sums.items()):
             index = self._group_index[p]
+            if not self._finite(p, index, low):
+                continue
             p.grad = torch.zeros_like(p)  # the lift reads only its shape and dtype
             self.count_norm(low)
             self.optimizer.update_param(p, self.optimizer.param_groups[index], self.optimizer.parts_for_step(index),

@@ -23,8 +23,8 @@ regenerate it and the offloaded (``lowmem.offload``) and plain forms agree. Two 
   ``tl.randn(block_key(s, i, 0), e)``, drawn inside the kernels that perturb and update (the pure-torch twin
   off CUDA), so ``z`` is never stored and does not depend on the row blocks.
 
-Updates to bf16 / fp16 weights are stochastically rounded (``stochastic_round``): a MeZO step moves a weight by
-about 1e-7, far below half a bf16 ulp, so round-to-nearest would drop almost all of it.
+Updates to bf16 / fp16 weights are stochastically rounded (``kernels.common.stochastic_round``): a MeZO step moves
+a weight by about 1e-7, far below half a bf16 ulp, so round-to-nearest would drop almost all of it.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import dispatch, zo_noise
+from ..kernels.common import stochastic_round
 
 #: The most elements of ``z`` generated at once (4 MiB of fp32): the scratch memory of a perturbed linear layer.
 Z_BLOCK = 1 << 20
@@ -181,23 +182,6 @@ def make_noise(kind: str, trained: list[torch.Tensor]) -> Noise | PhiloxNoise:
 def rows(p: torch.Tensor, start: int, end: int) -> torch.Tensor:
     """Rows ``start:end`` of ``p`` (a 0-d tensor is one row)."""
     return p.reshape(1) if p.dim() == 0 else p[start:end]
-
-
-def stochastic_round(x: torch.Tensor, dtype: torch.dtype, uniform: torch.Tensor) -> torch.Tensor:
-    """``x`` (fp32) in ``dtype``, rounded up or down at random with the probabilities that make it unbiased:
-    ``E[result] = x``. A value exact in ``dtype`` stays exactly itself. ``uniform``: U[0, 1) shaped like ``x``."""
-    if dtype == torch.float32:
-        return x.clone()
-    if dtype == torch.bfloat16:  # bf16 is fp32's top 16 bits: add 16 random low bits, then cut them off
-        bits = x.view(torch.int32) + (uniform * 65536).to(torch.int32)
-        return bits.bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16)
-    nearest = x.to(dtype)
-    err = x - nearest.float()
-    toward = torch.where(err > 0, torch.inf, -torch.inf).to(dtype)
-    other = torch.nextafter(nearest, toward)
-    gap = other.float() - nearest.float()
-    take_other = uniform < torch.where(gap != 0, err / gap, 0.0)
-    return torch.where(take_other, other, nearest)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from .adam_mini_blocks import adam_mini_groups, model_dims
-from .compose import LowMemOptimizer
+from .compose import LowMemOptimizer, check_hyperparameters
 
 _HF_CORE = dict(rule="adamw_hf")
 
@@ -187,6 +187,7 @@ class CAME(LowMemOptimizer):
 
     def __init__(self, params: Iterable, lr=None, eps=(1e-30, 1e-16), clip_threshold=1.0,
                  betas=(0.9, 0.999, 0.9999), weight_decay=0.0, state_dtype=None):
+        check_hyperparameters(dict(lr=lr, eps=eps, betas=betas, weight_decay=weight_decay))
         if lr is None or lr <= 0:
             raise ValueError(f"CAME needs a positive lr (e.g. lr=2e-4, 1-3x smaller than AdamW's); got {lr!r}")
         if len(betas) != 3:

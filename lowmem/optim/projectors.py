@@ -91,10 +91,15 @@ class _MatrixProjector(Projector):
         self.rank, self.density = rank, density
         self.proj_type, self.gap = proj_type, int(update_proj_gap)
 
+    #: Whether a ``rank`` at or above ``min(m, n)`` projects at ``min(m, n)`` (the SVD's factors have no more
+    #: columns, as in galore-torch and fira); APOLLO's random sketch keeps ``rank`` dimensions, as apollo-torch does.
+    caps_rank = True
+
     def rank_for(self, shape) -> int:
-        """The rank for this shape: the fixed ``rank``, or FRUGAL's ``round(density * dim)``."""
+        """The rank for this shape: the fixed ``rank`` (at most ``min(m, n)`` where ``caps_rank``), or FRUGAL's
+        ``round(density * dim)``."""
         if self.density is None:
-            return int(self.rank)
+            return min(int(self.rank), min(shape)) if self.caps_rank else int(self.rank)
         dim = {"right": shape[1], "left": shape[0], "full": min(shape)}[self.side(shape)]
         return round(dim * self.density)
 
@@ -104,12 +109,18 @@ class _MatrixProjector(Projector):
                 f"parameter {name} has shape {tuple(shape)}: low-rank projection needs a 2-D weight; "
                 "leave it out of the targets (it will get plain AdamW)"
             )
-        r = self.rank_for(shape)
-        if self.density is None and not 0 < r < min(shape):
-            raise ValueError(
-                f"rank={r} must be between 1 and min(m, n) - 1 = {min(shape) - 1} for parameter {name} "
-                f"with shape {tuple(shape)}: lower the rank, or leave this parameter out of the targets"
-            )
+        if self.density is None and not int(self.rank) >= 1:
+            raise ValueError(f"rank={self.rank} must be at least 1 (parameter {name} with shape {tuple(shape)})")
+
+    def full_rank(self, shape) -> bool:
+        """Whether ``rank`` reaches ``min(m, n)`` for this shape, so the projection saves nothing."""
+        return self.density is None and int(self.rank) >= min(shape)
+
+    def full_rank_warning(self, names: list[str]) -> str:
+        """The warning for the matrices (``names``: each with its shape) whose ``min(m, n)`` is at most the rank."""
+        return (f"rank={self.rank} is at least min(m, n) for {_listed(names)}: they are projected at min(m, n), i.e. "
+                "at full rank, as galore-torch does, so their optimizer state is no smaller than AdamW's. Lower the "
+                "rank to save memory.")
 
     def side(self, shape):
         return resolve_side(self.proj_type, shape)
@@ -145,6 +156,12 @@ class _MatrixProjector(Projector):
         if side == "left":
             return state["proj_u"] @ low
         return state["proj_u"] @ low @ state["proj_v"]
+
+
+def _listed(names: list[str]) -> str:
+    """``N matrices (a, b, c, d and K more)``."""
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    return f"{len(names)} matri{'x' if len(names) == 1 else 'ces'} ({shown})"
 
 
 def _to_grad_dtype(t: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -208,10 +225,17 @@ class GaussianProjector(_MatrixProjector):
     again from its seed on every step, so APOLLO's state is the two moments alone.
     """
 
+    caps_rank = False
+
     def __init__(self, rank, proj_type, update_proj_gap):
         super().__init__(rank, proj_type, update_proj_gap)
         if proj_type == "full":
             raise ValueError("proj_type='full' is not available with the random (APOLLO) projector; use std")
+
+    def full_rank_warning(self, names):
+        return (f"rank={self.rank} is at least min(m, n) for {_listed(names)}: as in apollo-torch, the random sketch "
+                f"keeps {self.rank} dimensions, so their optimizer state is no smaller than AdamW's. Lower the rank "
+                "(APOLLO-Mini uses 1) to save memory.")
 
     def needs_refresh(self, state):
         return _due(state, self.gap, "proj_seed")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from torch import nn
 
 from .adam_mini_blocks import adam_mini_groups, model_dims
-from .compose import LowMemOptimizer
+from .compose import LowMemOptimizer, check_hyperparameters
 from .layerwise import check_accumulation
 from .presets import (
     CAME,
@@ -47,8 +47,9 @@ from .zo import MeZO
 
 #: Options every name accepts; low-rank names also take ``target_modules`` (which weights to project).
 #: ``bf16_stochastic_round``: bf16 weights' updates rounded stochastically (``fused``), set on every param group.
+#: ``skip_nonfinite``: a tensor whose gradient has NaN / inf values skips that step's update (``nonfinite``).
 COMMON_OPTIONS = dict(lr=1e-3, weight_decay=0.0, state_dtype=None, layerwise=False, layerwise_accumulation="projected",
-                      bf16_stochastic_round=False)
+                      bf16_stochastic_round=False, skip_nonfinite=True)
 _ADAM = dict(betas=(0.9, 0.999))
 #: ``<name>_layerwise`` is ``<name>`` with ``layerwise=True``.
 LAYERWISE_SUFFIX = "_layerwise"
@@ -78,7 +79,7 @@ class OptimizerSpec:
 
     def options(self) -> dict:
         if self.zeroth_order:
-            return {"lr": COMMON_OPTIONS["lr"], "weight_decay": 0.0, **self.ctor}
+            return {"lr": COMMON_OPTIONS["lr"], "weight_decay": 0.0, "skip_nonfinite": True, **self.ctor}
         targets = {"target_modules": None} if self.low_rank else {}
         return {**COMMON_OPTIONS, **targets, **self.ctor, **self.group, **self.every_group}
 
@@ -92,7 +93,7 @@ _FRUGAL = dict(**_ADAM, eps=1e-8, update_gap=200, density=0.25, reset_statistics
 
 REGISTRY: dict[str, OptimizerSpec] = {
     "adamw": OptimizerSpec(
-        LowMemOptimizer, "full-rank AdamW (torch numeric core); 8 B/param of state in fp32",
+        LowMemOptimizer, "full-rank AdamW (torch numeric core): two moments per weight",
         ctor=dict(**_ADAM, eps=1e-8), low_rank=False),
     "galore_adamw": OptimizerSpec(
         GaLoreAdamW, "GaLore: AdamW in the top-r SVD subspace, projected back x scale",
@@ -102,27 +103,30 @@ REGISTRY: dict[str, OptimizerSpec] = {
         ctor=dict(**_ADAM, eps=1e-6, scale_front=False, disable_nl=False),
         group=dict(rank=128, proj="random", scale_type="channel", scale=1.0, update_proj_gap=200, proj_type="std")),
     "apollo_mini": OptimizerSpec(
-        APOLLOAdamW, "APOLLO-Mini: tensor-wise scaling from a rank-1 sketch, x sqrt(128); SGD-like memory",
+        APOLLOAdamW, "APOLLO-Mini: tensor-wise scaling from a rank-1 sketch, x sqrt(128); almost no state on "
+        "projected weights",
         ctor=dict(**_ADAM, eps=1e-6, scale_front=False, disable_nl=False),
         group=dict(rank=1, proj="random", scale_type="tensor", scale=128.0, update_proj_gap=200, proj_type="std")),
     "fira_adamw": OptimizerSpec(
         FiraAdamW, "Fira: GaLore plus the norm-scaled out-of-subspace residual with a growth limiter",
         ctor=dict(**_ADAM, eps=1e-6), group=dict(rank=128, alpha=0.25, **_SVD)),
     "adamw_8bit": OptimizerSpec(
-        AdamW8bit, "AdamW with blockwise 8-bit moments (bitsandbytes' scheme, pure torch); 2.03 B/param",
+        AdamW8bit, "AdamW with blockwise 8-bit moments (bitsandbytes' scheme, pure torch); embeddings and tensors "
+        "under 4096 elements keep fp32 moments",
         ctor=dict(**_ADAM, eps=1e-8, min_8bit_size=4096, state_dtype="8bit"), low_rank=False),
     "galore_adamw_8bit": OptimizerSpec(
         GaLoreAdamW8bit, "GaLore with blockwise 8-bit moments of the projected gradient",
         ctor=dict(**_ADAM, eps=1e-8, min_8bit_size=4096, state_dtype="8bit"),
         group=dict(rank=128, scale=0.25, **_SVD)),
     "adam_mini": OptimizerSpec(
-        AdamMini, "Adam-mini: one second moment per head / row / tensor (partition from names and config); ~4 B/param",
+        AdamMini, "Adam-mini: a full first moment, one second moment per head / row / tensor (partition from names and "
+        "config)",
         ctor=dict(**_ADAM, eps=1e-8), low_rank=False, from_model=True),
     "adafactor": OptimizerSpec(
         Adafactor, "Adafactor: factored second moment, update clipping; 4(m+n) bytes per m x n weight",
         ctor=_ADAFACTOR, low_rank=False),
     "came": OptimizerSpec(
-        CAME, "CAME: Adafactor's factored moment plus a confidence-weighted first moment; ~4 B/param",
+        CAME, "CAME: Adafactor's factored second moment plus a full, confidence-weighted first moment",
         ctor=dict(eps=(1e-30, 1e-16), clip_threshold=1.0, betas=(0.9, 0.999, 0.9999)), low_rank=False),
     "galore_adafactor": OptimizerSpec(
         GaLoreAdafactor, "GaLore + Adafactor: factored moments of the projected gradient",
@@ -204,7 +208,7 @@ def compose_spec(name: str) -> OptimizerSpec:
         ctor["state_dtype"] = precision
     if precision == "8bit":
         every_group["min_8bit_size"] = 4096
-    summary = f"{method} projection and lift, {rule} moments, states in {precision or 'the gradient dtype'}"
+    summary = f"{method} projection and lift, {parts[1]} moments, states in {precision or 'the gradient dtype'}"
     return replace(base, summary=summary, ctor=ctor, rule=rule, every_group=every_group, precision=precision)
 
 
@@ -266,6 +270,7 @@ def check_options(name: str, options: dict) -> dict:
             raise ValueError(f"optimizer {name!r} has no option {key!r}.{_closest(key, allowed)} "
                              f"Its options: {', '.join(sorted(allowed))}.")
     opts = {**allowed, **options}
+    check_hyperparameters(opts)
     if spec.zeroth_order:
         if spec.layerwise:
             raise ValueError(f"optimizer {name!r} has no layer-wise form: it computes no gradients, so there is "
@@ -336,14 +341,15 @@ def create_optimizer(name: str, model: nn.Module, **options) -> LowMemOptimizer 
     if spec.zeroth_order:
         return spec.cls(model, **opts)
     layerwise, accumulation = opts.pop("layerwise"), opts.pop("layerwise_accumulation")
-    stochastic_round = opts.pop("bf16_stochastic_round")
+    every_group = {key: bool(opts.pop(key)) for key in ("bf16_stochastic_round", "skip_nonfinite")}
     optimizer = _build(name, spec, model, opts)
     for group in optimizer.param_groups:
-        group["bf16_stochastic_round"] = bool(stochastic_round)
+        group.update(every_group)
     if isinstance(make_store(opts["state_dtype"]), BlockwiseQuantStore):
         _embedding_states_in_fp32(optimizer, model)
     if layerwise:
         optimizer.enable_layerwise(accumulation)
+    optimizer.name = name  # its repr says "galore+came+8bit (", not the class it is built on
     return optimizer
 
 
@@ -351,7 +357,8 @@ def _build(name: str, spec: OptimizerSpec, model: nn.Module, opts: dict) -> LowM
     if spec.low_rank:
         check_not_lora(model, name)
     if spec.from_model:
-        return spec.cls(model.named_parameters(), model=model, **opts)
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # as for every other name
+        return spec.cls(trainable, model=model, **opts)
     split = split_parameters(model, opts.pop("target_modules")) if spec.low_rank else plain_split(model)
     group_opts = {k: opts.pop(k) for k in spec.group}
     shared = {k: opts.pop(k) for k in spec.every_group}

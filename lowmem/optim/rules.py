@@ -24,25 +24,13 @@ import math
 import torch
 
 from ..kernels import adam_8bit, blockwise_8bit
+from ..kernels.codes_8bit import CHUNK
+from ..kernels.common import adam_moments_
 from ..kernels.dispatch import use_triton
-from .quantized import CHUNK
 from .states import StateStore
 
 #: 8-bit Adam updates tensors larger than this a chunk at a time: the quantizer's chunk (whole blocks).
 CHUNK_8BIT = CHUNK
-
-
-def adam_moments_(m: torch.Tensor, v: torch.Tensor, grad: torch.Tensor, beta1: float, beta2: float, eps: float,
-                  bias_div: float = 1.0) -> torch.Tensor:
-    """Adam's moments ``m``, ``v`` (fp32) updated in place from ``grad``; returns the direction
-    ``m / (sqrt(v) / bias_div + eps)`` in one new buffer (``bias_div`` 1: the hf core, no division)."""
-    m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-    v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    denom = v.sqrt()
-    if bias_div != 1.0:
-        denom.div_(bias_div)
-    denom.add_(eps)
-    return torch.div(m, denom, out=denom)
 
 
 class Rule:

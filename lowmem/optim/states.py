@@ -36,7 +36,7 @@ class StateStore:
     * ``save(state, key, working, signed)``: store the working tensor back (requantize for 8-bit);
     * ``zero(state, key)``: reset to zeros, keeping the storage;
     * ``chunk(state, keys, start, end)`` / ``write_chunk(state, part, keys, start, end)``: a state dict over a
-      range of elements (``start`` a multiple of ``quantized.CHUNK``), and storing it back.
+      range of elements (``start`` a multiple of ``kernels.codes_8bit.CHUNK``), and storing it back.
     """
 
     def __init__(self, dtype: torch.dtype | None = None):

@@ -32,6 +32,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .nonfinite import SkipCounter
 from .perturb import ZOParameters, check_noise, make_noise
 
 _ZO = "zo"  # the key of the step counter in ``Optimizer.state`` (kept by state_dict / load_state_dict)
@@ -48,24 +49,34 @@ class MeZO(torch.optim.Optimizer):
     ``"philox"``, Triton's Philox inside the perturbation and update kernels (their torch twins off CUDA: the same
     noise, so a CPU run reproduces a GPU run); ``"auto"`` (default), ``"philox"`` where the kernels run (CUDA with
     Triton, see ``lowmem.kernels.dispatch``), else ``"torch"``. The choice changes the noise, so resume a run with
-    the same one.
+    the same one. ``skip_nonfinite`` (default): a step whose projected gradient is NaN or inf (a loss that overflowed)
+    updates nothing and keeps the step count, counted in ``nonfinite_skips``; with False such a loss is an error.
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-6, weight_decay: float = 0.0, zo_eps: float = 1e-3,
                  zo_samples: int = 1, seed: int = 0, offload: str | None = None, offload_dir: str | None = None,
-                 offload_layers: str | None = None, offload_device: str | None = None, noise: str = "auto"):
+                 offload_layers: str | None = None, offload_device: str | None = None, noise: str = "auto",
+                 skip_nonfinite: bool = True):
         if not zo_eps > 0:
             raise ValueError(f"zo_eps={zo_eps} must be positive: it is the size of the perturbation (MeZO uses 1e-3 "
                              "for full fine-tuning, 1e-2 with LoRA, 1e-1 for prefix tuning).")
         if int(zo_samples) != zo_samples or zo_samples < 1:
             raise ValueError(f"zo_samples={zo_samples} must be a positive integer (the seeds averaged per step).")
+        if torch.is_tensor(lr) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
         if lr is None or lr < 0:
-            raise ValueError(f"lr={lr} must be >= 0 (MeZO fine-tunes full weights at 1e-7 to 1e-6).")
+            raise ValueError(f"Invalid learning rate: {lr} (MeZO fine-tunes full weights at 1e-7 to 1e-6).")
+        if weight_decay < 0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if offload is None and (offload_dir or offload_layers or offload_device):
             raise ValueError("offload_dir / offload_layers / offload_device only apply with offload='ram' or 'disk'; "
                              "set offload, or drop them.")
         check_noise(noise)  # before the streamer moves anything
         self.zo = ZOParameters(model)
+        for name, p in self.zo.named:
+            if p.is_complex():
+                raise ValueError(f"parameter '{name}' is complex ({p.dtype}): MeZO perturbs real tensors only. Train "
+                                 "a real view of it (torch.view_as_real) instead.")
         decay = [p for _, p in self.zo.named if p.dim() >= 2]
         no_decay = [p for _, p in self.zo.named if p.dim() < 2]
         groups = [{"params": ps, "weight_decay": wd} for ps, wd in ((decay, weight_decay), (no_decay, 0.0)) if ps]
@@ -83,6 +94,8 @@ class MeZO(torch.optim.Optimizer):
         # after the streamer: offloaded tensors now live (as placeholders) on the device the updates run on
         self.zo.noise = make_noise(noise, [p for _, p in self.zo.named])
         self.zo_eps, self.zo_samples, self.seed = zo_eps, int(zo_samples), int(seed)
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self._skips = SkipCounter()
         self.state[_ZO] = {"step": 0}
         self._projected: list[float] = [0.0] * self.zo_samples
         self._estimated = False
@@ -93,6 +106,11 @@ class MeZO(torch.optim.Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.state.setdefault(_ZO, {"step": 0})
+
+    @property
+    def nonfinite_skips(self) -> int:
+        """How many steps updated nothing because their projected gradient was NaN or inf."""
+        return self._skips.count
 
     def step_seed(self, sample: int) -> int:
         """The seed of sample ``sample`` in the current step (from ``seed`` and the step count only)."""
@@ -127,9 +145,10 @@ class MeZO(torch.optim.Optimizer):
             if self.streamer is None:
                 with self.zo.perturbed(seed, -self.zo_eps):
                     minus = float(loss_fn())
-            if not (abs(plus) < float("inf") and abs(minus) < float("inf")):
+            if not self.skip_nonfinite and not (abs(plus) < float("inf") and abs(minus) < float("inf")):
                 raise FloatingPointError(f"MeZO: the loss is not finite at W + eps z ({plus}) or W - eps z ({minus}) "
-                                         f"at step {self.state[_ZO]['step']}; lower lr or zo_eps.")
+                                         f"at step {self.state[_ZO]['step']}; lower lr or zo_eps (or pass "
+                                         "skip_nonfinite=True to skip such steps).")
             self._projected[k] += weight * (plus - minus) / (2 * self.zo_eps)
             total += (plus + minus) / 2
         self._estimated = True
@@ -152,11 +171,17 @@ class MeZO(torch.optim.Optimizer):
             raise RuntimeError("MeZO.step() needs a loss estimate first: pass a closure returning the loss, or call "
                                "estimate(loss_fn) for each micro-batch (the lowmem Trainer does so for optim='mezo').")
         grads = [g / self.zo_samples for g in self._projected]
+        if not all(abs(g) < float("inf") for g in grads):  # NaN fails the test too
+            self._skips.skip(f"every tensor (MeZO's projected gradient is {sum(grads)})", self.state[_ZO]["step"])
+            self.last_projected_grad = sum(grads)
+            self._projected = [0.0] * self.zo_samples
+            self._estimated = False
+            return loss
         seeds = [self.step_seed(k) for k in range(self.zo_samples)]
         blocks = self.streamer.block_of if self.streamer is not None else {}
         for group in self.param_groups:
             for p in group["params"]:
-                args = (p, self.zo.index[id(p)], seeds, grads, group["lr"], group["weight_decay"])
+                args = (p, self.zo.index[id(p)], seeds, grads, float(group["lr"]), group["weight_decay"])
                 if id(p) in blocks:  # offloaded: updated when its block is next on the device
                     self.streamer.defer(blocks[id(p)], lambda args=args: self._update(*args))
                 else:

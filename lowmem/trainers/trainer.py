@@ -14,6 +14,7 @@ import dataclasses
 import transformers
 
 from ..kernels.model_patch import patch_linear_cross_entropy
+from ..optim.compose import LowMemOptimizer
 from ..optim.registry import create_optimizer
 from ..optim.zo import MeZO, pair_loss
 from .arguments import TrainingArguments, layerwise_ddp_error
@@ -67,13 +68,20 @@ class Trainer(transformers.Trainer):
 
     def training_step(self, model, inputs, *args, **kwargs):
         """transformers' step; a layer-wise optimizer updates only in the last micro-batch of each step; a
-        zeroth-order one estimates the gradient from two forwards instead of a backward."""
+        zeroth-order one estimates the gradient from two forwards instead of a backward. After the last micro-batch
+        a lowmem optimizer drops gradients with NaN / inf values (counted as skipped updates) before the Trainer
+        clips: clipping by a non-finite global norm would turn every other gradient into NaN or zero."""
         zo = self.zeroth_order()
         if zo is not None:
             return self._zeroth_order_step(zo, model, inputs)
         updates = self.layerwise_updates()
         if updates is None:
-            return super().training_step(model, inputs, *args, **kwargs)
+            loss = super().training_step(model, inputs, *args, **kwargs)
+            optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+            scaler = getattr(self.accelerator, "scaler", None)  # fp16: the loss scaler skips non-finite steps itself
+            if self.accelerator.sync_gradients and isinstance(optimizer, LowMemOptimizer) and scaler is None:
+                optimizer.drop_nonfinite_grads()  # before the Trainer clips: a NaN must not reach the global norm
+            return loss
         updates.sync = self.accelerator.sync_gradients
         try:
             return super().training_step(model, inputs, *args, **kwargs)
@@ -106,13 +114,20 @@ class Trainer(transformers.Trainer):
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         """transformers' log; in layer-wise mode ``grad_norm`` is the real norm (transformers 5.x would log 0, and
-        4.57 nothing, since the gradients are gone by the time it looks)."""
+        4.57 nothing, since the gradients are gone by the time it looks). MeZO logs ``projected_grad``, the step's
+        directional derivative along its noise, and no ``grad_norm``: it never forms a gradient, and the norm of its
+        estimate (``|projected_grad| * |z|``, about ``sqrt(parameters)`` times larger) is not comparable to one."""
         updates = self.layerwise_updates()
         if updates is not None and "loss" in logs and updates.last_grad_norm is not None:
             logs["grad_norm"] = updates.last_grad_norm
+        skipped = getattr(getattr(self.optimizer, "optimizer", self.optimizer), "nonfinite_skips", 0)
+        if skipped and "loss" in logs:
+            logs["skipped_nonfinite"] = skipped
         zo = self.zeroth_order()
-        if zo is not None and "loss" in logs and zo.last_projected_grad is not None:
-            logs["projected_grad"] = zo.last_projected_grad
+        if zo is not None:  # no gradient exists: transformers 5.x would log grad_norm 0 (4.57 nothing)
+            logs.pop("grad_norm", None)
+            if "loss" in logs and zo.last_projected_grad is not None:
+                logs["projected_grad"] = zo.last_projected_grad
         super().log(logs, *args, **kwargs)
 
 
