@@ -21,9 +21,8 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
-from .optim.registry import get_spec
+from .optim.registry import LAYERWISE_SUFFIX
 from .trainers import TrainingArguments, parse_optim_args
-from .trainers.arguments import is_lowmem_name
 
 #: Where ``lowmem train NAME`` finds a recipe given by name.
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -130,23 +129,21 @@ def adapt_overrides(recipe: dict, values: dict) -> list[str]:
     """What ``lowmem train`` tells the user about ``values`` (``recipe`` with the command line's overrides), as
     ``warning: ...`` lines; ``values`` is adapted in place:
 
-    * an ``optim`` override without ``optim_args`` keeps the recipe's options that the new optimizer takes and
-      drops the others (they were written for the recipe's own optimizer), naming them;
+    * an ``optim`` override without ``optim_args`` drops the recipe's options, naming them: they were written for
+      the recipe's own optimizer, and the same key can mean another method (APOLLO-Mini is rank 1, scale 128; a
+      GaLore recipe's rank 32, scale 0.25 would silently make it something else). The same optimizer with or
+      without ``_layerwise`` keeps them;
     * overrides that change the recipe but not ``output_dir`` write over an earlier run there: named (not when
       resuming)."""
     lines = []
     optim, old = values.get("optim"), recipe.get("optim")
-    if optim != old and values.get("optim_args") == recipe.get("optim_args") and isinstance(optim, str) \
-            and is_lowmem_name(optim):
-        options = parse_optim_args(values.get("optim_args"))
-        taken = get_spec(optim).options()
-        dropped = [f"{k}={v!r}" for k, v in options.items() if k not in taken]
-        if dropped:
-            kept = {k: v for k, v in options.items() if k in taken}
-            values["optim_args"] = ", ".join(f"{k}={v!r}" for k, v in kept.items()) or None
-            lines.append(f"warning: optim={optim} does not take {', '.join(dropped)} (the recipe's optim_args for "
-                         f"{old}); running without {'them' if len(dropped) > 1 else 'it'} (optim_args=... sets "
-                         f"{optim}'s options)")
+    options = parse_optim_args(values.get("optim_args"))
+    if optim != old and values.get("optim_args") == recipe.get("optim_args") and options \
+            and _without_layerwise(optim) != _without_layerwise(old):
+        values["optim_args"] = None
+        listed = ", ".join(f"{k}={v!r}" for k, v in options.items())
+        lines.append(f"warning: optim={optim} runs with its own defaults, not the recipe's optim_args for {old} "
+                     f"({listed}); optim_args=... sets {optim}'s options")
     out = values.get("output_dir")
     changed = any(values[k] != recipe.get(k) for k in values)
     if changed and out == recipe.get("output_dir") and out and not values.get("resume_from_checkpoint") \
@@ -154,6 +151,12 @@ def adapt_overrides(recipe: dict, values: dict) -> list[str]:
         lines.append(f"warning: this run (the recipe with overrides) writes over the earlier run in {out}; "
                      "output_dir=... keeps both")
     return lines
+
+
+def _without_layerwise(name) -> str:
+    """An optimizer name without its ``_layerwise`` suffix (the same method, updated inside backward)."""
+    name = str(name).lower().replace("-", "_")
+    return name[:-len(LAYERWISE_SUFFIX)] if name.endswith(LAYERWISE_SUFFIX) else name
 
 
 def parse_recipe(values: dict) -> Recipe:

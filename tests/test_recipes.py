@@ -11,7 +11,6 @@ import torch
 
 from lowmem import cli
 from lowmem.recipe import RECIPES_DIR, adapt_overrides, parse_recipe, read_values
-from lowmem.trainers import parse_optim_args
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -210,19 +209,19 @@ def test_deferred_bitsandbytes_is_the_real_package_on_first_use():
     assert done.returncode == 0, done.stderr
 
 
-def test_another_optimizer_keeps_only_the_recipe_options_it_takes(tmp_path):
-    """``optim=`` without ``optim_args=``: the recipe's options the new optimizer takes stay, the others are dropped
-    with one warning naming them."""
+def test_another_optimizer_runs_with_its_own_defaults_and_says_so(tmp_path):
+    """``optim=`` without ``optim_args=``: the recipe's options were written for its own optimizer, so they are
+    dropped with one warning naming them (APOLLO-Mini would silently take GaLore's rank 32 and scale 0.25 otherwise);
+    the same optimizer updated layer-wise keeps them; ``optim_args=`` clears them without a word."""
     path = RECIPES_DIR / "cpu-tiny.yaml"  # galore_adamw with rank=32, update_proj_gap=100, scale=0.25
     given = [f"output_dir={tmp_path / 'out'}"]
-    mezo = read_values(path, ["optim=mezo", *given])
-    notes = adapt_overrides(read_values(path), mezo)
-    assert mezo["optim_args"] is None and len(notes) == 1
-    assert notes[0].startswith("warning: optim=mezo does not take rank=32, update_proj_gap=100, scale=0.25")
-    assert parse_recipe(mezo).train.lowmem_optim == "mezo"
-    fira = read_values(path, ["optim=fira_adamw", *given])
-    assert len(adapt_overrides(read_values(path), fira)) == 1 and parse_optim_args(fira["optim_args"]) == \
-        {"rank": 32, "update_proj_gap": 100}  # Fira has no scale
+    for name in ("mezo", "apollo_mini", "fira_adamw"):
+        values = read_values(path, [f"optim={name}", *given])
+        notes = adapt_overrides(read_values(path), values)
+        assert values["optim_args"] is None and notes == [
+            f"warning: optim={name} runs with its own defaults, not the recipe's optim_args for galore_adamw (rank=32, "
+            f"update_proj_gap=100, scale=0.25); optim_args=... sets {name}'s options"]
+        assert parse_recipe(values).train.lowmem_optim == name
     layerwise = read_values(path, ["optim=galore_adamw_layerwise", *given])
     assert adapt_overrides(read_values(path), layerwise) == [] and layerwise["optim_args"] == "rank=32, " \
         "update_proj_gap=100, scale=0.25"
@@ -248,8 +247,8 @@ def test_cpu_tiny_with_mezo_logs_its_projected_gradient_and_warns_before_overwri
     assert not [w for w in caught if "pin_memory" in str(w.message)]
     err = capsys.readouterr().err
     assert [line for line in err.splitlines() if line.startswith("lowmem:")] == [
-        "lowmem: warning: optim=mezo does not take rank=32, update_proj_gap=100, scale=0.25 (the recipe's optim_args "
-        "for galore_adamw); running without them (optim_args=... sets mezo's options)"]
+        "lowmem: warning: optim=mezo runs with its own defaults, not the recipe's optim_args for galore_adamw "
+        "(rank=32, update_proj_gap=100, scale=0.25); optim_args=... sets mezo's options"]
     logged = [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
     assert len(logged) == 2 and all("projected_grad" in e and "grad_norm" not in e for e in logged)
     assert (out / "loss.png").is_file()
