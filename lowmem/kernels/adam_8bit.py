@@ -22,6 +22,7 @@ import os
 import warnings
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from .codes_8bit import block_codes, cached_map, lookup_table
 
@@ -62,7 +63,8 @@ def update_and_requantize(m, v, grad, coefficients, signed_table, unsigned_table
 
 def fused_applicable(state: dict, grad: torch.Tensor) -> bool:
     """Whether the compiled kernels can update this parameter's 8-bit Adam state."""
-    return (_disabled_reason is None and grad.device.type == "cpu" and grad.numel() % BLOCKSIZE == 0
+    return (_disabled_reason is None and grad.device.type == "cpu" and not isinstance(grad, DTensor)
+            and grad.numel() % BLOCKSIZE == 0
             and "exp_avg_absmax" in state and "exp_avg_sq_absmax" in state)
 
 

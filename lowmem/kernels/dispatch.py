@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Iterator
 
 import torch
+from torch.distributed.tensor import DTensor
 
 BACKENDS = ("auto", "triton", "torch")
 _triton_error: str | None = None
@@ -78,7 +79,7 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 
     Forcing ``triton`` where it cannot run is an error that says why, not a silent fallback."""
     name = current()
-    if name == "torch":
+    if name == "torch" or any(isinstance(t, DTensor) for t in tensors):  # sharded: the composed path (torch ops)
         return False
     on_cuda = all(t.is_cuda for t in tensors)
     if name == "auto":

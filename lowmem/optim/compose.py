@@ -36,6 +36,7 @@ from .lifts import Lift, make_lift
 from .nonfinite import SkipCounter, finite_flags
 from .projectors import GaussianProjector, Projector, make_projector
 from .rules import DEFAULT_BETAS, DEFAULT_EPS, Rule, make_rule
+from .sharded import is_sharded
 from .states import StateStore, make_store, state_bytes
 
 GROUP_DEFAULTS = dict(
@@ -351,4 +352,5 @@ def updates_in_chunks(parts: Parts, numel: int) -> bool:
 
 def _in_chunks(p: torch.Tensor, grad: torch.Tensor, parts: Parts) -> bool:
     """``updates_in_chunks`` for ``p``, whose weight and gradient must also be contiguous (flat views)."""
-    return updates_in_chunks(parts, grad.numel()) and p.is_contiguous() and grad.is_contiguous()
+    return (updates_in_chunks(parts, grad.numel()) and p.is_contiguous() and grad.is_contiguous()
+            and not is_sharded(p))  # a sharded tensor's flat view is not this rank's rows

@@ -31,6 +31,8 @@ import weakref
 
 import torch
 
+from .sharded import is_sharded
+
 ACCUMULATION_MODES = ("projected", "full")
 #: Parameter attribute naming the ``LayerwiseUpdates`` whose hook updates it (a weak reference).
 _OWNER = "_lowmem_layerwise_owner"
@@ -48,6 +50,11 @@ class LayerwiseUpdates:
 
     def __init__(self, optimizer, accumulation: str = "projected"):
         check_accumulation(accumulation)
+        sharded = [p for g in optimizer.param_groups for p in g["params"] if is_sharded(p)]
+        if sharded:
+            raise ValueError("layer-wise updates do not run on FSDP2-sharded parameters yet: FSDP2 hands each shard "
+                             "its reduced gradient outside autograd, so the hooks that update inside backward would "
+                             "never fire. Drop '_layerwise' (layerwise=False) under fully_shard.")
         self.optimizer = optimizer
         self.accumulation = accumulation
         #: False while a backward only accumulates (a micro-batch before the last of a step).

@@ -16,20 +16,27 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch.distributed.tensor import DTensor
 
 _INF = float("inf")
 
 
 def finite_flags(tensors: list[torch.Tensor]) -> list[bool]:
-    """For each tensor, whether every element is finite (one reduction each, one host transfer per device)."""
+    """For each tensor, whether every element is finite (one reduction each, one host transfer per device). A
+    sharded tensor (DTensor) is judged whole: its shards' verdicts are summed over its mesh in one all-reduce per
+    device and mesh, so every rank skips the same tensors."""
     flags = [True] * len(tensors)
-    by_device: dict[torch.device, list[int]] = {}
+    by_place: dict[tuple, list[int]] = {}
     for i, t in enumerate(tensors):
-        by_device.setdefault(t.device, []).append(i)
-    for indices in by_device.values():
-        peaks = torch.stack([torch.linalg.vector_norm(tensors[i], ord=_INF).float() for i in indices])
-        for i, ok in zip(indices, torch.isfinite(peaks).tolist(), strict=True):
-            flags[i] = ok
+        mesh = t.device_mesh if isinstance(t, DTensor) else None
+        by_place.setdefault((t.device, mesh), []).append(i)
+    for (_, mesh), indices in by_place.items():
+        local = [tensors[i].to_local() if mesh is not None else tensors[i] for i in indices]
+        bad = torch.stack([(~torch.isfinite(torch.linalg.vector_norm(t, ord=_INF))).float() for t in local])
+        if mesh is not None:
+            torch.distributed.all_reduce(bad, group=mesh.get_group())
+        for i, count in zip(indices, bad.tolist(), strict=True):
+            flags[i] = count == 0
     return flags
 
 

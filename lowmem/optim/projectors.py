@@ -23,6 +23,8 @@ import math
 
 import torch
 
+from .sharded import is_sharded, replicated_like
+
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 
 
@@ -131,7 +133,9 @@ class _MatrixProjector(Projector):
     def refresh(self, state, grad):
         u, v = self.factors(grad, self.rank_for(grad.shape), self.side(grad.shape))
         if u is not None:
-            state["proj_u"] = u
+            # sharded: keep this rank's rows of U (m x r), like the gradient's; ``down`` then sums U_i^T G_i over the
+            # ranks (an r x n all-reduce) and ``up`` gives each rank its rows. V (r x n) stays whole on every rank.
+            state["proj_u"] = u.redistribute(grad.device_mesh, grad.placements) if is_sharded(grad) else u
         if v is not None:
             state["proj_v"] = v
 
@@ -209,7 +213,8 @@ class RandomOrthogonalProjector(_MatrixProjector):
             u = _to_grad_dtype(torch.nn.init.orthogonal_(torch.empty(m, rank, device=grad.device)), grad)
         if side in ("right", "full"):
             v = _to_grad_dtype(torch.nn.init.orthogonal_(torch.empty(rank, n, device=grad.device)), grad)
-        return u, v
+        # every rank draws the same basis: the global RNG advances alike on all of them
+        return (None if u is None else replicated_like(u, grad)), (None if v is None else replicated_like(v, grad))
 
 
 def next_seed(seed: int, advance: int = 15) -> int:
@@ -250,7 +255,7 @@ class GaussianProjector(_MatrixProjector):
         shape = (m, r) if self.side(grad.shape) == "left" else (r, n)
         gen = torch.Generator(device=grad.device).manual_seed(state["proj_seed"])
         p = torch.randn(shape, generator=gen, device=grad.device, dtype=torch.float32) / math.sqrt(r)
-        return _to_grad_dtype(p, grad)
+        return replicated_like(_to_grad_dtype(p, grad), grad)  # every rank draws the same matrix
 
     def down(self, state, grad):
         p = self.matrix(state, grad)

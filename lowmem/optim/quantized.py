@@ -12,6 +12,7 @@ import torch
 
 from ..kernels import blockwise_8bit
 from ..kernels.codes_8bit import blocks_of, cached_map
+from . import sharded
 
 
 class BlockwiseQuantStore:
@@ -28,22 +29,26 @@ class BlockwiseQuantStore:
         self.min_8bit_size, self.blocksize = min_8bit_size, blocksize
 
     def init(self, state: dict, key: str, like: torch.Tensor, signed: bool = True) -> None:
-        if like.numel() < self.min_8bit_size:
+        if like.numel() < self.min_8bit_size:  # the whole tensor's size, sharded or not
             state[key] = torch.zeros_like(like, dtype=torch.float32)
             return
-        # contiguous whatever ``like``'s strides: codes are read and written in flat order, on every path
-        state[key] = torch.empty_like(like, dtype=torch.uint8, memory_format=torch.contiguous_format)
-        blocks = -(-like.numel() // self.blocksize)
-        state[key + "_absmax"] = torch.empty(blocks, dtype=torch.float32, device=like.device)
+        # contiguous whatever ``like``'s strides: codes are read and written in flat order, on every path. A sharded
+        # moment keeps this rank's rows as codes (a DTensor placed like ``like``) and their blocks' maxima.
+        part = sharded.local(like)
+        state[key] = sharded.like(torch.empty_like(part, dtype=torch.uint8, memory_format=torch.contiguous_format),
+                                  like)
+        blocks = -(-part.numel() // self.blocksize)
+        state[key + "_absmax"] = torch.empty(blocks, dtype=torch.float32, device=part.device)
         state[key + "_signed"] = bool(signed)
         self.zero(state, key)
 
     def load(self, state: dict, key: str) -> torch.Tensor:
         if key + "_absmax" not in state:
             return state[key]
-        codes = state[key]
+        codes = sharded.local(state[key])
         code = cached_map(state[key + "_signed"], codes.device)
-        return blockwise_8bit.dequantize_blockwise(codes, state[key + "_absmax"], code, self.blocksize)
+        values = blockwise_8bit.dequantize_blockwise(codes, state[key + "_absmax"], code, self.blocksize)
+        return sharded.like(values, state[key])
 
     def save(self, state: dict, key: str, working: torch.Tensor, signed: bool = True) -> None:
         if key + "_absmax" not in state:
@@ -51,8 +56,9 @@ class BlockwiseQuantStore:
                 state[key].copy_(working)
             return
         # the new tensors replace the old ones (no copy pass); they have the same shapes and dtypes
-        state[key], state[key + "_absmax"] = blockwise_8bit.quantize_blockwise(
-            working, cached_map(signed, working.device), self.blocksize)
+        codes, state[key + "_absmax"] = blockwise_8bit.quantize_blockwise(
+            sharded.local(working), cached_map(signed, working.device), self.blocksize)
+        state[key] = sharded.like(codes, working)
         state[key + "_signed"] = bool(signed)
 
     def chunk(self, state: dict, keys, start: int, end: int) -> dict:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from .quantized import BlockwiseQuantStore
+from .sharded import local
 
 _DTYPES = {
     "float32": torch.float32,
@@ -65,8 +66,8 @@ class StateStore:
 
 
 def state_bytes(state: dict) -> int:
-    """Exact bytes held by the tensors of one parameter's optimizer state."""
-    return sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+    """Exact bytes held by the tensors of one parameter's optimizer state (on this rank, for sharded state)."""
+    return sum(local(v).numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
 
 
 _8BIT = ("8bit", "int8", "uint8", "blockwise_8bit")

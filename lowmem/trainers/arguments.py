@@ -119,6 +119,11 @@ class TrainingArguments(transformers.TrainingArguments):
             super().__post_init__()
             return
         self.lowmem_optim = name
+        if self.deepspeed:
+            raise ValueError(f"optim={name!r} with DeepSpeed: ZeRO flattens the parameters into 1-D buffers, so an "
+                             "optimizer that reads each weight's shape (projections, factored or per-row moments) "
+                             "would see none. Shard with FSDP2 instead: fsdp='full_shard' and fsdp_config={'version': "
+                             "2} (torch.distributed.fsdp.fully_shard), which keeps every weight's shape.")
         self.optim = OptimizerNames.ADAMW_TORCH  # the parent's enum check; restored below
         super().__post_init__()
         self.optim = name

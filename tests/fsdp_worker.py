@@ -1,0 +1,79 @@
+"""Run by ``test_fsdp.py`` under ``torchrun --nproc_per_node=N`` (gloo, CPU): every named optimizer on a tiny LLaMA
+sharded with FSDP2 (``fully_shard`` per decoder layer, then the root), next to the same optimizer on an unsharded
+copy in the same process. Both get the same gradients each step (the copy's, scattered to the shards), so what is
+compared is the optimizer's math on sharded parameters, not the reduction order of the gradients. Rank 0 writes
+``{name: {"worst": max relative difference per step, "state_bytes": [per rank], "reference_bytes": int}}``."""
+
+import copy
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import distribute_tensor
+from trainer_helpers import StdlibText, small_options
+
+import lowmem
+from lowmem.example import tiny_llama
+
+STEPS = 5
+
+
+def batches():
+    data = StdlibText(16)
+    return torch.stack([data[i]["input_ids"] for i in range(2 * STEPS)]).view(STEPS, 2, -1)
+
+
+def compare(name: str, mesh) -> dict:
+    torch.manual_seed(0)
+    reference = tiny_llama(hidden=64, layers=2)
+    model = copy.deepcopy(reference)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    options = {**small_options(name), "lr": 1e-2}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sharded_opt = lowmem.create_optimizer(name, model, **options)
+        reference_opt = lowmem.create_optimizer(name, reference, **options)
+    worst = []
+    for step, batch in enumerate(batches()):
+        reference(input_ids=batch, labels=batch).loss.backward()
+        for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+            p.grad = distribute_tensor(q.grad, p.device_mesh, p.placements)
+        for opt in (sharded_opt, reference_opt):  # the same draws for random choices (FRUGAL's blocks)
+            torch.manual_seed(1000 + step)
+            opt.step()
+            opt.zero_grad()
+        worst.append(max(((p.full_tensor() - q).abs().max() / q.abs().max()).item()
+                         for p, q in zip(model.parameters(), reference.parameters(), strict=True)))
+    off = sum(int(((p.full_tensor() - q).abs() > 1e-5 * q.abs().max()).sum())
+              for p, q in zip(model.parameters(), reference.parameters(), strict=True))
+    total = sum(q.numel() for q in reference.parameters())
+    state_bytes = [None] * dist.get_world_size()
+    dist.all_gather_object(state_bytes, sharded_opt.state_bytes())
+    return {"worst": worst, "off": off / total, "state_bytes": state_bytes,
+            "reference_bytes": reference_opt.state_bytes()}
+
+
+def main(out: Path, names: list[str]) -> None:
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    results = {}
+    for name in names:
+        try:
+            results[name] = compare(name, mesh)
+        except Exception as err:  # recorded, so one name's failure names itself in the test
+            results[name] = {"error": f"{type(err).__name__}: {err}"}
+    if dist.get_rank() == 0:
+        (out / f"fsdp-{dist.get_world_size()}.json").write_text(json.dumps(results, indent=1))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2:])
