@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
-from .optim.registry import LAYERWISE_SUFFIX
+from .optim.registry import LAYERWISE_SUFFIX, get_spec
 from .trainers import TrainingArguments, parse_optim_args
 
 #: Where ``lowmem train NAME`` finds a recipe given by name.
@@ -144,6 +144,11 @@ def adapt_overrides(recipe: dict, values: dict) -> list[str]:
         listed = ", ".join(f"{k}={v!r}" for k, v in options.items())
         lines.append(f"warning: optim={optim} runs with its own defaults, not the recipe's optim_args for {old} "
                      f"({listed}); optim_args=... sets {optim}'s options")
+    if optim != old and values.get("learning_rate") == recipe.get("learning_rate") and _zeroth_order(optim) \
+            and not _zeroth_order(old):
+        rate = values.get("learning_rate")
+        lines.append(f"warning: optim={optim} keeps the recipe's learning_rate={rate}, chosen for {old}; MeZO steps "
+                     "at 1e-7 to 1e-6 for full weights (1e-5 to 1e-4 with LoRA): set learning_rate=...")
     out = values.get("output_dir")
     changed = any(values[k] != recipe.get(k) for k in values)
     if changed and out == recipe.get("output_dir") and out and not values.get("resume_from_checkpoint") \
@@ -151,6 +156,14 @@ def adapt_overrides(recipe: dict, values: dict) -> list[str]:
         lines.append(f"warning: this run (the recipe with overrides) writes over the earlier run in {out}; "
                      "output_dir=... keeps both")
     return lines
+
+
+def _zeroth_order(name) -> bool:
+    """Whether ``name`` is a lowmem zeroth-order optimizer (False for any other name, known or not)."""
+    try:
+        return get_spec(str(name)).zeroth_order
+    except ValueError:
+        return False
 
 
 def _without_layerwise(name) -> str:

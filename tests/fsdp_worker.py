@@ -6,7 +6,6 @@ compared is the optimizer's math on sharded parameters, not the reduction order 
 
 import copy
 import json
-import os
 import sys
 import warnings
 from pathlib import Path

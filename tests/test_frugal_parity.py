@@ -116,9 +116,10 @@ def test_frugal_matches_official_trajectory(name):
     variant = reference["variants"][name]
     trajectory = variant["trajectory"]
     assert len(trajectory) == len(reference["recorded_steps"])
-    tolerance = SVD_TOLERANCE if variant["kwargs"].get("proj_type") == "svd" else TOLERANCE
-    sign_step = None
-    if variant["kwargs"].get("inactive_update_rule", "sign_sgd") == "sign_sgd":
+    svd = variant["kwargs"].get("proj_type") == "svd"
+    tolerance = SVD_TOLERANCE if svd else TOLERANCE
+    sign_step = None  # only an SVD's rounding puts residual elements at noise level; the others match strictly
+    if svd and variant["kwargs"].get("inactive_update_rule", "sign_sgd") == "sign_sgd":
         sign_step = 2 * reference["common"]["lr"] * variant["kwargs"].get("inactive_lr_scale", 1.0)
     worst = max_relative_differences(reference, ours, trajectory, sign_step)
     step, pname = max(worst, key=worst.get)

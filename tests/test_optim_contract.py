@@ -88,12 +88,13 @@ def assert_same(a: list, b: list):
                 assert x[key] == y[key], key
 
 
-def train(name: str, bad: str | None, layerwise: bool = False, **extra):
-    """``STEPS`` steps; at ``BAD_STEP`` the mlp weight's gradient is all ``bad`` (nan / inf), or with ``bad=None``
-    that weight gets no gradient at that step. Returns (model, optimizer, the state before and after BAD_STEP)."""
+def train(name: str, bad: str | None, layerwise: bool = False, target: str = "mlp", **extra):
+    """``STEPS`` steps; at ``BAD_STEP`` the ``target`` linear's weight gradient is all ``bad`` (nan / inf), or with
+    ``bad=None`` that weight gets no gradient at that step. Returns (model, optimizer, the states before and after
+    BAD_STEP)."""
     model = net()
     optimizer = lowmem.create_optimizer(name, model, layerwise=layerwise, **options(name, **extra))
-    target = model.mlp.weight
+    target = getattr(model, target).weight
     around = []
     for step in range(1, STEPS + 1):
         injected = step == BAD_STEP
@@ -141,6 +142,46 @@ def test_a_nonfinite_gradient_skips_that_tensor_and_the_run_goes_on_as_without_i
     assert moved > 1e-4  # the weight did train on the other steps
 
 
+def test_a_skip_in_the_first_tensor_of_a_block_group_does_not_reschedule_the_group():
+    """FRUGAL chooses its active blocks on the group's schedule: a skipped update of the group's first tensor (whose
+    step count used to drive the schedule) must choose the same blocks at the same steps as an all-finite run."""
+    def schedule(poisoned: bool) -> list:
+        model = net()
+        optimizer = lowmem.create_optimizer("frugal", model, **options("frugal", density=0.5))
+        group = optimizer.param_groups[0]
+        assert group["param_names"][0] == "attn.weight"
+        chosen = []
+        for step in range(1, 8):
+            loss_of(model, step).backward()
+            if poisoned and step == BAD_STEP:
+                model.attn.weight.grad.fill_(float("nan"))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                optimizer.step()
+            optimizer.zero_grad()
+            chosen.append([optimizer.state[p]["active"] for p in group["params"]])
+        return chosen
+
+    assert schedule(True) == schedule(False)
+
+
+def test_a_skip_adds_no_state_and_empty_or_sparse_gradients_are_handled():
+    model = net()
+    optimizer = lowmem.create_optimizer("adamw", model, lr=1e-2)
+    loss_of(model, 1).backward()
+    model.attn.weight.grad.fill_(float("nan"))
+    with pytest.warns(RuntimeWarning):
+        optimizer.step()
+    assert model.attn.weight not in optimizer.state  # its state is exactly as before: absent
+    empty = nn.Parameter(torch.zeros(0, 4))
+    empty.grad = torch.zeros(0, 4)
+    lowmem.optim.LowMemOptimizer([empty], lr=1e-2).step()  # nothing to test, nothing to update
+    sparse = nn.Parameter(torch.zeros(3, 4))
+    sparse.grad = torch.zeros(3, 4).to_sparse()
+    with pytest.raises(RuntimeError, match="do not support sparse gradients"):
+        lowmem.optim.LowMemOptimizer([sparse], lr=1e-2).step()
+
+
 @pytest.mark.parametrize("name", ["apollo_adamw", "came_8bit", "adamw"])
 def test_skip_nonfinite_false_updates_with_the_nan_as_torch_does(name):
     model, optimizer, _ = train(name, "nan", skip_nonfinite=False)
@@ -173,7 +214,8 @@ def test_layerwise_accumulation_catches_a_nan_in_an_earlier_micro_batch():
     assert optimizer.layerwise.last_grad_norm is not None and optimizer.layerwise.last_grad_norm < float("inf")
 
 
-def test_mezo_skips_a_step_whose_projected_gradient_is_not_finite():
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_mezo_skips_a_step_whose_projected_gradient_is_not_finite(bad):
     """The step is skipped whole (one projected gradient scales every tensor's update) and the step count kept, so
     the run continues as one that never took that batch."""
     def run(poisoned: bool):
@@ -182,11 +224,11 @@ def test_mezo_skips_a_step_whose_projected_gradient_is_not_finite():
         steps = [1, 2, 3, 4]
         for step in steps:
             if poisoned and step == 2:
-                optimizer.step(lambda: torch.tensor(float("nan")))
+                optimizer.step(lambda: torch.tensor(float(bad)))
             optimizer.step(lambda step=step: loss_of(model, step))
         return model, optimizer
 
-    with pytest.warns(RuntimeWarning, match="MeZO's projected gradient is nan"):
+    with pytest.warns(RuntimeWarning, match=r"MeZO's projected gradient \((nan|inf)\) has NaN or inf values"):
         hit, hit_opt = run(True)
     clean, _ = run(False)
     assert hit_opt.nonfinite_skips == 1
@@ -292,3 +334,48 @@ def test_adam_mini_given_tensors_or_groups_says_it_needs_named_parameters(params
     with pytest.raises(TypeError, match=r"Adam-mini partitions parameters by name, so it takes "
                                         r"model.named_parameters\(\)"):
         AdamMini(params(net()), lr=1e-3)
+
+
+def _linear_groups():
+    model = net()
+    return [{"params": [model.attn.weight, model.mlp.weight], "rank": 4}, {"params": [model.mlp.bias]}]
+
+
+#: Each drop-in class, constructed as its reference package's users construct it.
+DROP_INS = {
+    "GaLoreAdamW": lambda **kw: lowmem.optim.GaLoreAdamW(_linear_groups(), **kw),
+    "GaLoreAdamW8bit": lambda **kw: lowmem.optim.GaLoreAdamW8bit(_linear_groups(), **kw),
+    "GaLoreAdafactor": lambda **kw: lowmem.optim.GaLoreAdafactor(_linear_groups(), **{"lr": 1e-3, **kw,
+                                                                                      "relative_step": False}),
+    "APOLLOAdamW": lambda **kw: lowmem.optim.APOLLOAdamW(_linear_groups(), **kw),
+    "FiraAdamW": lambda **kw: lowmem.optim.FiraAdamW(_linear_groups(), **kw),
+    "FRUGAL": lambda **kw: lowmem.optim.FRUGAL(net().parameters(), **kw),
+    "Adafactor": lambda **kw: lowmem.optim.Adafactor(net().parameters(), **{"lr": 1e-3, **kw, "relative_step": False}),
+    "CAME": lambda **kw: lowmem.optim.CAME(net().parameters(), **{"lr": 1e-3, **kw}),
+    "AdamW8bit": lambda **kw: lowmem.optim.AdamW8bit(net().parameters(), **kw),
+    "AdamMini": lambda **kw: AdamMini(net().named_parameters(), **kw),
+}
+
+
+@pytest.mark.parametrize("cls", DROP_INS)
+def test_drop_in_classes_keep_the_contract(cls):
+    make = DROP_INS[cls]
+    assert make(skip_nonfinite=False).param_groups[0]["skip_nonfinite"] is False
+    for bad, message in [({"lr": torch.tensor([1e-3, 1e-3])}, "Tensor lr must be 1-element"),
+                         ({"lr": -1.0}, "Invalid learning rate"), ({"weight_decay": -0.1}, "Invalid weight_decay")]:
+        with pytest.raises(ValueError, match=message):
+            make(**bad)
+    if cls not in ("Adafactor", "GaLoreAdafactor"):
+        with pytest.raises(ValueError, match="needs a learning rate|positive lr"):
+            make(lr=None)
+
+
+def test_settings_lowmem_would_ignore_are_refused():
+    params = list(net().parameters())
+    for flag in ("maximize", "amsgrad"):
+        with pytest.raises(ValueError, match=rf"{flag}=True is not supported"):
+            lowmem.optim.LowMemOptimizer([{"params": params, flag: True}], lr=1e-3)
+    with pytest.raises(ValueError, match=r"Adafactor takes two eps values"):
+        lowmem.optim.Adafactor(params, lr=1e-3, relative_step=False, eps=1e-3)
+    with pytest.raises(ValueError, match="Invalid learning rate: nan"):
+        lowmem.optim.MeZO(net(), lr=float("nan"))

@@ -218,14 +218,17 @@ def test_another_optimizer_runs_with_its_own_defaults_and_says_so(tmp_path):
     for name in ("mezo", "apollo_mini", "fira_adamw"):
         values = read_values(path, [f"optim={name}", *given])
         notes = adapt_overrides(read_values(path), values)
-        assert values["optim_args"] is None and notes == [
+        assert values["optim_args"] is None and notes[0] == (
             f"warning: optim={name} runs with its own defaults, not the recipe's optim_args for galore_adamw (rank=32, "
-            f"update_proj_gap=100, scale=0.25); optim_args=... sets {name}'s options"]
+            f"update_proj_gap=100, scale=0.25); optim_args=... sets {name}'s options")
+        rate = ["warning: optim=mezo keeps the recipe's learning_rate=0.005, chosen for galore_adamw; MeZO steps at "
+                "1e-7 to 1e-6 for full weights (1e-5 to 1e-4 with LoRA): set learning_rate=..."]
+        assert notes[1:] == (rate if name == "mezo" else [])
         assert parse_recipe(values).train.lowmem_optim == name
     layerwise = read_values(path, ["optim=galore_adamw_layerwise", *given])
     assert adapt_overrides(read_values(path), layerwise) == [] and layerwise["optim_args"] == "rank=32, " \
         "update_proj_gap=100, scale=0.25"
-    cleared = read_values(path, ["optim=mezo", "optim_args=", *given])
+    cleared = read_values(path, ["optim=mezo", "optim_args=", "learning_rate=1e-6", *given])
     assert adapt_overrides(read_values(path), cleared) == [] and cleared["optim_args"] is None
 
 
@@ -240,7 +243,7 @@ def test_cpu_tiny_with_mezo_logs_its_projected_gradient_and_warns_before_overwri
     recipe.write_text((RECIPES_DIR / "cpu-tiny.yaml").read_text().replace("output_dir: out/cpu-tiny",
                                                                          f"output_dir: {out}"))
     quick = ["stand_in=tiny", "max_steps=2", "logging_steps=1", "max_bytes=200000", "cutoff_len=64",
-             "per_device_train_batch_size=2", "optim=mezo"]
+             "per_device_train_batch_size=2", "optim=mezo", "learning_rate=1e-6"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert cli.main(["train", str(recipe), *quick]) == 0

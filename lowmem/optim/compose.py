@@ -111,6 +111,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
         self.normalize_group(group)
         check_hyperparameters(group)
         parts = build_parts(group)
+        if group["lr"] is None and not getattr(parts.rule, "relative_step", False):
+            raise ValueError("lr=None: this optimizer needs a learning rate (e.g. lr=1e-3); only Adafactor with "
+                             "relative_step=True computes its own.")
         parts.projector.check_group(len(group["params"]))
         index = len(self.param_groups) - 1
         full_rank = []
@@ -150,27 +153,32 @@ class LowMemOptimizer(torch.optim.Optimizer):
         skipped update (groups with ``skip_nonfinite``); returns how many. The lowmem Trainer calls this before it
         clips gradients, so a NaN in one tensor neither reaches the global norm nor the other tensors; the next
         ``step()`` then does not screen again."""
-        dropped = 0
-        for index, group in enumerate(self.param_groups):
-            if not group.get("skip_nonfinite", True):
-                continue
-            for p in self.count_nonfinite(index, [p for p in group["params"] if p.grad is not None]):
-                p.grad = None
-                dropped += 1
+        bad = self._screen()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) in bad:
+                    p.grad = None
         self._screened = True
-        return dropped
+        return len(bad)
 
-    def count_nonfinite(self, index: int, params: list, grads: list | None = None) -> list:
-        """The parameters of group ``index`` among ``params`` whose gradient (``.grad``, or ``grads``: what their
-        updates would read) is not finite, each counted as a skip."""
-        if not params:
-            return []
-        flags = finite_flags(grads if grads is not None else [p.grad for p in params])
-        bad = [p for p, ok in zip(params, flags, strict=True) if not ok]
-        if bad:
-            where = {id(q): i for i, q in enumerate(self.param_groups[index]["params"])}
-            for p in bad:
-                self._skips.skip(self.param_name(index, where[id(p)]), self.state[p].get("step"))
+    def _screen(self) -> set[int]:
+        """The ids of the parameters (in groups with ``skip_nonfinite``) whose gradient is not finite, each counted
+        as a skip: one test per tensor, one host transfer for all of them."""
+        entries = [(index, i, p) for index, group in enumerate(self.param_groups) if group.get("skip_nonfinite", True)
+                   for i, p in enumerate(group["params"]) if p.grad is not None]
+        for _, _, p in entries:
+            if p.grad.is_sparse:
+                raise RuntimeError("lowmem optimizers do not support sparse gradients")
+        return {id(p) for p in self.count_nonfinite(entries, [p.grad for _, _, p in entries])}
+
+    def count_nonfinite(self, entries: list[tuple[int, int, torch.Tensor]], grads: list[torch.Tensor]) -> list:
+        """The parameters among ``entries`` (group index, place in the group, parameter) whose ``grads`` (what their
+        updates would read) are not finite, each counted as a skipped update."""
+        bad = []
+        for (index, i, p), ok in zip(entries, finite_flags(grads) if entries else [], strict=True):
+            if not ok:
+                self._skips.skip(f"the gradient of {self.param_name(index, i)}", self.state.get(p, {}).get("step"))
+                bad.append(p)
         return bad
 
     @torch.no_grad()
@@ -184,13 +192,10 @@ class LowMemOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        skipped = set() if self._screened else self._screen()
         for index, group in enumerate(self.param_groups):
             parts = self.parts_for_step(index)
-            params = [p for p in group["params"] if p.grad is not None]
-            if group.get("skip_nonfinite", True) and not self._screened:
-                skipped = {id(p) for p in self.count_nonfinite(index, params)}
-                params = [p for p in params if id(p) not in skipped]
-            for p in params:
+            for p in [p for p in group["params"] if p.grad is not None and id(p) not in skipped]:
                 if self.layerwise is not None:
                     self.layerwise.count_norm(p.grad)
                 self.update_param(p, group, parts)
@@ -342,6 +347,9 @@ def check_hyperparameters(group: dict) -> None:
     weight_decay = group.get("weight_decay")
     if weight_decay is not None and not 0.0 <= weight_decay:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    for flag, fix in (("maximize", "minimize the negated objective"), ("amsgrad", "use plain AdamW's moments")):
+        if group.get(flag):
+            raise ValueError(f"{flag}=True is not supported by lowmem optimizers (it would be ignored): {fix}.")
 
 
 def updates_in_chunks(parts: Parts, numel: int) -> bool:

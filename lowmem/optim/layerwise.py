@@ -64,12 +64,13 @@ class LayerwiseUpdates:
         self._squared_norm: torch.Tensor | None = None
         self._projected_sums: dict[torch.Tensor, torch.Tensor] = {}
         self._group_index: dict[torch.Tensor, int] = {}
+        self._place: dict[torch.Tensor, int] = {}  # a parameter's place in its group (for messages)
         self._handles = []
         for index, group in enumerate(optimizer.param_groups):
-            for p in group["params"]:
+            for place, p in enumerate(group["params"]):
                 if p.requires_grad:
                     _take_over(p, self)
-                    self._group_index[p] = index
+                    self._group_index[p], self._place[p] = index, place
                     self._handles.append(p.register_post_accumulate_grad_hook(self._on_gradient))
 
     @contextlib.contextmanager
@@ -99,11 +100,11 @@ class LayerwiseUpdates:
         p.grad = None
 
     def _finite(self, p: torch.Tensor, index: int, used: torch.Tensor) -> bool:
-        """Whether the gradient the update of ``p`` would use is finite; if not, the skip is counted (a NaN in any
-        micro-batch reaches the step's sum, so one test per step covers them all)."""
+        """True when the gradient the update of ``p`` would use is finite (or the group does not screen); else the
+        skip is counted (a NaN in any micro-batch reaches the step's sum, so one test per step covers them all)."""
         if not self.optimizer.param_groups[index].get("skip_nonfinite", True):
             return True
-        return not self.optimizer.count_nonfinite(index, [p], [used])
+        return not self.optimizer.count_nonfinite([(index, self._place[p], p)], [used])
 
     def _accumulate(self, p: torch.Tensor, parts) -> None:
         """Move ``p.grad`` into its projected running sum where that is exact; else leave it in ``.grad``."""

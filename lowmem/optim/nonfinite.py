@@ -32,12 +32,17 @@ def finite_flags(tensors: list[torch.Tensor]) -> list[bool]:
         by_place.setdefault((t.device, mesh), []).append(i)
     for (_, mesh), indices in by_place.items():
         local = [tensors[i].to_local() if mesh is not None else tensors[i] for i in indices]
-        bad = torch.stack([(~torch.isfinite(torch.linalg.vector_norm(t, ord=_INF))).float() for t in local])
+        bad = torch.stack([(~torch.isfinite(_peak(t))).float() for t in local])
         if mesh is not None:
             torch.distributed.all_reduce(bad, group=mesh.get_group())
         for i, count in zip(indices, bad.tolist(), strict=True):
             flags[i] = count == 0
     return flags
+
+
+def _peak(t: torch.Tensor) -> torch.Tensor:
+    """The largest magnitude in ``t`` (NaN if any element is NaN); 0 for an empty tensor (or an empty shard)."""
+    return torch.linalg.vector_norm(t, ord=_INF) if t.numel() else t.new_zeros((), dtype=torch.float32)
 
 
 class SkipCounter:
@@ -48,12 +53,12 @@ class SkipCounter:
         self.warned = False
 
     def skip(self, what: str, step: int | None = None) -> None:
-        """Count one skipped update of ``what`` (a parameter's name); warn the first time."""
+        """Count one skipped update; warn the first time, naming ``what`` was not finite (a parameter's gradient,
+        MeZO's projected gradient)."""
         self.count += 1
         if not self.warned:
             self.warned = True
-            when = f" at step {step + 1}" if step is not None else ""
-            warnings.warn(f"lowmem: the gradient of {what} has NaN or inf values{when}: its update was skipped and its "
-                          "optimizer state kept. Later skips are counted in optimizer.nonfinite_skips (logged as "
-                          "skipped_nonfinite); pass skip_nonfinite=False to update with them as torch does.",
-                          RuntimeWarning, stacklevel=4)
+            when = f" at its update {step + 1}" if step is not None else ""
+            warnings.warn(f"lowmem: {what} has NaN or inf values{when}: the update was skipped and "
+                          "the optimizer state kept. Later skips are counted in optimizer.nonfinite_skips (logged as "
+                          "skipped_nonfinite); skip_nonfinite=False turns this off.", RuntimeWarning, stacklevel=2)

@@ -10,7 +10,8 @@ Each accepts its reference's constructor and param-group keys, so switching is o
   marked ``is_proj_params``; ``projection`` picks svd | random | randperm | coordinates | blocks
 
 Groups without the projection keys run the same numeric core as full-rank AdamW, as the
-references do.
+references do. Every class also takes lowmem's ``skip_nonfinite`` (default True: a tensor whose gradient has NaN or
+inf values skips that step's update; see ``nonfinite``).
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ class _HFCoreOptimizer(LowMemOptimizer):
     """The constructor GaLore and Fira share (the legacy transformers AdamW numeric core)."""
 
     def __init__(self, params: Iterable, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
-                 correct_bias=True, no_deprecation_warning=False, state_dtype=None):
+                 correct_bias=True, no_deprecation_warning=False, state_dtype=None, skip_nonfinite=True):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         correct_bias=correct_bias, state_dtype=state_dtype, **_HF_CORE)
+                         correct_bias=correct_bias, state_dtype=state_dtype, **_HF_CORE, skip_nonfinite=skip_nonfinite)
 
 
 class GaLoreAdamW(_HFCoreOptimizer):
@@ -57,10 +58,10 @@ class APOLLOAdamW(LowMemOptimizer):
 
     def __init__(self, params: Iterable, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
                  correct_bias=True, scale_front=False, disable_nl=False, no_deprecation_warning=True,
-                 state_dtype=None):
+                 state_dtype=None, skip_nonfinite=True):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          correct_bias=correct_bias, scale_front=scale_front, disable_nl=disable_nl,
-                         state_dtype=state_dtype, **_HF_CORE)
+                         state_dtype=state_dtype, **_HF_CORE, skip_nonfinite=skip_nonfinite)
 
     def normalize_group(self, group):
         if "rank" in group:
@@ -113,7 +114,7 @@ class FRUGAL(LowMemOptimizer):
                  density=0.25, reset_statistics=True, inactive_update_rule="sign_sgd", inactive_lr_scale=1.0,
                  projection="svd", proj_side="std", coord_choice="columns", block_order="random",
                  lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, correct_bias=True,
-                 svd_method="exact", state_dtype=None):
+                 svd_method="exact", state_dtype=None, skip_nonfinite=True):
         if projection not in _FRUGAL_PROJECTORS:
             raise ValueError(f"unknown FRUGAL projection {projection!r}; use one of {tuple(_FRUGAL_PROJECTORS)}")
         if not 0.0 <= density <= 1.0:
@@ -132,12 +133,21 @@ class FRUGAL(LowMemOptimizer):
             svd_method=svd_method,
         )
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         correct_bias=correct_bias, rule="adamw_torch", state_dtype=state_dtype)
+                         correct_bias=correct_bias, rule="adamw_torch", state_dtype=state_dtype,
+                         skip_nonfinite=skip_nonfinite)
 
     def normalize_group(self, group):
         if group.get("is_proj_params"):
             for key, value in self._frugal.items():
                 group.setdefault(key, value)
+
+
+def _eps_pair(name: str, eps) -> tuple:
+    """``eps`` as the pair ``(eps1, eps2)`` that Adafactor-style rules take, else a ``ValueError`` saying so."""
+    if not (isinstance(eps, (tuple, list)) and len(eps) == 2):
+        raise ValueError(f"{name} takes two eps values (eps1 for the squared gradient, eps2 for the parameter "
+                         f"scale), e.g. eps=(1e-30, 1e-3); got eps={eps!r}")
+    return tuple(eps)
 
 
 def check_adafactor_lr(lr, relative_step: bool, warmup_init: bool) -> None:
@@ -161,12 +171,12 @@ class Adafactor(LowMemOptimizer):
 
     def __init__(self, params: Iterable, lr=None, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8,
                  beta1=None, weight_decay=0.0, scale_parameter=True, relative_step=True, warmup_init=False,
-                 state_dtype=None):
+                 state_dtype=None, skip_nonfinite=True):
         check_adafactor_lr(lr, relative_step, warmup_init)
-        super().__init__(params, lr=lr, eps=tuple(eps), clip_threshold=clip_threshold, decay_rate=decay_rate,
-                         beta1=beta1, weight_decay=weight_decay, scale_parameter=scale_parameter,
+        super().__init__(params, lr=lr, eps=_eps_pair("Adafactor", eps), clip_threshold=clip_threshold,
+                         decay_rate=decay_rate, beta1=beta1, weight_decay=weight_decay, scale_parameter=scale_parameter,
                          relative_step=relative_step, warmup_init=warmup_init, state_dtype=state_dtype,
-                         rule="adafactor")
+                         rule="adafactor", skip_nonfinite=skip_nonfinite)
 
 
 class GaLoreAdafactor(Adafactor):
@@ -186,14 +196,14 @@ class CAME(LowMemOptimizer):
     """
 
     def __init__(self, params: Iterable, lr=None, eps=(1e-30, 1e-16), clip_threshold=1.0,
-                 betas=(0.9, 0.999, 0.9999), weight_decay=0.0, state_dtype=None):
+                 betas=(0.9, 0.999, 0.9999), weight_decay=0.0, state_dtype=None, skip_nonfinite=True):
         check_hyperparameters(dict(lr=lr, eps=eps, betas=betas, weight_decay=weight_decay))
         if lr is None or lr <= 0:
             raise ValueError(f"CAME needs a positive lr (e.g. lr=2e-4, 1-3x smaller than AdamW's); got {lr!r}")
         if len(betas) != 3:
             raise ValueError(f"CAME takes three betas (b1, b2, b3), e.g. (0.9, 0.999, 0.9999); got {betas!r}")
-        super().__init__(params, lr=lr, eps=tuple(eps), clip_threshold=clip_threshold, betas=tuple(betas),
-                         weight_decay=weight_decay, state_dtype=state_dtype, rule="came")
+        super().__init__(params, lr=lr, eps=_eps_pair("CAME", eps), clip_threshold=clip_threshold, betas=tuple(betas),
+                         weight_decay=weight_decay, state_dtype=state_dtype, rule="came", skip_nonfinite=skip_nonfinite)
 
 
 def _check_8bit_args(amsgrad: bool, percentile_clipping: int = 100) -> None:
@@ -213,10 +223,10 @@ class AdamW8bit(LowMemOptimizer):
     """
 
     def __init__(self, params: Iterable, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
-                 optim_bits=32, args=None, min_8bit_size=4096, is_paged=False, state_dtype="8bit"):
+                 optim_bits=32, args=None, min_8bit_size=4096, is_paged=False, state_dtype="8bit", skip_nonfinite=True):
         _check_8bit_args(amsgrad)
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rule="adamw_torch",
-                         state_dtype=state_dtype, min_8bit_size=min_8bit_size)
+                         state_dtype=state_dtype, min_8bit_size=min_8bit_size, skip_nonfinite=skip_nonfinite)
 
 
 class GaLoreAdamW8bit(AdamW8bit):
@@ -230,10 +240,10 @@ class GaLoreAdamW8bit(AdamW8bit):
 
     def __init__(self, params: Iterable, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
                  optim_bits=32, args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True,
-                 is_paged=False, state_dtype="8bit"):
+                 is_paged=False, state_dtype="8bit", skip_nonfinite=True):
         _check_8bit_args(amsgrad, percentile_clipping)
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         min_8bit_size=min_8bit_size, state_dtype=state_dtype)
+                         min_8bit_size=min_8bit_size, state_dtype=state_dtype, skip_nonfinite=skip_nonfinite)
 
     normalize_group = GaLoreAdamW.normalize_group
 
@@ -247,7 +257,7 @@ class AdamMini(LowMemOptimizer):
 
     def __init__(self, named_parameters, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
                  model_sharding=None, dim=None, n_heads=None, n_kv_heads=None, verbose=False, model=None,
-                 state_dtype=None):
+                 state_dtype=None, skip_nonfinite=True):
         if model is not None and (dim is None or n_heads is None):
             config_dim, config_heads = model_dims(getattr(model, "config", None))
             dim, n_heads = dim or config_dim, n_heads or config_heads
@@ -255,4 +265,4 @@ class AdamMini(LowMemOptimizer):
             raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}")
         groups = adam_mini_groups(list(named_parameters), dim, n_heads, weight_decay)
         super().__init__(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rule="adam_mini",
-                         state_dtype=state_dtype)
+                         state_dtype=state_dtype, skip_nonfinite=skip_nonfinite)

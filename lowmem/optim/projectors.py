@@ -372,7 +372,10 @@ class BlockProjector(Projector):
         self.num_active(count)
 
     def due(self, states: list[dict]) -> bool:
-        return bool(states) and ("step" not in states[0] or states[0]["step"] % self.gap == 0)
+        """Whether to choose again: before the first step, then every ``gap`` steps of the group (counted by its
+        most advanced tensor, so one that skipped an update, say on a NaN gradient, does not reschedule the rest)."""
+        steps = [state["step"] for state in states if "step" in state]
+        return bool(states) and (not steps or max(steps) % self.gap == 0)
 
     def choose(self, group: dict, count: int) -> list[int]:
         """Indices of the tensors to activate now; advances the group's cursor (a plain int)."""

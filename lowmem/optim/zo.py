@@ -32,6 +32,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .compose import check_hyperparameters
 from .nonfinite import SkipCounter
 from .perturb import ZOParameters, check_noise, make_noise
 
@@ -62,12 +63,9 @@ class MeZO(torch.optim.Optimizer):
                              "for full fine-tuning, 1e-2 with LoRA, 1e-1 for prefix tuning).")
         if int(zo_samples) != zo_samples or zo_samples < 1:
             raise ValueError(f"zo_samples={zo_samples} must be a positive integer (the seeds averaged per step).")
-        if torch.is_tensor(lr) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if lr is None or lr < 0:
-            raise ValueError(f"Invalid learning rate: {lr} (MeZO fine-tunes full weights at 1e-7 to 1e-6).")
-        if weight_decay < 0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if lr is None:
+            raise ValueError("lr=None: MeZO needs a learning rate (1e-7 to 1e-6 for full weights).")
+        check_hyperparameters({"lr": lr, "weight_decay": weight_decay})
         if offload is None and (offload_dir or offload_layers or offload_device):
             raise ValueError("offload_dir / offload_layers / offload_device only apply with offload='ram' or 'disk'; "
                              "set offload, or drop them.")
@@ -172,7 +170,10 @@ class MeZO(torch.optim.Optimizer):
                                "estimate(loss_fn) for each micro-batch (the lowmem Trainer does so for optim='mezo').")
         grads = [g / self.zo_samples for g in self._projected]
         if not all(abs(g) < float("inf") for g in grads):  # NaN fails the test too
-            self._skips.skip(f"every tensor (MeZO's projected gradient is {sum(grads)})", self.state[_ZO]["step"])
+            if not self.skip_nonfinite:
+                raise FloatingPointError(f"MeZO: the projected gradient is {sum(grads)} at step "
+                                         f"{self.state[_ZO]['step']}; lower lr or zo_eps.")
+            self._skips.skip(f"MeZO's projected gradient ({sum(grads)})", self.state[_ZO]["step"])
             self.last_projected_grad = sum(grads)
             self._projected = [0.0] * self.zo_samples
             self._estimated = False
