@@ -2,7 +2,10 @@
 sharded with FSDP2 (``fully_shard`` per decoder layer, then the root), next to the same optimizer on an unsharded
 copy in the same process. Both get the same gradients each step (the copy's, scattered to the shards), so what is
 compared is the optimizer's math on sharded parameters, not the reduction order of the gradients. Rank 0 writes
-``{name: {"worst": max relative difference per step, "state_bytes": [per rank], "reference_bytes": int}}``."""
+``{name: {"worst": max relative difference per step, "state_bytes": [per rank], "reference_bytes": int}}``.
+
+A name written ``swap:NAME`` builds the optimizer on the unsharded model and then swaps its parameters for the
+sharded ones, as accelerate's FSDP2 preparation does (``fsdp2_switch_optimizer_parameters``)."""
 
 import copy
 import json
@@ -29,17 +32,28 @@ def batches():
 
 
 def compare(name: str, mesh) -> dict:
+    swap = name.startswith("swap:")
+    name = name.removeprefix("swap:")
     torch.manual_seed(0)
     reference = tiny_llama(hidden=64, layers=2)
     model = copy.deepcopy(reference)
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
     options = {**small_options(name), "lr": 1e-2}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sharded_opt = lowmem.create_optimizer(name, model, **options)
-        reference_opt = lowmem.create_optimizer(name, reference, **options)
+        if swap:
+            sharded_opt = lowmem.create_optimizer(name, model, **options)
+            before = {id(p): n for n, p in model.named_parameters()}
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        if swap:
+            after = dict(model.named_parameters())
+            for group in sharded_opt.param_groups:
+                group["params"] = [after[before[id(p)]] for p in group["params"]]
+        else:
+            sharded_opt = lowmem.create_optimizer(name, model, **options)
+        # the reference updates in step() (a layer-wise one would free the gradients the shards are given)
+        reference_opt = lowmem.create_optimizer(name.removesuffix("_layerwise"), reference, **options)
     worst = []
     for step, batch in enumerate(batches()):
         reference(input_ids=batch, labels=batch).loss.backward()

@@ -23,6 +23,8 @@ FLIPPED_SHARE = 5e-3
 #: factor, a low-rank side's r x n moments, a factored moment's column statistics).
 HALVED = {"adamw", "adamw_8bit", "adam_mini", "adam_mini_8bit", "frugal", "frugal_8bit"}
 FACTORED = {"adafactor", "galore_adafactor", "galore_adafactor_8bit"}
+#: Built on the unsharded model, then given the sharded parameters, as accelerate's FSDP2 preparation does.
+SWAPPED = ["swap:apollo_mini", "swap:galore_adamw", "swap:adamw_8bit"]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,8 @@ def fsdp_run(tmp_path_factory):
     tests = Path(__file__).parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent)]), "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    str(tests / "fsdp_worker.py"), str(out), *NAMES, "galore_adamw_layerwise"],
+                    str(tests / "fsdp_worker.py"), str(out), *NAMES, "galore_adamw_layerwise", *SWAPPED,
+                    "swap:galore_adamw_layerwise"],
                    check=True, env=env, timeout=900, capture_output=True)
     return json.loads((out / "fsdp-2.json").read_text())
 
@@ -61,9 +64,19 @@ def test_each_rank_holds_about_half_the_state(fsdp_run, name):
         assert ratio < 1.0, ratio
 
 
+@pytest.mark.parametrize("name", SWAPPED)
+def test_an_optimizer_given_its_sharded_parameters_after_construction_steps_the_same(fsdp_run, name):
+    """APOLLO's seeds follow each parameter's place, not the tensor the optimizer was built on."""
+    result = fsdp_run[name]
+    assert "error" not in result, result.get("error")
+    assert max(result["worst"]) <= 1e-5 or (name.removeprefix("swap:") in DISCRETE and result["off"] <= FLIPPED_SHARE)
+
+
 def test_layerwise_on_sharded_parameters_is_refused(fsdp_run):
     assert fsdp_run["galore_adamw_layerwise"]["error"].startswith(
         "ValueError: layer-wise updates do not run on FSDP2-sharded parameters yet")
+    assert fsdp_run["swap:galore_adamw_layerwise"]["error"].startswith(
+        "ValueError: the optimizer's parameters were replaced after its layer-wise hooks were set (by FSDP2 sharding)")
 
 
 def test_deepspeed_is_refused_naming_fsdp2(tmp_path):

@@ -75,7 +75,6 @@ class LowMemOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params: Iterable, **defaults):
-        self._params_seen = 0
         self._step_parts: dict[int, Parts] = {}  # per param group, built once per step
         self._blocks_chosen: set[int] = set()  # groups whose block projector has chosen this step
         #: ``LayerwiseUpdates`` once ``enable_layerwise()`` ran: updates then run inside backward.
@@ -101,7 +100,6 @@ class LowMemOptimizer(torch.optim.Optimizer):
             self._skips = SkipCounter()
         if not hasattr(self, "layerwise"):
             self.layerwise = None
-            self._params_seen = sum(len(g["params"]) for g in self.param_groups)
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group after checking its parts and every parameter's shape (errors before any step)."""
@@ -118,7 +116,6 @@ class LowMemOptimizer(torch.optim.Optimizer):
         index = len(self.param_groups) - 1
         full_rank = []
         for i, p in enumerate(group["params"]):
-            self._params_seen += 1
             name = self.param_name(index, i)
             if p.is_complex():
                 raise ValueError(f"parameter {name} is complex ({p.dtype}): lowmem optimizers update real tensors "
@@ -127,9 +124,6 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 parts.projector.check_shape(p.shape, name)
                 if getattr(parts.projector, "full_rank", None) and parts.projector.full_rank(p.shape):
                     full_rank.append(f"{name} {tuple(p.shape)}")
-            if isinstance(parts.projector, GaussianProjector) and p.requires_grad:
-                # APOLLO seeds: 1-based index over every parameter of every group, in order.
-                self.state[p]["seed"] = self._params_seen
         if full_rank:
             warnings.warn(parts.projector.full_rank_warning(full_rank), UserWarning, stacklevel=3)
 
@@ -192,6 +186,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.layerwise is not None:
+            self.layerwise.check_params()
         skipped = set() if self._screened else self._screen()
         for index, group in enumerate(self.param_groups):
             parts = self.parts_for_step(index)
@@ -246,6 +242,11 @@ class LowMemOptimizer(torch.optim.Optimizer):
         if torch.is_tensor(group["lr"]):  # a 1-element tensor lr (checked when the group was added)
             group = {**group, "lr": group["lr"].item()}
         state = self.state[p]
+        if isinstance(parts.projector, GaussianProjector) and "seed" not in state:
+            # APOLLO's seed, as apollo-torch numbers them: the 1-based place among every group's parameters. Taken at
+            # the first update, not at construction, so a parameter swapped in later (accelerate's FSDP2 preparation
+            # replaces each one with its sharded DTensor, leaving state keyed by the old one behind) gets it too.
+            state["seed"] = self._ordinal(p) + 1
         if low is None and fused.fused_adamw_8bit(p, grad, state, group, parts, self._ordinal(p)):
             return
         if low is None and _in_chunks(p, grad, parts):

@@ -125,6 +125,17 @@ class LayerwiseUpdates:
         squared = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
         self._squared_norm = squared if self._squared_norm is None else self._squared_norm + squared
 
+    def check_params(self) -> None:
+        """``ValueError`` if the optimizer's parameters are no longer the ones hooked (accelerate's FSDP2 preparation
+        swaps each for its sharded DTensor): their updates would silently wait for ``step()``."""
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.requires_grad and p not in self._group_index:
+                    raise ValueError("the optimizer's parameters were replaced after its layer-wise hooks were set "
+                                     f"({'by FSDP2 sharding' if is_sharded(p) else 'by new tensors'}), so those hooks "
+                                     "never fire. Drop '_layerwise' (layerwise=False), or build the optimizer after "
+                                     "wrapping the model.")
+
     @torch.no_grad()
     def end_step(self) -> None:
         """Close a step (``optimizer.step()`` calls this): update weights whose projected sum got nothing from
