@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from .sharded import is_sharded, replicated_like
+from .sharded import is_sharded, replicated_like, settled
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 
@@ -146,9 +146,9 @@ class _MatrixProjector(Projector):
         side = self.side(grad.shape)
         if side == "right":
             return grad @ state["proj_v"].t()
-        if side == "left":
-            return state["proj_u"].t() @ grad
-        return state["proj_u"].t() @ grad @ state["proj_v"].t()
+        if side == "left":  # sharded: each rank's U_i^T G_i, summed over the ranks (an r x n all-reduce)
+            return settled(state["proj_u"].t() @ grad)
+        return settled(state["proj_u"].t() @ grad @ state["proj_v"].t())
 
     def residual(self, state, grad, low):
         return grad - self.up(state, low, grad)
@@ -259,7 +259,7 @@ class GaussianProjector(_MatrixProjector):
 
     def down(self, state, grad):
         p = self.matrix(state, grad)
-        return grad @ p.t() if self.side(grad.shape) == "right" else p.t() @ grad
+        return grad @ p.t() if self.side(grad.shape) == "right" else settled(p.t() @ grad)
 
     def up(self, state, low, like):  # pragma: no cover - APOLLO lifts never project back
         raise NotImplementedError("the APOLLO lift scales the raw gradient and never projects back")

@@ -8,6 +8,9 @@ Tensors with fewer than ``min_8bit_size`` elements stay fp32.
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import torch
 
 from ..kernels import blockwise_8bit
@@ -23,14 +26,20 @@ class BlockwiseQuantStore:
     told the signedness, and a plain bool costs no tensor bytes and survives ``weights_only``).
     Tensors with fewer than ``min_8bit_size`` elements are kept as plain fp32 in ``state[key]``.
     ``load`` returns a fresh dequantized fp32 tensor; ``save`` requantizes it.
+
+    Sharded moments (FSDP2 DTensors, sharded by rows): each rank quantizes its own rows. Its blocks are one
+    process's blocks when every rank's rows start on a block boundary, and the block maxima then form a DTensor
+    sharded the way torch shards (equal chunks of blocks), which a checkpoint (torch.distributed.checkpoint)
+    reshards to another world size. That holds for the usual sizes (rows of 4096 or 11008 elements, rank 128 moments
+    split in halves); a sharded moment where it does not is kept in fp32, with one warning naming it.
     """
 
     def __init__(self, min_8bit_size: int = 4096, blocksize: int = 256):
         self.min_8bit_size, self.blocksize = min_8bit_size, blocksize
 
     def init(self, state: dict, key: str, like: torch.Tensor, signed: bool = True) -> None:
-        if like.numel() < self.min_8bit_size:  # the whole tensor's size, sharded or not
-            state[key] = torch.zeros_like(like, dtype=torch.float32)
+        if like.numel() < self.min_8bit_size or (sharded.is_sharded(like) and not self._blocks_align(like)):
+            state[key] = torch.zeros_like(like, dtype=torch.float32)  # the whole tensor's size, sharded or not
             return
         # contiguous whatever ``like``'s strides: codes are read and written in flat order, on every path. A sharded
         # moment keeps this rank's rows as codes (a DTensor placed like ``like``) and their blocks' maxima.
@@ -38,16 +47,41 @@ class BlockwiseQuantStore:
         state[key] = sharded.like(torch.empty_like(part, dtype=torch.uint8, memory_format=torch.contiguous_format),
                                   like)
         blocks = -(-part.numel() // self.blocksize)
-        state[key + "_absmax"] = torch.empty(blocks, dtype=torch.float32, device=part.device)
+        absmax = torch.empty(blocks, dtype=torch.float32, device=part.device)
+        state[key + "_absmax"] = self._absmax_like(absmax, like)
         state[key + "_signed"] = bool(signed)
         self.zero(state, key)
+
+    def _blocks_align(self, like: torch.Tensor) -> bool:
+        """Whether a sharded tensor's shards split its flat blocks as one process has them and as torch chunks the
+        block maxima (see the class docstring); else its moments stay fp32, warned once."""
+        rows, row = like.shape[0], math.prod(like.shape[1:])
+        world = like.device_mesh.size()
+        blocks = -(-like.numel() // self.blocksize)
+        rows_each, blocks_each = -(-rows // world), -(-blocks // world)
+        aligned = like.device_mesh.ndim == 1 and (rows_each * row) % self.blocksize == 0 and all(
+            -(-max(0, min(rows_each, rows - i * rows_each)) * row // self.blocksize)
+            == max(0, min(blocks_each, blocks - i * blocks_each)) for i in range(world))
+        if not aligned and not getattr(self, "_warned_unaligned", False):
+            self._warned_unaligned = True
+            warnings.warn(f"8-bit states of a sharded {tuple(like.shape)} tensor stay fp32 over {world} ranks: its "
+                          f"shards do not start on blocks of {self.blocksize} elements, so its blocks would depend on "
+                          "where the shards split (same for any other such tensor).", UserWarning, stacklevel=4)
+        return aligned
+
+    def _absmax_like(self, absmax: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A sharded moment's block maxima as a DTensor of all its blocks, sharded by chunks of blocks."""
+        if not sharded.is_sharded(like):
+            return absmax
+        return sharded.like(absmax, like, shape=(-(-like.numel() // self.blocksize),))
 
     def load(self, state: dict, key: str) -> torch.Tensor:
         if key + "_absmax" not in state:
             return state[key]
         codes = sharded.local(state[key])
         code = cached_map(state[key + "_signed"], codes.device)
-        values = blockwise_8bit.dequantize_blockwise(codes, state[key + "_absmax"], code, self.blocksize)
+        absmax = sharded.local(state[key + "_absmax"])
+        values = blockwise_8bit.dequantize_blockwise(codes, absmax, code, self.blocksize)
         return sharded.like(values, state[key])
 
     def save(self, state: dict, key: str, working: torch.Tensor, signed: bool = True) -> None:
@@ -56,9 +90,10 @@ class BlockwiseQuantStore:
                 state[key].copy_(working)
             return
         # the new tensors replace the old ones (no copy pass); they have the same shapes and dtypes
-        codes, state[key + "_absmax"] = blockwise_8bit.quantize_blockwise(
+        codes, absmax = blockwise_8bit.quantize_blockwise(
             sharded.local(working), cached_map(signed, working.device), self.blocksize)
         state[key] = sharded.like(codes, working)
+        state[key + "_absmax"] = self._absmax_like(absmax, working)
         state[key + "_signed"] = bool(signed)
 
     def chunk(self, state: dict, keys, start: int, end: int) -> dict:

@@ -28,13 +28,24 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def like(part: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """``part`` (this rank's part of a tensor placed like ``ref``) as a DTensor placed like ``ref``; ``part`` itself
-    when ``ref`` is a plain tensor."""
+def like(part: torch.Tensor, ref: torch.Tensor, shape: tuple | None = None) -> torch.Tensor:
+    """``part`` (this rank's part of a tensor placed like ``ref``, of ``ref``'s global shape or ``shape``) as a
+    DTensor placed like ``ref``; ``part`` itself when ``ref`` is a plain tensor."""
     if not isinstance(ref, DTensor):
         return part
-    return DTensor.from_local(part, ref.device_mesh, ref.placements, run_check=False, shape=ref.shape,
-                              stride=ref.stride())
+    if shape is None:
+        return DTensor.from_local(part, ref.device_mesh, ref.placements, run_check=False, shape=ref.shape,
+                                  stride=ref.stride())
+    return DTensor.from_local(part, ref.device_mesh, ref.placements, run_check=False, shape=torch.Size(shape),
+                              stride=torch.empty(shape, device="meta").stride())
+
+
+def settled(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with any pending sum (a DTensor ``Partial``, left by a product over the sharded dim) reduced, so that
+    states built from it are plain replicated tensors and in-place updates need no placement change."""
+    if not isinstance(t, DTensor) or not any(p.is_partial() for p in t.placements):
+        return t
+    return t.redistribute(t.device_mesh, [Replicate() if p.is_partial() else p for p in t.placements])
 
 
 def replicated_like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
