@@ -1,14 +1,11 @@
 """Non-layer-wise lowmem optimizers under ``torchrun --nproc_per_node=2`` (gloo, CPU): both ranks end with the same
 parameters, equal to one process with the same global batch; a layer-wise name is refused with a clear error."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from ddp_worker import train
+from torchrun import torchrun
 
 NAMES = ["galore_adamw", "adam_mini", "adamw_8bit", "frugal"]
 #: Where a last-bit difference in the reduced gradient can flip a discrete choice: an 8-bit code, or the sign in
@@ -19,10 +16,7 @@ DISCRETE = {"adamw_8bit", "frugal"}
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    tests = Path(__file__).parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent)]), "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    str(tests / "ddp_worker.py"), str(out), *NAMES], check=True, env=env, timeout=600)
+    torchrun("ddp_worker.py", 2, out, *NAMES, timeout=600)
     return out
 
 

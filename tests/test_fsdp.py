@@ -3,13 +3,10 @@
 about half per rank, and what does not run sharded refused with one clear line."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from torchrun import torchrun
 
 import lowmem
 from lowmem.trainers import TrainingArguments
@@ -31,12 +28,7 @@ SWAPPED = ["swap:apollo_mini", "swap:galore_adamw", "swap:adamw_8bit"]
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    tests = Path(__file__).parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent)]), "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    str(tests / "fsdp_worker.py"), str(out), *NAMES, "galore_adamw_layerwise", *SWAPPED,
-                    "swap:galore_adamw_layerwise"],
-                   check=True, env=env, timeout=900, capture_output=True)
+    torchrun("fsdp_worker.py", 2, out, *NAMES, "galore_adamw_layerwise", *SWAPPED, "swap:galore_adamw_layerwise")
     return json.loads((out / "fsdp-2.json").read_text())
 
 
@@ -85,21 +77,12 @@ def test_layerwise_on_sharded_parameters_is_refused(fsdp_run):
 CHECKPOINTED = ["adamw", "adamw_8bit", "galore_adamw", "apollo_mini", "adam_mini", "came"]
 
 
-def _torchrun(processes: int, *args):
-    tests = Path(__file__).parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent)]), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={processes}", str(tests / "fsdp_checkpoint_worker.py"), *map(str, args)],
-                          env=env, timeout=900, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     out = tmp_path_factory.mktemp("dcp")
-    _torchrun(2, out, "save", *CHECKPOINTED)
-    _torchrun(2, out, "resume", *CHECKPOINTED)
-    _torchrun(1, out, "resume", *CHECKPOINTED)
+    torchrun("fsdp_checkpoint_worker.py", 2, out, "save", *CHECKPOINTED)
+    torchrun("fsdp_checkpoint_worker.py", 2, out, "resume", *CHECKPOINTED)
+    torchrun("fsdp_checkpoint_worker.py", 1, out, "resume", *CHECKPOINTED)
     return out
 
 
