@@ -10,6 +10,7 @@ resume are transformers' own; a lowmem optimizer's state is tensors and plain nu
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import transformers
 
@@ -34,6 +35,10 @@ class Trainer(transformers.Trainer):
         if model is not None and getattr(args, "linear_cross_entropy", False):
             patch_linear_cross_entropy(model)  # before the Trainer inspects the model's forward
         super().__init__(model, args, *positional, **kwargs)
+        if self.args.fsdp and not self.is_fsdp_enabled:
+            warnings.warn(f"fsdp={self.args.fsdp!r} was asked for, but accelerate runs "
+                          f"{self.accelerator.distributed_type.value} here (it shards on GPU-type devices only): every "
+                          "process holds the whole model and optimizer state.", UserWarning, stacklevel=2)
 
     def call_model_init(self, *args, **kwargs):
         """transformers' ``model_init`` call, its model patched like one given directly."""
