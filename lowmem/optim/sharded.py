@@ -10,6 +10,24 @@ So the composed update runs on DTensors as written, and only two things need hel
 * blockwise 8-bit storage quantizes the local rows (``local`` / ``like``): its blocks never straddle a shard.
 
 A checkpoint, the chunked update and the fused kernels take the local path or plain tensors only (see the callers).
+
+What each part does with an m x n weight whose rows are split over the ranks (m_i rows here), per step:
+
+* AdamW, sign-SGD, SGD, 8-bit moments: all local; nothing sent.
+* Adam-mini: per-row and per-element blocks local (per-head too when a shard holds whole heads); a tensor-wide
+  block's sum of squares is all-reduced (one number), its v kept on every rank.
+* Adafactor / CAME: row statistics (m_i) local; column means and the update's RMS all-reduced (n + 1 numbers per
+  factored moment), the column statistics (n) kept on every rank.
+* GaLore / Fira / FRUGAL-SVD, right side (m >= n): G_i V^T and the m_i x r moments local; V (r x n) kept on every
+  rank. Left side (m < n): U_i (m_i x r) local, U_i^T G_i summed over the ranks once in ``down`` (r x n); the low-rank
+  gradient and its r x n moments are kept on every rank. A refresh (every T steps) gathers the whole gradient for
+  the SVD (m x n).
+* APOLLO: as GaLore's sides, with P redrawn from its seed on every rank (nothing kept or sent); channel norms local,
+  tensor-wise norms all-reduced (one number).
+* Fira's and APOLLO's limiter, the non-finite test: one norm or flag per tensor.
+
+So a step sends at most the projected size (r x n) per weight, and the m x n gather happens only at a GaLore-type
+refresh. tests/test_fsdp.py checks the math; the sizes above are read off the placements, not yet measured.
 """
 
 from __future__ import annotations
