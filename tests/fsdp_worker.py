@@ -5,7 +5,8 @@ compared is the optimizer's math on sharded parameters, not the reduction order 
 ``{name: {"worst": max relative difference per step, "state_bytes": [per rank], "reference_bytes": int}}``.
 
 A name written ``swap:NAME`` builds the optimizer on the unsharded model and then swaps its parameters for the
-sharded ones, as accelerate's FSDP2 preparation does (``fsdp2_switch_optimizer_parameters``)."""
+sharded ones, as accelerate's FSDP2 preparation does (``fsdp2_switch_optimizer_parameters``); ``chunk:NAME`` lowers
+the size over which 8-bit moments update a chunk at a time, so this small model's tensors take that path."""
 
 import copy
 import json
@@ -22,6 +23,7 @@ from trainer_helpers import StdlibText, small_options
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lowmem
+from lowmem.optim import rules
 
 STEPS = 5
 
@@ -39,6 +41,12 @@ def batches():
 
 
 def compare(name: str, mesh) -> dict:
+    if name.startswith("chunk:"):
+        saved, rules.CHUNK_8BIT = rules.CHUNK_8BIT, 4096
+        try:
+            return compare(name.removeprefix("chunk:"), mesh)
+        finally:
+            rules.CHUNK_8BIT = saved
     swap = name.startswith("swap:")
     name = name.removeprefix("swap:")
     torch.manual_seed(0)

@@ -23,12 +23,15 @@ HALVED = {"adamw", "adamw_8bit", "adam_mini", "adam_mini_8bit", "frugal", "fruga
 FACTORED = {"adafactor", "galore_adafactor", "galore_adafactor_8bit"}
 #: Built on the unsharded model, then given the sharded parameters, as accelerate's FSDP2 preparation does.
 SWAPPED = ["swap:apollo_mini", "swap:galore_adamw", "swap:adamw_8bit"]
+#: 8-bit AdamW moments over a chunk size update a chunk at a time in one process; sharded ones update whole.
+CHUNKED = ["chunk:adamw_8bit", "chunk:galore_adamw_8bit"]
 
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    torchrun("fsdp_worker.py", 2, out, *NAMES, "galore_adamw_layerwise", *SWAPPED, "swap:galore_adamw_layerwise")
+    torchrun("fsdp_worker.py", 2, out, *NAMES, "galore_adamw_layerwise", *SWAPPED, "swap:galore_adamw_layerwise",
+             *CHUNKED)
     return json.loads((out / "fsdp-2.json").read_text())
 
 
@@ -55,6 +58,13 @@ def test_each_rank_holds_about_half_the_state(fsdp_run, name):
         assert ratio <= 0.66, ratio
     else:
         assert ratio < 1.0, ratio
+
+
+@pytest.mark.parametrize("name", CHUNKED)
+def test_large_8bit_moments_of_sharded_weights_update_whole(fsdp_run, name):
+    result = fsdp_run[name]
+    assert "error" not in result, result.get("error")
+    assert result["off"] <= FLIPPED_SHARE, result
 
 
 @pytest.mark.parametrize("name", SWAPPED)

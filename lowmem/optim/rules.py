@@ -27,6 +27,7 @@ from ..kernels import adam_8bit, blockwise_8bit
 from ..kernels.codes_8bit import CHUNK
 from ..kernels.common import adam_moments_
 from ..kernels.dispatch import use_triton
+from .sharded import is_sharded
 from .states import StateStore
 
 #: 8-bit Adam updates tensors larger than this a chunk at a time: the quantizer's chunk (whole blocks).
@@ -93,7 +94,7 @@ class AdamW(Rule):
                                               eps=self.eps, bias_div=self._bias_div(t), out=direction)
             return direction, lr * self._step_factor(t), lr
         fused = adam_8bit.fused_applicable(state, grad)
-        if "exp_avg_absmax" in state and grad.numel() > CHUNK_8BIT:
+        if "exp_avg_absmax" in state and grad.numel() > CHUNK_8BIT and not is_sharded(grad):  # sharded: whole
             direction = self._moments_in_chunks(grad, state, store, fused)
         else:
             direction = self._moments(grad, state, store, fused)
