@@ -27,7 +27,7 @@ What each part does with an m x n weight whose rows are split over the ranks (m_
 * Fira's and APOLLO's limiter, the non-finite test: one norm or flag per tensor.
 
 So a step sends at most the projected size (r x n) per weight, and the m x n gather happens only at a GaLore-type
-refresh. tests/test_fsdp.py checks the math; the sizes above are read off the placements, not yet measured.
+refresh. tests/test_fsdp.py checks the math; benchmarks/bench_fsdp.py measures the state per rank and the bytes sent.
 """
 
 from __future__ import annotations
