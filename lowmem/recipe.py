@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
-from .optim.registry import LAYERWISE_SUFFIX, get_spec
+from .optim.registry import get_spec, without_layerwise
 from .trainers import TrainingArguments, parse_optim_args
 
 #: Where ``lowmem train NAME`` finds a recipe given by name.
@@ -139,7 +139,7 @@ def adapt_overrides(recipe: dict, values: dict) -> list[str]:
     optim, old = values.get("optim"), recipe.get("optim")
     options = parse_optim_args(values.get("optim_args"))
     if optim != old and values.get("optim_args") == recipe.get("optim_args") and options \
-            and _without_layerwise(optim) != _without_layerwise(old):
+            and without_layerwise(str(optim)) != without_layerwise(str(old)):
         values["optim_args"] = None
         listed = ", ".join(f"{k}={v!r}" for k, v in options.items())
         lines.append(f"warning: optim={optim} runs with its own defaults, not the recipe's optim_args for {old} "
@@ -164,12 +164,6 @@ def _zeroth_order(name) -> bool:
         return get_spec(str(name)).zeroth_order
     except ValueError:
         return False
-
-
-def _without_layerwise(name) -> str:
-    """An optimizer name without its ``_layerwise`` suffix (the same method, updated inside backward)."""
-    name = str(name).lower().replace("-", "_")
-    return name[:-len(LAYERWISE_SUFFIX)] if name.endswith(LAYERWISE_SUFFIX) else name
 
 
 def parse_recipe(values: dict) -> Recipe:

@@ -161,8 +161,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         entries = [(index, i, p) for index, group in enumerate(self.param_groups) if group.get("skip_nonfinite", True)
                    for i, p in enumerate(group["params"]) if p.grad is not None]
         for _, _, p in entries:
-            if p.grad.is_sparse:
-                raise RuntimeError("lowmem optimizers do not support sparse gradients")
+            _refuse_sparse(p.grad)  # before any tensor updates
         return {id(p) for p in self.count_nonfinite(entries, [p.grad for _, _, p in entries])}
 
     def count_nonfinite(self, entries: list[tuple[int, int, torch.Tensor]], grads: list[torch.Tensor]) -> list:
@@ -237,8 +236,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         """Update ``p`` from ``p.grad``; ``low``: its projection already summed over micro-batches (no refresh
         is due then, and the lift only reads ``p.grad``'s shape and dtype)."""
         grad = p.grad
-        if grad.is_sparse:
-            raise RuntimeError("lowmem optimizers do not support sparse gradients")
+        _refuse_sparse(grad)
         if torch.is_tensor(group["lr"]):  # a 1-element tensor lr (checked when the group was added)
             group = {**group, "lr": group["lr"].item()}
         state = self.state[p]
@@ -325,6 +323,11 @@ class LowMemOptimizer(torch.optim.Optimizer):
     def state_bytes(self) -> int:
         """Exact bytes of every tensor this optimizer holds as state."""
         return sum(state_bytes(s) for s in self.state.values())
+
+
+def _refuse_sparse(grad: torch.Tensor) -> None:
+    if grad.is_sparse:
+        raise RuntimeError("lowmem optimizers do not support sparse gradients")
 
 
 def check_hyperparameters(group: dict) -> None:

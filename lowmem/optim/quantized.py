@@ -36,6 +36,7 @@ class BlockwiseQuantStore:
 
     def __init__(self, min_8bit_size: int = 4096, blocksize: int = 256):
         self.min_8bit_size, self.blocksize = min_8bit_size, blocksize
+        self._warned_unaligned = False
 
     def init(self, state: dict, key: str, like: torch.Tensor, signed: bool = True) -> None:
         if like.numel() < self.min_8bit_size or (sharded.is_sharded(like) and not self._blocks_align(like)):
@@ -62,7 +63,7 @@ class BlockwiseQuantStore:
         aligned = like.device_mesh.ndim == 1 and (rows_each * row) % self.blocksize == 0 and all(
             -(-max(0, min(rows_each, rows - i * rows_each)) * row // self.blocksize)
             == max(0, min(blocks_each, blocks - i * blocks_each)) for i in range(world))
-        if not aligned and not getattr(self, "_warned_unaligned", False):
+        if not aligned and not self._warned_unaligned:
             self._warned_unaligned = True
             warnings.warn(f"8-bit states of a sharded {tuple(like.shape)} tensor stay fp32 over {world} ranks: its "
                           f"shards do not start on blocks of {self.blocksize} elements, so its blocks would depend on "

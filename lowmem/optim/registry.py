@@ -244,11 +244,17 @@ def _closest(word: str, choices) -> str:
     return f" Did you mean {match[0]!r}?" if match else ""
 
 
+def without_layerwise(name: str) -> str:
+    """``name`` normalized (lower case, ``_`` for ``-``) and without a ``_layerwise`` suffix: the same method."""
+    key = name.lower().replace("-", "_")
+    return key[:-len(LAYERWISE_SUFFIX)] if key.endswith(LAYERWISE_SUFFIX) and key != LAYERWISE_SUFFIX else key
+
+
 def get_spec(name: str) -> OptimizerSpec:
     """The spec of a registered or generic name; ``ValueError`` naming the valid names and the closest one."""
     key = name.lower().replace("-", "_") if isinstance(name, str) else name
-    if isinstance(key, str) and key.endswith(LAYERWISE_SUFFIX) and key != LAYERWISE_SUFFIX:
-        return replace(get_spec(key[:-len(LAYERWISE_SUFFIX)]), layerwise=True)
+    if isinstance(key, str) and without_layerwise(key) != key:
+        return replace(get_spec(without_layerwise(key)), layerwise=True)
     if key in REGISTRY:
         return REGISTRY[key]
     if key in ZEROTH_ORDER:
@@ -274,7 +280,7 @@ def check_options(name: str, options: dict) -> dict:
     if spec.zeroth_order:
         if spec.layerwise:
             raise ValueError(f"optimizer {name!r} has no layer-wise form: it computes no gradients, so there is "
-                             f"nothing to update inside backward. Use {name.lower()[:-len(LAYERWISE_SUFFIX)]!r}.")
+                             f"nothing to update inside backward. Use {without_layerwise(name)!r}.")
         return opts
     opts["layerwise"] = bool(opts["layerwise"] or spec.layerwise)  # a ``<name>_layerwise`` name sets it
     check_accumulation(opts["layerwise_accumulation"])

@@ -170,11 +170,11 @@ class MeZO(torch.optim.Optimizer):
                                "estimate(loss_fn) for each micro-batch (the lowmem Trainer does so for optim='mezo').")
         grads = [g / self.zo_samples for g in self._projected]
         if not all(abs(g) < float("inf") for g in grads):  # NaN fails the test too
-            if not self.skip_nonfinite:
-                raise FloatingPointError(f"MeZO: the projected gradient is {sum(grads)} at step "
-                                         f"{self.state[_ZO]['step']}; lower lr or zo_eps.")
-            self._skips.skip(f"MeZO's projected gradient ({sum(grads)})", self.state[_ZO]["step"])
             self.last_projected_grad = sum(grads)
+            if not self.skip_nonfinite:
+                raise FloatingPointError(f"MeZO: the projected gradient is {self.last_projected_grad} at step "
+                                         f"{self.state[_ZO]['step']}; lower lr or zo_eps.")
+            self._skips.skip(f"MeZO's projected gradient ({self.last_projected_grad})", self.state[_ZO]["step"])
             self._projected = [0.0] * self.zo_samples
             self._estimated = False
             return loss

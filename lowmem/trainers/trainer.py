@@ -61,14 +61,18 @@ class Trainer(transformers.Trainer):
             self.optimizer = optimizer
         return self.optimizer
 
+    def _unwrapped_optimizer(self):
+        """The optimizer ``create_optimizer`` built (accelerate wraps it once prepared)."""
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
     def layerwise_updates(self):
         """The optimizer's ``LayerwiseUpdates`` when it updates inside backward, else None."""
-        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
+        optimizer = self._unwrapped_optimizer()
         return getattr(optimizer, "layerwise", None)
 
     def zeroth_order(self):
         """The optimizer when it is zeroth-order (``optim="mezo"``), else None."""
-        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        optimizer = self._unwrapped_optimizer()
         return optimizer if isinstance(optimizer, MeZO) else None
 
     def training_step(self, model, inputs, *args, **kwargs):
@@ -82,7 +86,7 @@ class Trainer(transformers.Trainer):
         updates = self.layerwise_updates()
         if updates is None:
             loss = super().training_step(model, inputs, *args, **kwargs)
-            optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+            optimizer = self._unwrapped_optimizer()
             scaler = getattr(self.accelerator, "scaler", None)  # fp16: the loss scaler skips non-finite steps itself
             if self.accelerator.sync_gradients and isinstance(optimizer, LowMemOptimizer) and scaler is None:
                 optimizer.drop_nonfinite_grads()  # before the Trainer clips: a NaN must not reach the global norm
@@ -125,7 +129,7 @@ class Trainer(transformers.Trainer):
         updates = self.layerwise_updates()
         if updates is not None and "loss" in logs and updates.last_grad_norm is not None:
             logs["grad_norm"] = updates.last_grad_norm
-        skipped = getattr(getattr(self.optimizer, "optimizer", self.optimizer), "nonfinite_skips", 0)
+        skipped = getattr(self._unwrapped_optimizer(), "nonfinite_skips", 0)
         if skipped and "loss" in logs:
             logs["skipped_nonfinite"] = skipped
         zo = self.zeroth_order()
