@@ -7,6 +7,7 @@ A mistake in the user's input prints one line (``lowmem: error: ...``) and exits
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -77,6 +78,8 @@ def _train(name: str, overrides: list[str]) -> int:
     for note in notes:
         print(f"lowmem: {note}", file=sys.stderr)
     report = run(recipe)
+    if int(os.environ.get("RANK", "0")):
+        return 0  # launched by torchrun: the first process reports
     mib = 2**20
     state = report["optimizer_state_bytes"]
     print(f"parameters: {report['parameters']:,} ({report['trainable_parameters']:,} trained); optimizer state: "
@@ -88,6 +91,9 @@ def _train(name: str, overrides: list[str]) -> int:
     unplotted = "" if plotted or not recipe.method.plot_loss else \
         f"; no loss.png: no loss was logged (logging_steps={recipe.train.logging_steps})"
     print(f"saved to {out} (model, memory.json{plotted}){unplotted}")
+    if "optimizer_state_bytes_per_process" in report:
+        print("per process: optimizer state " + ", ".join(f"{b:,}" for b in report["optimizer_state_bytes_per_process"])
+              + " bytes; parameters " + ", ".join(f"{b:,}" for b in report["parameter_bytes_per_process"]) + " bytes")
     return 0
 
 

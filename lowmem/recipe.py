@@ -208,6 +208,8 @@ def _coerce(key: str, value, annotation):
     """YAML reads ``1e-5`` as a string (``1.0e-5`` is a float) and ``no`` as False: convert them back for fields
     that take numbers or strings."""
     kinds = _field_kinds(annotation)
+    if key == "fsdp" and isinstance(value, bool):
+        return value  # typed str, but transformers asks for fsdp=True (FSDP2 by default)
     if isinstance(value, bool) and bool not in kinds and str in kinds:
         return "yes" if value else "no"  # save_strategy: no
     if isinstance(value, str) and str not in kinds:

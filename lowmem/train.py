@@ -25,6 +25,7 @@ from .data import (
     to_messages,
     train_bpe_tokenizer,
 )
+from .optim.sharded import local
 from .optim.states import state_bytes
 from .quiet import lora_without_bitsandbytes
 from .recipe import Recipe
@@ -190,12 +191,13 @@ def run(recipe: Recipe) -> dict:
             shutil.rmtree(out)
         raise
     trainer.train(resume_from_checkpoint=recipe.train.resume_from_checkpoint)
-    trainer.save_model()
-    trainer.state.save_to_json(str(out / "trainer_state.json"))  # the loss history, with or without checkpoints
+    trainer.save_model()  # every process takes part (FSDP gathers the shards); the main one writes
     report = memory_report(trainer, model)
-    (out / "memory.json").write_text(json.dumps(report, indent=2) + "\n")
-    if recipe.method.plot_loss:
-        plot_loss(trainer.state.log_history, out / "loss.png")
+    if trainer.is_world_process_zero():
+        trainer.state.save_to_json(str(out / "trainer_state.json"))  # the loss history, with or without checkpoints
+        (out / "memory.json").write_text(json.dumps(report, indent=2) + "\n")
+        if recipe.method.plot_loss:
+            plot_loss(trainer.state.log_history, out / "loss.png")
     return report
 
 
@@ -214,7 +216,8 @@ def _fit_rank_to_stand_in(args) -> None:
 
 
 def memory_report(trainer, model) -> dict:
-    """Peak memory of the run and the optimizer state's exact bytes."""
+    """Peak memory of the run and the optimizer state's exact bytes (this process's; with several processes, also
+    each one's list: ``..._per_process``, where sharded parameters and state hold their local part)."""
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     state = sum(state_bytes(s) for s in optimizer.state.values() if isinstance(s, dict))  # any torch optimizer
     streamer = getattr(optimizer, "streamer", None)  # offloaded MeZO: blocks are placeholders between turns
@@ -229,6 +232,12 @@ def memory_report(trainer, model) -> dict:
     }
     if torch.cuda.is_available():
         report["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        mine = {"parameter_bytes": sum(local(p).numel() * p.element_size() for p in model.parameters()),
+                "optimizer_state_bytes": state, "peak_rss_bytes": report["peak_rss_bytes"]}
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, mine)
+        report.update({f"{key}_per_process": [each[key] for each in gathered] for key in mine})
     return report
 
 

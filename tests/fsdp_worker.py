@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import distribute_tensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 from trainer_helpers import StdlibText, small_options
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -90,8 +90,10 @@ def compare(name: str, mesh) -> dict:
     total = sum(q.numel() for q in reference.parameters())
     state_bytes = [None] * dist.get_world_size()
     dist.all_gather_object(state_bytes, sharded_opt.state_bytes())
+    pending = sorted({key for state in sharded_opt.state.values() for key, value in state.items()
+                      if isinstance(value, DTensor) and any(p.is_partial() for p in value.placements)})
     return {"worst": worst, "off": off / total, "state_bytes": state_bytes,
-            "reference_bytes": reference_opt.state_bytes()}
+            "reference_bytes": reference_opt.state_bytes(), "pending": pending}
 
 
 def main(out: Path, names: list[str]) -> None:

@@ -40,6 +40,7 @@ def test_sharded_steps_equal_one_process(fsdp_run, name):
     result = fsdp_run[name]
     assert "error" not in result, result.get("error")
     worst = max(result["worst"])
+    assert not result["pending"], f"state kept with an unreduced (Partial) placement: {result['pending']}"
     if name in DISCRETE:
         assert result["off"] <= FLIPPED_SHARE, result
     else:
@@ -82,36 +83,42 @@ def test_layerwise_on_sharded_parameters_is_refused(fsdp_run):
         "ValueError: the optimizer's parameters were replaced after its layer-wise hooks were set (by FSDP2 sharding)")
 
 
-#: Names whose sharded state round-trips through torch.distributed.checkpoint (FRUGAL's block projector keeps
-#: moments only for its active tensors, so a fresh optimizer's state does not have the checkpoint's keys: not yet).
-CHECKPOINTED = ["adamw", "adamw_8bit", "galore_adamw", "apollo_mini", "adam_mini", "came"]
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     out = tmp_path_factory.mktemp("dcp")
-    torchrun("fsdp_checkpoint_worker.py", 2, out, "save", *CHECKPOINTED)
-    torchrun("fsdp_checkpoint_worker.py", 2, out, "resume", *CHECKPOINTED)
-    torchrun("fsdp_checkpoint_worker.py", 1, out, "resume", *CHECKPOINTED)
+    for processes, phase, saved in ((2, "save", 2), (1, "save", 1), (2, "resume", 2), (1, "resume", 2),
+                                    (2, "resume", 1)):
+        torchrun("fsdp_checkpoint_worker.py", processes, out, phase, saved, *NAMES)
     return out
 
 
-@pytest.mark.parametrize("name", CHECKPOINTED)
+@pytest.mark.parametrize("name", NAMES)
 def test_a_sharded_checkpoint_resumes_bit_exactly_and_loads_at_another_world_size(checkpoints, name):
-    """Saved at 2 ranks after 3 steps: loaded at 2 or at 1 rank the optimizer state is the saved one, element for
-    element (8-bit codes and block maxima included), and at 2 ranks the last 2 steps are bit-identical to the run that
-    never stopped."""
-    ran = torch.load(checkpoints / f"save-{name}-w2.pt", weights_only=True)
-    for world in (2, 1):
-        resumed = torch.load(checkpoints / f"resume-{name}-w{world}.pt", weights_only=True)
-        assert resumed["state"].keys() == ran["state"].keys()
-        for key, saved in ran["state"].items():
-            assert saved.keys() == resumed["state"][key].keys(), key
-            for field, value in saved.items():
-                assert torch.equal(torch.as_tensor(value), torch.as_tensor(resumed["state"][key][field])), (key, field)
-    same = torch.load(checkpoints / f"resume-{name}-w2.pt", weights_only=True)["params"]
-    for key, value in ran["params"].items():
+    """Saved after 3 steps at 2 ranks and at 1: loaded at 2 -> 2, 2 -> 1 and 1 -> 2 ranks the optimizer state is the
+    saved one, element for element (8-bit codes and block maxima, FRUGAL's active blocks included), and 2 -> 2 the
+    last 2 steps are bit-identical to the run that never stopped."""
+    for saved, resumed_at in ((2, 2), (2, 1), (1, 2)):
+        ran = torch.load(checkpoints / f"save-{name}-w{saved}.pt", weights_only=True)["state"]
+        resumed = torch.load(checkpoints / f"resume-{name}-w{resumed_at}-from{saved}.pt", weights_only=True)["state"]
+        assert resumed.keys() == ran.keys()
+        for key, state in ran.items():
+            assert state.keys() == resumed[key].keys(), (saved, resumed_at, key)
+            for field, value in state.items():
+                assert torch.equal(torch.as_tensor(value), torch.as_tensor(resumed[key][field])), (key, field)
+    ran = torch.load(checkpoints / f"save-{name}-w2.pt", weights_only=True)["params"]
+    same = torch.load(checkpoints / f"resume-{name}-w2-from2.pt", weights_only=True)["params"]
+    for key, value in ran.items():
         assert torch.equal(value, same[key]), key
+
+
+@pytest.mark.parametrize(("pair", "says"), [("adamw@galore_adamw", "does not create"),
+                                             ("galore_adamw@adamw", "with shape")])
+def test_a_checkpoint_of_another_optimizer_is_refused_by_name(checkpoints, pair, says):
+    """AdamW does not hold GaLore's projector; GaLore's moments are not AdamW's shape: each names the entry before
+    anything is loaded."""
+    torchrun("fsdp_checkpoint_worker.py", 1, checkpoints, "mismatch", 1, pair)
+    error = (checkpoints / f"mismatch-{pair}.txt").read_text()
+    assert error.startswith("ValueError: the checkpoint") and says in error, error
 
 
 def test_deepspeed_is_refused_naming_fsdp2(tmp_path):

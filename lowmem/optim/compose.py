@@ -221,6 +221,18 @@ class LowMemOptimizer(torch.optim.Optimizer):
             self.layerwise = LayerwiseUpdates(self, accumulation)
         return self.layerwise
 
+    @torch.no_grad()
+    def init_inactive_moments(self) -> None:
+        """Give the tensors a block projector left inactive (FRUGAL) their moments, zero, as if active: a sharded
+        checkpoint's loader asks for every entry a state could hold, then drops what the checkpoint lacks
+        (``sharded_checkpoint``)."""
+        for index, group in enumerate(self.param_groups):
+            parts = self.parts_for_step(index, choose_blocks=False)
+            if parts.projector.group_level:
+                for p in group["params"]:
+                    parts.rule.init_state(self.state[p], parts.store, torch.zeros_like(p))
+        self._step_parts.clear()
+
     def _choose_blocks(self, group: dict, projector) -> None:
         states = [self.state[p] for p in group["params"]]
         if not projector.due(states):

@@ -24,6 +24,7 @@ import math
 import torch
 
 from .projectors import Projector
+from .sharded import settled
 
 LIMITER_GAMMA = 1.01
 
@@ -31,8 +32,10 @@ LIMITER_GAMMA = 1.01
 def growth_limiter(norm: torch.Tensor, state: dict, gamma: float = LIMITER_GAMMA) -> torch.Tensor | None:
     """The divisor that caps ``norm`` at ``gamma`` x the previous step's; records the limited norm.
 
-    None on the first step (nothing to compare with). A 0-d tensor otherwise: no host sync.
+    None on the first step (nothing to compare with). A 0-d tensor otherwise: no host sync. A sharded norm is
+    reduced here, so the state keeps a plain replicated value (which a checkpoint saves as one tensor).
     """
+    norm = settled(norm)
     if "limiter_norm" not in state:
         state["limiter_norm"] = norm
         return None

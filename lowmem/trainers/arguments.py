@@ -11,8 +11,10 @@ checked when the arguments are built, so a typo fails before any model is loaded
 from __future__ import annotations
 
 import ast
+import os
 from dataclasses import dataclass, field
 
+import torch
 import transformers
 from transformers.training_args import OptimizerNames
 
@@ -108,6 +110,10 @@ class TrainingArguments(transformers.TrainingArguments):
                 "logits=None when given labels."})
 
     def __post_init__(self):
+        if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+            # launched by torchrun on a machine with no GPU: without use_cpu, accelerate starts the process group
+            # yet runs each process alone (every one training on all the data); with it, gloo DDP or FSDP2
+            self.use_cpu = True
         self.max_grad_norm_given = self.max_grad_norm is not None
         if self.max_grad_norm is None:
             self.max_grad_norm = 1.0
@@ -122,8 +128,8 @@ class TrainingArguments(transformers.TrainingArguments):
         if self.deepspeed:
             raise ValueError(f"optim={name!r} with DeepSpeed: ZeRO flattens the parameters into 1-D buffers, so an "
                              "optimizer that reads each weight's shape (projections, factored or per-row moments) "
-                             "would see none. Shard with FSDP2 instead: fsdp='full_shard' and fsdp_config={'version': "
-                             "2} (torch.distributed.fsdp.fully_shard), which keeps every weight's shape.")
+                             "would see none. Shard with FSDP2 instead: fsdp=True (fsdp_config={'version': 2}, "
+                             "torch.distributed.fsdp.fully_shard), which keeps every weight's shape.")
         self.optim = OptimizerNames.ADAMW_TORCH  # the parent's enum check; restored below
         super().__post_init__()
         self.optim = name

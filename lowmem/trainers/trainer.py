@@ -10,15 +10,16 @@ resume are transformers' own; a lowmem optimizer's state is tensors and plain nu
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import transformers
 
 from ..kernels.model_patch import patch_linear_cross_entropy
 from ..optim.compose import LowMemOptimizer
 from ..optim.registry import create_optimizer
+from ..optim.sharded_checkpoint import prepare_to_load
 from ..optim.zo import MeZO, pair_loss
 from .arguments import TrainingArguments, layerwise_ddp_error
+from .fsdp import shard_cpu_processes, sharded_optimizer_dir
 
 _OPTIM_FIELDS = ("optim", "optim_args", "optim_target_modules")
 
@@ -35,10 +36,20 @@ class Trainer(transformers.Trainer):
         if model is not None and getattr(args, "linear_cross_entropy", False):
             patch_linear_cross_entropy(model)  # before the Trainer inspects the model's forward
         super().__init__(model, args, *positional, **kwargs)
-        if self.args.fsdp and not self.is_fsdp_enabled:
-            warnings.warn(f"fsdp={self.args.fsdp!r} was asked for, but accelerate runs "
-                          f"{self.accelerator.distributed_type.value} here (it shards on GPU-type devices only): every "
-                          "process holds the whole model and optimizer state.", UserWarning, stacklevel=2)
+
+    def create_accelerator_and_postprocess(self):
+        """transformers' accelerator; FSDP2 asked for on CPU processes shards there too (``fsdp``)."""
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp_plugin_args is not None and not self.is_fsdp_enabled:
+            shard_cpu_processes(self)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """transformers' load; a lowmem optimizer's sharded state first takes the entries the checkpoint holds."""
+        directory = sharded_optimizer_dir(self, checkpoint)
+        optimizer = self._unwrapped_optimizer()
+        if directory is not None and isinstance(optimizer, LowMemOptimizer):
+            prepare_to_load(self.model, optimizer, directory)
+        return super()._load_optimizer_and_scheduler(checkpoint)
 
     def call_model_init(self, *args, **kwargs):
         """transformers' ``model_init`` call, its model patched like one given directly."""
