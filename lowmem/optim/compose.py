@@ -187,6 +187,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 loss = closure()
         if self.layerwise is not None:
             self.layerwise.check_params()
+            self.layerwise.release_updated()
         skipped = set() if self._screened else self._screen()
         for index, group in enumerate(self.param_groups):
             parts = self.parts_for_step(index)

@@ -22,11 +22,18 @@ Projection is linear, so the projected sum equals the projection of the summed g
 ``last_grad_norm`` is the 2-norm of the gradients the step used, taken before any update; in a projected
 accumulation step a projected weight counts with its projected sum (the part its update sees).
 Gradients cannot be clipped by their global norm here: each weight updates before the other gradients exist.
+
+Under DDP (``updates.attach(ddp_model)``; the lowmem Trainer does it) a weight's local gradient is not the one to
+use: the updates move into a DDP communication hook and run as each bucket's all-reduce completes, on the averaged
+gradients, so every rank updates the same way as one process with the whole batch. Micro-batches before a step's
+last accumulate in ``.grad`` (DDP skips their all-reduce, and reduces the sum once), so DDP keeps the full-size
+gradient buckets it always keeps; what layer-wise mode saves there is the optimizer's per-step temporaries.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 
 import torch
@@ -65,6 +72,10 @@ class LayerwiseUpdates:
         self._projected_sums: dict[torch.Tensor, torch.Tensor] = {}
         self._group_index: dict[torch.Tensor, int] = {}
         self._place: dict[torch.Tensor, int] = {}  # a parameter's place in its group (for messages)
+        #: The DDP module whose all-reduce hook runs the updates (``attach``), else None.
+        self.ddp = None
+        self._updated: set[int] = set()  # ids of the parameters a DDP hook updated this step
+        self._lock = threading.Lock()  # DDP's bucket callbacks may run on the process group's threads
         self._handles = []
         for index, group in enumerate(optimizer.param_groups):
             for place, p in enumerate(group["params"]):
@@ -82,8 +93,61 @@ class LayerwiseUpdates:
         finally:
             self.sync = True
 
+    def attach(self, ddp_model) -> None:
+        """Run the updates after DDP's all-reduce of each bucket instead of on the local gradients (see the module
+        doc). Call once, after wrapping the model in ``DistributedDataParallel`` and before its first backward."""
+        if self.ddp is ddp_model:
+            return
+        if self.ddp is not None:
+            raise ValueError("these layer-wise updates are already attached to another DDP model")
+        wrapped = {id(p) for p in ddp_model.parameters() if p.requires_grad}
+        missing = [self.optimizer.param_name(self._group_index[p], self._place[p]) for p in self._group_index
+                   if id(p) not in wrapped]
+        if missing:
+            raise ValueError(f"the DDP model does not hold the optimizer's parameters {missing[:3]}: wrap the model "
+                             "the optimizer was built on.")
+        ddp_model.register_comm_hook(ddp_model.process_group, self._ddp_hook)
+        self.ddp = ddp_model
+
+    def _ddp_hook(self, process_group, bucket):
+        """DDP's default all-reduce (an average), then the updates of the bucket's parameters."""
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def update(future):
+            reduced = future.value()[0]
+            with self._lock, torch.no_grad():
+                for p, grad in zip(bucket.parameters(), bucket.gradients(), strict=True):
+                    self._update_reduced(p, grad.view_as(p))
+            return reduced
+        return allreduce_hook(process_group, bucket).then(update)
+
+    def _update_reduced(self, p: torch.Tensor, grad: torch.Tensor) -> None:
+        """The update of ``p`` with its all-reduced gradient (``.grad`` is DDP's until backward ends)."""
+        if p not in self._group_index:
+            return
+        index = self._group_index[p]
+        own = p.grad
+        p.grad = grad
+        try:
+            if self._finite(p, index, grad):
+                self.count_norm(grad)
+                self.optimizer.update_param(p, self.optimizer.param_groups[index], self.optimizer.parts_for_step(index))
+        finally:
+            p.grad = own
+        self._updated.add(id(p))
+
+    def release_updated(self) -> None:
+        """Drop the gradients DDP left on the parameters its hook already updated (``step()`` calls this first)."""
+        if self._updated:
+            for p in self._group_index:
+                if id(p) in self._updated:
+                    p.grad = None
+
     @torch.no_grad()
     def _on_gradient(self, p: torch.Tensor) -> None:
+        if self.ddp is not None:
+            return  # the local gradient: DDP reduces it (or, in a micro-batch before the last, it accumulates)
+        _refuse_unreduced(self)
         index = self._group_index[p]
         group = self.optimizer.param_groups[index]
         if not self.sync:
@@ -150,6 +214,7 @@ class LayerwiseUpdates:
                                         low)
             p.grad = None
         self._projected_sums.clear()
+        self._updated.clear()
         if self._squared_norm is not None:
             self.last_grad_norm = self._squared_norm.sqrt().item()
         self._squared_norm = None
@@ -164,6 +229,17 @@ class LayerwiseUpdates:
                 delattr(p, _OWNER)
         self._group_index.clear()
         self.optimizer.layerwise = None
+
+
+def _refuse_unreduced(updates: LayerwiseUpdates) -> None:
+    """``ValueError`` when several processes train and no DDP model is attached: each would update its weights
+    with its own local gradient, silently training something else on every rank."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise ValueError(f"layer-wise updates in {dist.get_world_size()} processes need the gradients reduced first: "
+                         "wrap the model in DistributedDataParallel and call optimizer.layerwise.attach(ddp_model) "
+                         "before the first backward (the lowmem Trainer does this), or drop '_layerwise'.")
 
 
 def _owner(p: torch.Tensor):

@@ -57,10 +57,11 @@ def _split_top_level(text: str) -> list[str]:
     return [item for item in (i.strip() for i in items) if item]
 
 
-def layerwise_ddp_error(name: str, processes: int) -> ValueError:
-    """The error for a layer-wise optimizer under DDP (raised when the arguments are built, and by the Trainer)."""
-    return ValueError(f"optim={name!r} cannot run under DDP with {processes} processes: DDP reduces the gradients "
-                      "after the layer-wise hooks have already used them. Drop '_layerwise' for distributed training.")
+def layerwise_fsdp_error(name: str) -> ValueError:
+    """The error for a layer-wise optimizer under FSDP (raised when the arguments are built, and by the Trainer)."""
+    return ValueError(f"optim={name!r} cannot run under FSDP yet: FSDP2 hands each shard its reduced gradient "
+                      "outside autograd, after the layer-wise hooks ran. Drop '_layerwise' (sharding already keeps "
+                      "1/N of the gradients per process), or train under DDP.")
 
 
 def is_lowmem_name(name: str) -> bool:
@@ -172,19 +173,21 @@ class TrainingArguments(transformers.TrainingArguments):
             f"max_grad_norm={self.max_grad_norm} cannot clip by the global norm. Set max_grad_norm=0 (the logged "
             "grad_norm is still the real one), or drop '_layerwise' to clip.",
             f"optim={name!r} with fp16: the loss scaler's scaled gradients would reach the layer-wise update before "
-            "they are unscaled. Use bf16=True, or drop '_layerwise'.",
-            layerwise_ddp_error(name, self.world_size))
+            "they are unscaled. Use bf16=True, or drop '_layerwise'.")
+        if self.fsdp:
+            raise layerwise_fsdp_error(name)
 
-    def _refuse_clipping_fp16_and_ddp(self, clipping: str, fp16: str, ddp: ValueError) -> None:
-        """For optimizers that cannot clip by the global norm, take fp16 loss scaling or run under DDP:
-        ``max_grad_norm`` defaults to 0 and a positive one is an error; fp16 and several processes are errors."""
+    def _refuse_clipping_fp16_and_ddp(self, clipping: str, fp16: str, ddp: ValueError | None = None) -> None:
+        """For optimizers that cannot clip by the global norm, take fp16 loss scaling or (``ddp`` given) run in
+        several processes: ``max_grad_norm`` defaults to 0 and a positive one is an error; fp16 and several processes
+        are errors."""
         if not self.max_grad_norm_given:
             self.max_grad_norm = 0.0
         elif self.max_grad_norm > 0:
             raise ValueError(clipping)
         if self.fp16:
             raise ValueError(fp16)
-        if self.world_size > 1:
+        if ddp is not None and self.world_size > 1:
             raise ddp
 
     def lowmem_options(self) -> dict:

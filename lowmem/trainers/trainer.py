@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 import transformers
 
 from ..kernels.model_patch import patch_linear_cross_entropy
@@ -18,7 +19,7 @@ from ..optim.compose import LowMemOptimizer
 from ..optim.registry import create_optimizer
 from ..optim.sharded_checkpoint import prepare_to_load
 from ..optim.zo import MeZO, pair_loss
-from .arguments import TrainingArguments, layerwise_ddp_error
+from .arguments import TrainingArguments, layerwise_fsdp_error
 from .fsdp import shard_cpu_processes, sharded_optimizer_dir
 
 _OPTIM_FIELDS = ("optim", "optim_args", "optim_target_modules")
@@ -65,11 +66,9 @@ class Trainer(transformers.Trainer):
             return super().create_optimizer(*args, **kwargs)
         if self.optimizer is None:
             model = args[0] if args else kwargs.get("model") or self.model
-            optimizer = create_optimizer(name, model, **self.args.lowmem_options())
-            if getattr(optimizer, "layerwise", None) is not None and self.accelerator.num_processes > 1:
-                optimizer.layerwise.remove()  # the arguments may have changed since they were checked
-                raise layerwise_ddp_error(name, self.accelerator.num_processes)
-            self.optimizer = optimizer
+            if self.is_fsdp_enabled and self.args.lowmem_options()["layerwise"]:
+                raise layerwise_fsdp_error(name)  # the arguments may have changed since they were checked
+            self.optimizer = create_optimizer(name, model, **self.args.lowmem_options())
         return self.optimizer
 
     def _unwrapped_optimizer(self):
@@ -102,6 +101,8 @@ class Trainer(transformers.Trainer):
             if self.accelerator.sync_gradients and isinstance(optimizer, LowMemOptimizer) and scaler is None:
                 optimizer.drop_nonfinite_grads()  # before the Trainer clips: a NaN must not reach the global norm
             return loss
+        if updates.ddp is None and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            updates.attach(model)  # update on the all-reduced gradients, as each bucket's reduction completes
         updates.sync = self.accelerator.sync_gradients
         try:
             return super().training_step(model, inputs, *args, **kwargs)
