@@ -1,4 +1,4 @@
-"""Per-rank optimizer state and bytes the optimizer step sends, for every name on FSDP2-sharded weights.
+"""Per-rank optimizer state, peak memory and bytes the optimizer step sends, for every name on FSDP2-sharded weights.
 
 Run under torchrun (gloo on CPU); world size 1 and 2 side by side:
 
@@ -9,7 +9,10 @@ Run under torchrun (gloo on CPU); world size 1 and 2 side by side:
 Model: LLaMA hidden 512, MLP 1536, 2 layers, vocabulary 1024 (rows hold whole 8-bit blocks); rank 64, a projector
 refresh every 100 steps. Bytes sent are counted on the DTensor collectives the optimizer's own step issues
 (all-reduce, all-gather, reduce-scatter inputs; FSDP's forward/backward traffic is not counted), for a refresh step
-(the first) and a steady step (the second), per rank.
+(the first) and a steady step (the second), per rank. A third step runs under torch's ``FSDPMemTracker``: the
+peak live bytes of each category on this rank (sharded and unsharded weights, gradients, optimizer state,
+activations and temporaries, FSDP's all-gather and reduce-scatter buffers). ``planned_state_bytes`` is
+``lowmem.memory.optimizer_state_bytes(name, model, world)`` from the config alone, next to the measured state.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import warnings
 
 import torch
 import torch.distributed as dist
+from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
@@ -27,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lowmem
+from lowmem.memory import optimizer_state_bytes
 
 COLLECTIVES = {torch.ops._c10d_functional.all_reduce.default, torch.ops._c10d_functional.all_gather_into_tensor.default,
                torch.ops._c10d_functional.reduce_scatter_tensor.default}
@@ -73,8 +78,27 @@ def measure(name: str, mesh) -> dict:
             optimizer.step()
         optimizer.zero_grad()
         sent.append(counter.bytes)
-    return {"state_bytes": optimizer.state_bytes(), "refresh_step_bytes": sent[0], "steady_step_bytes": sent[1],
-            "parameters": sum(p.numel() for p in model.parameters())}
+    with torch.device("meta"):
+        planned = sum(optimizer_state_bytes(name, LlamaForCausalLM(config), world=mesh.size(), **options).values())
+    return {"state_bytes": optimizer.state_bytes(), "planned_state_bytes": planned, "refresh_step_bytes": sent[0],
+            "steady_step_bytes": sent[1], "parameters": sum(p.numel() for p in model.parameters()),
+            "peak": tracked_peak(model, optimizer)}
+
+
+def tracked_peak(model, optimizer) -> dict:
+    """This rank's peak live bytes by ``FSDPMemTracker`` category over one more training step."""
+    warnings.filterwarnings("ignore", message="Expected a tensor or a traceable wrapper-subclass")
+    tracker = FSDPMemTracker(model, optimizer)
+    ids = torch.randint(0, 1024, (1, 64), generator=torch.Generator().manual_seed(2))
+    with tracker:
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    peak = {}
+    for snapshot in tracker.get_tracker_snapshot("peak").values():
+        for key, value in snapshot.items():
+            peak[getattr(key, "value", key)] = peak.get(getattr(key, "value", key), 0) + value
+    return peak
 
 
 def main(out: str) -> None:

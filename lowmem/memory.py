@@ -165,46 +165,84 @@ def _projected(shape: tuple, projector) -> tuple[tuple, int]:
     return tuple(shape), 0
 
 
-def _moment_shapes(low: tuple, rule, float_dtype: torch.dtype) -> list[tuple[tuple, torch.dtype]]:
-    """(shape, dtype the store is handed) of each moment a rule keeps for a gradient of shape ``low``
-    (``lowmem.optim.rules``: Adafactor/CAME work in fp32, the others in the gradient's dtype)."""
+def _moment_shapes(low: tuple, rule, float_dtype: torch.dtype) -> list[tuple[tuple, torch.dtype, bool]]:
+    """(shape, dtype the store is handed, whether its rows are ``low``'s rows) of each moment a rule keeps for a
+    gradient of shape ``low`` (``lowmem.optim.rules``: Adafactor/CAME work in fp32, the others in the gradient's
+    dtype). Row-following moments are split with the parameter's rows under FSDP2; the others are kept whole."""
     from .optim.rules import CAME, Adafactor, AdamMini, AdamW
 
     def factored(shape):
-        return [(shape[:-1], torch.float32), (shape[:-2] + shape[-1:], torch.float32)] if len(shape) >= 2 \
-            else [(shape, torch.float32)]
+        return [(shape[:-1], torch.float32, True), (shape[:-2] + shape[-1:], torch.float32, False)] \
+            if len(shape) >= 2 else [(shape, torch.float32, True)]
 
     if isinstance(rule, AdamW):
-        return [(low, float_dtype)] * 2
+        return [(low, float_dtype, True)] * 2
     if isinstance(rule, CAME):
         res = factored(low) if len(low) >= 2 else []
-        return [(low, torch.float32)] + factored(low) + res
+        return [(low, torch.float32, True)] + factored(low) + res
     if isinstance(rule, Adafactor):
-        return factored(low) + ([(low, torch.float32)] if rule.beta1 is not None else [])
+        return factored(low) + ([(low, torch.float32, True)] if rule.beta1 is not None else [])
     if isinstance(rule, AdamMini):
         numel = math.prod(low)
         second = {"elementwise": low, "tensor": (), "rows": (low[0], 1),
                   "heads": (numel // (rule.head_numel or 1), 1)}[rule.block]
-        return [(low, float_dtype), (second, float_dtype)]
+        return [(low, float_dtype, True), (second, float_dtype, rule.block != "tensor")]
     return []  # SGD, sign-SGD: no state
 
 
-def param_state_bytes(shape: tuple, dtype: torch.dtype, parts, active: bool = True) -> int:
-    """Exact bytes of one parameter's optimizer state once it has stepped: the rule's moments on the projected
-    shape in the group's store, plus the projector's stored tensors and the lift's 0-d limiter norm."""
+def _state_tensors(shape: tuple, dtype: torch.dtype, parts) -> list[tuple[tuple, torch.dtype, bool, bool]]:
+    """(shape, dtype, kept in the group's store, split with the parameter's rows) of each tensor one parameter's
+    state holds once it has stepped: the projector's stored tensors, the rule's moments on the projected shape, and
+    the lift's 0-d limiter norm. What ``lowmem.optim.sharded`` documents per part: a right-side projection keeps its
+    m x r moments by rows and its r x n factor whole; a left side its U (m x r) by rows and the r x n moments whole."""
     from .optim.lifts import ApolloLift, FiraLift
-    from .optim.projectors import BlockProjector, CoordinateProjector
+    from .optim.projectors import CoordinateProjector
 
-    shape = tuple(shape)
+    low, stored = _projected(shape, parts.projector) if len(shape) == 2 else (shape, 0)
+    side = parts.projector.side(shape) if len(shape) == 2 else None
+    by_rows = side in (None, "right") and not isinstance(parts.projector, CoordinateProjector)
+    tensors = []
+    if stored:
+        index_dtype = torch.int64 if isinstance(parts.projector, CoordinateProjector) else dtype
+        if side in ("left", "full"):
+            r = parts.projector.rank_for(shape)
+            tensors.append(((shape[0], r), index_dtype, False, True))
+            stored -= shape[0] * r
+        if stored:
+            tensors.append(((stored,), index_dtype, False, False))
+    tensors += [(s, d, True, by_rows and rows) for s, d, rows in _moment_shapes(low, parts.rule, dtype)]
+    if isinstance(parts.lift, FiraLift) or isinstance(parts.lift, ApolloLift) and parts.lift.limiter:
+        tensors.append(((), dtype, False, False))
+    return tensors
+
+
+def _rank_bytes(shape: tuple, dtype: torch.dtype, in_store: bool, by_rows: bool, store, world: int) -> int:
+    """Bytes of one state tensor on the rank holding the most of it (rank 0: ``ceil(rows / world)`` rows) when
+    ``world`` ranks split it by rows (``by_rows``), else whole; blockwise 8-bit as ``BlockwiseQuantStore`` keeps it
+    (a moment whose shards would not start on whole blocks stays fp32)."""
+    from .optim.quantized import BlockwiseQuantStore, blocks_align
+
+    numel = math.prod(shape)
+    split = by_rows and world > 1 and len(shape) >= 1
+    local = -(-shape[0] // world) * math.prod(shape[1:]) if split else numel
+    if not in_store:
+        return nbytes(local, dtype)
+    if split and isinstance(store, BlockwiseQuantStore) and numel >= store.min_8bit_size:
+        if not blocks_align(shape, world, store.blocksize):
+            return 4 * local
+        return local + 4 * -(-math.ceil(numel / store.blocksize) // world)  # codes, and a chunk of block maxima
+    return store_bytes(local, dtype, store)
+
+
+def param_state_bytes(shape: tuple, dtype: torch.dtype, parts, active: bool = True, world: int = 1) -> int:
+    """Exact bytes of one parameter's optimizer state once it has stepped (``_state_tensors``); with ``world`` > 1,
+    on the rank that holds the most of it when FSDP2 shards the parameter's rows over ``world`` ranks."""
+    from .optim.projectors import BlockProjector
+
     if isinstance(parts.projector, BlockProjector) and not active:
         return 0  # an inactive FRUGAL block keeps no statistics
-    low, stored = _projected(shape, parts.projector) if len(shape) == 2 else (shape, 0)
-    index_dtype = torch.int64 if isinstance(parts.projector, CoordinateProjector) else dtype
-    total = nbytes(stored, index_dtype)
-    total += sum(store_bytes(math.prod(s), d, parts.store) for s, d in _moment_shapes(low, parts.rule, dtype))
-    if isinstance(parts.lift, FiraLift) or isinstance(parts.lift, ApolloLift) and parts.lift.limiter:
-        total += nbytes(1, dtype)
-    return total
+    return sum(_rank_bytes(s, d, in_store, by_rows, parts.store, world)
+               for s, d, in_store, by_rows in _state_tensors(tuple(shape), dtype, parts))
 
 
 def _active_blocks(optimizer, index: int, parts) -> set[int]:
@@ -230,17 +268,19 @@ def _priced_optimizer(name: str, model: nn.Module, **options):
         return create_optimizer(name, model, **options)
 
 
-def optimizer_state_bytes(name: str, model: nn.Module, **options) -> dict[str, int]:
+def optimizer_state_bytes(name: str, model: nn.Module, world: int = 1, **options) -> dict[str, int]:
     """``{parameter name: state bytes}`` of optimizer ``name`` on ``model`` (a meta model is enough): the
-    optimizer is built with ``lowmem.create_optimizer`` and each parameter priced from its param group."""
+    optimizer is built with ``lowmem.create_optimizer`` and each parameter priced from its param group; with
+    ``world`` > 1, the bytes on the rank holding the most when FSDP2 shards every parameter over ``world`` ranks."""
     optimizer = _priced_optimizer(name, model, **options)
     if optimizer.layerwise is not None:
         optimizer.layerwise.remove()  # hooks on meta parameters are harmless, but leave the model as it was
-    return _priced_states(optimizer, model)
+    return _priced_states(optimizer, model, world)
 
 
-def _priced_states(optimizer, model: nn.Module) -> dict[str, int]:
-    """``{parameter name: state bytes}`` of a built optimizer, from each parameter's param group."""
+def _priced_states(optimizer, model: nn.Module, world: int = 1) -> dict[str, int]:
+    """``{parameter name: state bytes}`` of a built optimizer, from each parameter's param group (per rank over
+    ``world`` FSDP2 ranks)."""
     from .optim.compose import build_parts
 
     names = {id(p): n for n, p in model.named_parameters()}
@@ -250,7 +290,7 @@ def _priced_states(optimizer, model: nn.Module) -> dict[str, int]:
         active = _active_blocks(optimizer, index, parts)
         for i, p in enumerate(group["params"]):
             if p.requires_grad:
-                out[names[id(p)]] = param_state_bytes(tuple(p.shape), p.dtype, parts, i in active)
+                out[names[id(p)]] = param_state_bytes(tuple(p.shape), p.dtype, parts, i in active, world)
     return out
 
 

@@ -2,7 +2,7 @@
 checkpoint every 3 steps) trains the tiny LLaMA of ``fsdp_worker`` for 6 steps with each named optimizer (``train``),
 or resumes that run from its step-3 checkpoint (``resume``). Rank 0 writes ``OUT/<phase>-w<world>.json``: per name
 the logged losses, each rank's optimizer state bytes, and a float64 sum of every full parameter at the end.
-Usage: ``fsdp_trainer_worker.py OUT PHASE NAME...``."""
+``NAME@accumulate`` takes each step as 2 micro-batches. Usage: ``fsdp_trainer_worker.py OUT PHASE NAME...``."""
 
 import json
 import os
@@ -21,7 +21,7 @@ STEPS, SAVE_EVERY, GLOBAL_BATCH = 6, 3, 4
 WORLD = int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def trainer_args(directory: Path, name: str):
+def trainer_args(directory: Path, name: str, accumulate: int):
     # one subspace for the whole run: a refresh's SVD of gradients summed in another order may turn a singular vector
     # of this tiny model's nearly equal singular values (test_fsdp compares refreshes on equal gradients)
     options = {**small_options(name), **{key: 100 for key in small_options(name) if key.endswith("gap")}}
@@ -29,19 +29,22 @@ def trainer_args(directory: Path, name: str):
         options["density"] = 1 / 16  # as in fsdp_worker: the default subspace holds this model's rounding noise
     options = ", ".join(f"{key}={value}" for key, value in options.items())
     sharded = {"fsdp": True, "fsdp_config": {"state_dict_type": "SHARDED_STATE_DICT"}} if WORLD > 1 else {}
-    return args(directory, per_device_train_batch_size=GLOBAL_BATCH // WORLD, max_steps=STEPS, learning_rate=1e-3,
+    return args(directory, per_device_train_batch_size=GLOBAL_BATCH // WORLD // accumulate,
+                gradient_accumulation_steps=accumulate, max_steps=STEPS, learning_rate=1e-3,
                 logging_steps=1, save_strategy="steps", save_steps=SAVE_EVERY, optim=name, optim_args=options or None,
                 **sharded)
 
 
-def run(out: Path, phase: str, name: str) -> dict:
+def run(out: Path, phase: str, label: str) -> dict:
     set_seed(0)
     model = small_llama()
-    directory = out / f"{name}-w{WORLD}"
+    name, _, mode = label.partition("@")
+    directory = out / f"{label}-w{WORLD}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         data = StdlibText(GLOBAL_BATCH * STEPS)
-        trainer = Trainer(model=model, args=trainer_args(directory, name), train_dataset=data)
+        arguments = trainer_args(directory, name, 2 if mode == "accumulate" else 1)
+        trainer = Trainer(model=model, args=arguments, train_dataset=data)
         resume = str(directory / f"checkpoint-{SAVE_EVERY}") if phase == "resume" else None
         trainer.train(resume_from_checkpoint=resume)
     optimizer = trainer._unwrapped_optimizer()

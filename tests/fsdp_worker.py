@@ -40,6 +40,52 @@ def batches():
     return torch.stack([data[i]["input_ids"] for i in range(2 * STEPS)]).view(STEPS, 2, -1)
 
 
+def run_options(name: str) -> dict:
+    options = {**small_options(name), "lr": 1e-2}
+    if name.startswith("frugal_svd"):
+        # this small model's gradients have about as much rank as FRUGAL's default subspace (a quarter of 256): the
+        # trailing directions are rounding noise, whose Adam first step after each reset and whose residual's signs
+        # the last bits of any sum decide. A 16-dimensional subspace compares the math.
+        options["density"] = 1 / 16
+    return options
+
+
+def shard(model, mesh) -> None:
+    """``fully_shard`` each decoder layer, then the root."""
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def compare_layerwise(name: str, mesh) -> dict:
+    """``name`` and ``name + "_layerwise"`` on two sharded copies trained on the same batches (each rank its half):
+    the layer-wise one must update inside backward (FSDP2 runs a shard's hooks after its reduce-scatter), leaving no
+    gradient, and end where the one updating in ``step()`` ends."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    torch.manual_seed(0)
+    stepped = small_llama()
+    inside = copy.deepcopy(stepped)
+    shard(stepped, mesh)
+    shard(inside, mesh)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stepped_opt = lowmem.create_optimizer(name, stepped, **run_options(name))
+        inside_opt = lowmem.create_optimizer(f"{name}_layerwise", inside, **run_options(name))
+    left = []
+    for step, batch in enumerate(batches()):
+        local = batch.chunk(world)[rank]
+        for model, opt in ((stepped, stepped_opt), (inside, inside_opt)):
+            torch.manual_seed(1000 + step)  # the same draws for random choices (FRUGAL's blocks)
+            model(input_ids=local, labels=local).loss.backward()
+            if model is inside:
+                left.append(sum(p.grad is not None for p in model.parameters()))
+            opt.step()
+            opt.zero_grad()
+    worst = max(((p.full_tensor() - q.full_tensor()).abs().max() / q.full_tensor().abs().max()).item()
+                for p, q in zip(inside.parameters(), stepped.parameters(), strict=True))
+    return {"worst": worst, "gradients_left": left, "grad_norm": inside_opt.layerwise.last_grad_norm}
+
+
 def compare(name: str, mesh) -> dict:
     if name.startswith("chunk:"):
         saved, rules.CHUNK_8BIT = rules.CHUNK_8BIT, 4096
@@ -47,25 +93,20 @@ def compare(name: str, mesh) -> dict:
             return compare(name.removeprefix("chunk:"), mesh)
         finally:
             rules.CHUNK_8BIT = saved
+    if name.startswith("layerwise:"):
+        return compare_layerwise(name.removeprefix("layerwise:"), mesh)
     swap = name.startswith("swap:")
     name = name.removeprefix("swap:")
     torch.manual_seed(0)
     reference = small_llama()
     model = copy.deepcopy(reference)
-    options = {**small_options(name), "lr": 1e-2}
-    if name.startswith("frugal_svd"):
-        # this small model's gradients have about as much rank as FRUGAL's default subspace (a quarter of 256): the
-        # trailing directions are rounding noise, whose Adam first step after each reset and whose residual's signs
-        # the last bits of any sum decide. A 16-dimensional subspace compares the math.
-        options["density"] = 1 / 16
+    options = run_options(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if swap:
             sharded_opt = lowmem.create_optimizer(name, model, **options)
             before = {id(p): n for n, p in model.named_parameters()}
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        shard(model, mesh)
         if swap:
             after = dict(model.named_parameters())
             for group in sharded_opt.param_groups:

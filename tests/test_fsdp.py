@@ -6,9 +6,11 @@ import json
 
 import pytest
 import torch
+from fsdp_worker import run_options, small_llama
 from torchrun import torchrun
 
 import lowmem
+from lowmem.memory import optimizer_state_bytes
 from lowmem.trainers import TrainingArguments
 
 NAMES = lowmem.available_optimizers()
@@ -30,8 +32,8 @@ CHUNKED = ["chunk:adamw_8bit", "chunk:galore_adamw_8bit"]
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    torchrun("fsdp_worker.py", 2, out, *NAMES, "galore_adamw_layerwise", *SWAPPED, "swap:galore_adamw_layerwise",
-             *CHUNKED)
+    torchrun("fsdp_worker.py", 2, out, *NAMES, *SWAPPED, "swap:galore_adamw_layerwise", *CHUNKED,
+             *(f"layerwise:{name}" for name in NAMES))
     return json.loads((out / "fsdp-2.json").read_text())
 
 
@@ -61,6 +63,26 @@ def test_each_rank_holds_about_half_the_state(fsdp_run, name):
         assert ratio < 1.0, ratio
 
 
+#: FRUGAL's random block order: the plan prices the largest tensors as active (an upper bound).
+RANDOM_BLOCKS = {"frugal", "frugal_8bit"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_planner_prices_each_ranks_state_exactly(fsdp_run, name):
+    """``lowmem.memory.optimizer_state_bytes(..., world=2)`` from the config alone equals what a rank holds (and
+    ``world=1`` what one process holds): which state tensors split with the rows and which stay whole."""
+    result = fsdp_run[name]
+    with torch.device("meta"):
+        model = small_llama()
+    planned = [sum(optimizer_state_bytes(name, model, world=world, **run_options(name)).values())
+               for world in (1, 2)]
+    measured = [result["reference_bytes"], result["state_bytes"][0]]
+    if name in RANDOM_BLOCKS:
+        assert all(m <= p for m, p in zip(measured, planned, strict=True)), (planned, measured)
+    else:
+        assert planned == measured
+
+
 @pytest.mark.parametrize("name", CHUNKED)
 def test_large_8bit_moments_of_sharded_weights_update_whole(fsdp_run, name):
     result = fsdp_run[name]
@@ -76,11 +98,21 @@ def test_an_optimizer_given_its_sharded_parameters_after_construction_steps_the_
     assert max(result["worst"]) <= 1e-5 or (name.removeprefix("swap:") in DISCRETE and result["off"] <= FLIPPED_SHARE)
 
 
-def test_layerwise_on_sharded_parameters_is_refused(fsdp_run):
-    assert fsdp_run["galore_adamw_layerwise"]["error"].startswith(
-        "ValueError: layer-wise updates do not run on FSDP2-sharded parameters yet")
+@pytest.mark.parametrize("name", NAMES)
+def test_layerwise_updates_each_shard_inside_backward_as_step_would(fsdp_run, name):
+    """FSDP2 runs a shard's post-accumulate-grad hooks after its reduce-scatter: ``NAME_layerwise`` updates there and
+    frees the gradient (none is left when backward returns), ending bit-identical to ``NAME`` updating in ``step()``
+    on the same gradients."""
+    result = fsdp_run[f"layerwise:{name}"]
+    assert "error" not in result, result.get("error")
+    assert result["gradients_left"] == [0] * 5
+    assert result["worst"] == 0.0 and result["grad_norm"] > 0
+
+
+def test_swapped_parameters_of_a_layerwise_optimizer_are_refused_until_followed(fsdp_run):
     assert fsdp_run["swap:galore_adamw_layerwise"]["error"].startswith(
         "ValueError: the optimizer's parameters were replaced after its layer-wise hooks were set (by FSDP2 sharding)")
+    assert "optimizer.layerwise.follow_params()" in fsdp_run["swap:galore_adamw_layerwise"]["error"]
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """The lowmem Trainer with ``fsdp=True`` on 2 CPU processes (gloo, FSDP2 through accelerate): every registered name
-trains like one process with the same global batch, resumes from its sharded checkpoint bit-exactly, and the cpu-tiny
-recipe runs sharded from the command line."""
+(and layer-wise ones, with gradient accumulation) trains like one process with the same global batch, resumes from
+its sharded checkpoint bit-exactly, and the cpu-tiny recipe runs sharded from the command line."""
 
 import json
 import os
@@ -12,12 +12,17 @@ from torchrun import TESTS, torchrun
 
 import lowmem
 
-NAMES = lowmem.available_optimizers()
+#: Layer-wise ones update each shard after its reduce-scatter (every name's layer-wise form is checked against its
+#: plain form in test_fsdp); ``@accumulate``: each step in 2 micro-batches.
+LAYERWISE = ["galore_adamw_layerwise", "adamw_8bit_layerwise", "frugal_layerwise", "apollo_mini_layerwise",
+             "galore_adamw_layerwise@accumulate", "adamw_layerwise@accumulate", "galore_adamw@accumulate"]
+NAMES = [*lowmem.available_optimizers(), *LAYERWISE]
 #: Relative loss difference allowed against one process (the gradients are summed in another order): FRUGAL-SVD's
 #: sign-SGD residual turns a last-bit difference of an element near zero into a whole step of that element.
 TOLERANCE = {name: 1e-4 if name.startswith("frugal_svd") else 1e-5 for name in NAMES}
 #: Names whose every state tensor is elementwise (split exactly in two).
-HALVED = {"adamw", "adamw_8bit", "adam_mini", "adam_mini_8bit", "frugal", "frugal_8bit"}
+HALVED = {f"{name}{suffix}" for name in ("adamw", "adamw_8bit", "adam_mini", "adam_mini_8bit", "frugal", "frugal_8bit")
+          for suffix in ("", "_layerwise", "_layerwise@accumulate")}
 
 
 @pytest.fixture(scope="module")

@@ -57,11 +57,6 @@ class LayerwiseUpdates:
 
     def __init__(self, optimizer, accumulation: str = "projected"):
         check_accumulation(accumulation)
-        sharded = [p for g in optimizer.param_groups for p in g["params"] if is_sharded(p)]
-        if sharded:
-            raise ValueError("layer-wise updates do not run on FSDP2-sharded parameters yet: FSDP2 hands each shard "
-                             "its reduced gradient outside autograd, so the hooks that update inside backward would "
-                             "never fire. Drop '_layerwise' (layerwise=False) under fully_shard.")
         self.optimizer = optimizer
         self.accumulation = accumulation
         #: False while a backward only accumulates (a micro-batch before the last of a step).
@@ -77,7 +72,11 @@ class LayerwiseUpdates:
         self._updated: set[int] = set()  # ids of the parameters a DDP hook updated this step
         self._lock = threading.Lock()  # DDP's bucket callbacks may run on the process group's threads
         self._handles = []
-        for index, group in enumerate(optimizer.param_groups):
+        self._bind()
+
+    def _bind(self) -> None:
+        """Hook the optimizer's parameters as they are now."""
+        for index, group in enumerate(self.optimizer.param_groups):
             for place, p in enumerate(group["params"]):
                 if p.requires_grad:
                     _take_over(p, self)
@@ -122,19 +121,39 @@ class LayerwiseUpdates:
         return allreduce_hook(process_group, bucket).then(update)
 
     def _update_reduced(self, p: torch.Tensor, grad: torch.Tensor) -> None:
-        """The update of ``p`` with its all-reduced gradient (``.grad`` is DDP's until backward ends)."""
-        if p not in self._group_index:
+        """The update of ``p`` with its all-reduced gradient (``.grad`` is DDP's until backward ends). In a micro-batch
+        before a step's last (accelerate does not always skip DDP's all-reduce there) nothing updates: DDP leaves the
+        average in ``.grad``, the next backward adds to it, and its all-reduce gives the average of the sum."""
+        if p not in self._group_index or not self.sync:
             return
-        index = self._group_index[p]
         own = p.grad
         p.grad = grad
         try:
-            if self._finite(p, index, grad):
-                self.count_norm(grad)
-                self.optimizer.update_param(p, self.optimizer.param_groups[index], self.optimizer.parts_for_step(index))
+            self._apply(p)
         finally:
             p.grad = own
         self._updated.add(id(p))
+
+    def follow_params(self) -> None:
+        """Hook the optimizer's parameters again if they were replaced since (accelerate's FSDP2 preparation swaps each
+        for its sharded DTensor after the optimizer was built); the lowmem Trainer calls this before each step."""
+        if all(p in self._group_index for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad):
+            return
+        if self.optimizer.state:
+            raise ValueError("the optimizer's parameters were replaced after it stepped: its state is keyed by the old "
+                             "ones. Shard the model before the first step.")
+        self._unhook()
+        self._bind()
+
+    def _apply(self, p: torch.Tensor, low: torch.Tensor | None = None) -> None:
+        """``p``'s update from ``p.grad`` (or its projected sum ``low``), counted in the step's norm, unless the
+        gradient it would use is not finite (then counted as a skip)."""
+        index = self._group_index[p]
+        used = p.grad if low is None else low
+        if self._finite(p, index, used):
+            self.count_norm(used)
+            self.optimizer.update_param(p, self.optimizer.param_groups[index], self.optimizer.parts_for_step(index),
+                                        low)
 
     def release_updated(self) -> None:
         """Drop the gradients DDP left on the parameters its hook already updated (``step()`` calls this first)."""
@@ -147,20 +166,16 @@ class LayerwiseUpdates:
     def _on_gradient(self, p: torch.Tensor) -> None:
         if self.ddp is not None:
             return  # the local gradient: DDP reduces it (or, in a micro-batch before the last, it accumulates)
-        _refuse_unreduced(self)
+        if not is_sharded(p):  # FSDP2 runs a shard's hooks after its reduce-scatter: that gradient is reduced
+            _refuse_unreduced(self)
         index = self._group_index[p]
-        group = self.optimizer.param_groups[index]
         if not self.sync:
             self._accumulate(p, self.optimizer.parts_for_step(index, choose_blocks=False))
             return
-        parts = self.optimizer.parts_for_step(index)
         low = self._projected_sums.pop(p, None)
         if low is not None:
-            low.add_(parts.projector.down(self.optimizer.state[p], p.grad))
-        used = p.grad if low is None else low
-        if self._finite(p, index, used):
-            self.count_norm(used)
-            self.optimizer.update_param(p, group, parts, low)
+            low.add_(self.optimizer.parts_for_step(index).projector.down(self.optimizer.state[p], p.grad))
+        self._apply(p, low)
         p.grad = None
 
     def _finite(self, p: torch.Tensor, index: int, used: torch.Tensor) -> bool:
@@ -197,21 +212,17 @@ class LayerwiseUpdates:
                 if p.requires_grad and p not in self._group_index:
                     raise ValueError("the optimizer's parameters were replaced after its layer-wise hooks were set "
                                      f"({'by FSDP2 sharding' if is_sharded(p) else 'by new tensors'}), so those hooks "
-                                     "never fire. Drop '_layerwise' (layerwise=False), or build the optimizer after "
-                                     "wrapping the model.")
+                                     "never fire. Call optimizer.layerwise.follow_params() after sharding (the "
+                                     "lowmem Trainer does), build the optimizer after wrapping the model, or drop "
+                                     "'_layerwise'.")
 
     @torch.no_grad()
     def end_step(self) -> None:
         """Close a step (``optimizer.step()`` calls this): update weights whose projected sum got nothing from
         the last micro-batch, and record the step's gradient norm."""
         for p, low in list(self._projected_sums.items()):
-            index = self._group_index[p]
-            if not self._finite(p, index, low):
-                continue
             p.grad = torch.zeros_like(p)  # the lift reads only its shape and dtype
-            self.count_norm(low)
-            self.optimizer.update_param(p, self.optimizer.param_groups[index], self.optimizer.parts_for_step(index),
-                                        low)
+            self._apply(p, low)
             p.grad = None
         self._projected_sums.clear()
         self._updated.clear()
@@ -221,6 +232,10 @@ class LayerwiseUpdates:
 
     def remove(self) -> None:
         """Remove the hooks; the optimizer goes back to updating in ``step()``."""
+        self._unhook()
+        self.optimizer.layerwise = None
+
+    def _unhook(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -228,7 +243,7 @@ class LayerwiseUpdates:
             if _owner(p) is self:
                 delattr(p, _OWNER)
         self._group_index.clear()
-        self.optimizer.layerwise = None
+        self._place.clear()
 
 
 def _refuse_unreduced(updates: LayerwiseUpdates) -> None:

@@ -54,15 +54,10 @@ class BlockwiseQuantStore:
         self.zero(state, key)
 
     def _blocks_align(self, like: torch.Tensor) -> bool:
-        """Whether a sharded tensor's shards split its flat blocks as one process has them and as torch chunks the
-        block maxima (see the class docstring); else its moments stay fp32, warned once."""
-        rows, row = like.shape[0], math.prod(like.shape[1:])
+        """Whether a sharded tensor's shards split its flat blocks as one process has them (``blocks_align``);
+        else its moments stay fp32, warned once."""
         world = like.device_mesh.size()
-        blocks = -(-like.numel() // self.blocksize)
-        rows_each, blocks_each = -(-rows // world), -(-blocks // world)
-        aligned = like.device_mesh.ndim == 1 and (rows_each * row) % self.blocksize == 0 and all(
-            -(-max(0, min(rows_each, rows - i * rows_each)) * row // self.blocksize)
-            == max(0, min(blocks_each, blocks - i * blocks_each)) for i in range(world))
+        aligned = like.device_mesh.ndim == 1 and blocks_align(tuple(like.shape), world, self.blocksize)
         if not aligned and not self._warned_unaligned:
             self._warned_unaligned = True
             warnings.warn(f"8-bit states of a sharded {tuple(like.shape)} tensor stay fp32 over {world} ranks: its "
@@ -121,3 +116,15 @@ class BlockwiseQuantStore:
         code = cached_map(state[key + "_signed"], state[key].device)
         state[key].fill_(int(torch.argmin(code.abs())))  # the index of 0.0 in the map
         state[key + "_absmax"].zero_()
+
+
+def blocks_align(shape: tuple, world: int, blocksize: int) -> bool:
+    """Whether the dim-0 shards of a tensor of ``shape`` over ``world`` ranks (torch's chunks: ``ceil(rows / world)``
+    rows each) start on whole blocks of ``blocksize`` flat elements and hold the blocks torch's chunks of the block
+    maxima give each rank (see ``BlockwiseQuantStore``)."""
+    rows, row = shape[0], math.prod(shape[1:])
+    blocks = -(-rows * row // blocksize)
+    rows_each, blocks_each = -(-rows // world), -(-blocks // world)
+    return (rows_each * row) % blocksize == 0 and all(
+        -(-max(0, min(rows_each, rows - i * rows_each)) * row // blocksize)
+        == max(0, min(blocks_each, blocks - i * blocks_each)) for i in range(world))

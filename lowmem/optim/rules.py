@@ -158,9 +158,10 @@ def _factored_rsqrt(row: torch.Tensor, col: torch.Tensor, out: torch.Tensor | No
 
 
 def _init_factored(state: dict, store: StateStore, prefix: str, grad: torch.Tensor) -> None:
-    """Row (``..., m``) and column (``..., n``) statistics for >= 2-D, a full tensor below."""
+    """Row (``..., m``) and column (``..., n``) statistics for >= 2-D, a full tensor below. The row statistics are
+    made from a slice of ``grad``, so an FSDP2-sharded gradient's keep its row sharding (each rank its own rows)."""
     if grad.dim() >= 2:
-        store.init(state, prefix + "_row", grad.new_zeros(grad.shape[:-1]), signed=False)
+        store.init(state, prefix + "_row", torch.zeros_like(grad[..., 0]), signed=False)
         store.init(state, prefix + "_col", grad.new_zeros(grad.shape[:-2] + grad.shape[-1:]), signed=False)
     else:
         store.init(state, prefix, torch.zeros_like(grad), signed=False)

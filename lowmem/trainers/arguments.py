@@ -57,13 +57,6 @@ def _split_top_level(text: str) -> list[str]:
     return [item for item in (i.strip() for i in items) if item]
 
 
-def layerwise_fsdp_error(name: str) -> ValueError:
-    """The error for a layer-wise optimizer under FSDP (raised when the arguments are built, and by the Trainer)."""
-    return ValueError(f"optim={name!r} cannot run under FSDP yet: FSDP2 hands each shard its reduced gradient "
-                      "outside autograd, after the layer-wise hooks ran. Drop '_layerwise' (sharding already keeps "
-                      "1/N of the gradients per process), or train under DDP.")
-
-
 def is_lowmem_name(name: str) -> bool:
     """Whether ``name`` is a lowmem registry name or a valid generic ``<method>+<rule>[+<precision>]``."""
     try:
@@ -174,8 +167,9 @@ class TrainingArguments(transformers.TrainingArguments):
             "grad_norm is still the real one), or drop '_layerwise' to clip.",
             f"optim={name!r} with fp16: the loss scaler's scaled gradients would reach the layer-wise update before "
             "they are unscaled. Use bf16=True, or drop '_layerwise'.")
-        if self.fsdp:
-            raise layerwise_fsdp_error(name)
+        if self.fsdp and (self.fsdp_plugin_args or {}).get("fsdp_version", 2) != 2:
+            raise ValueError(f"optim={name!r} under FSDP1: its flat parameters hide each weight's gradient. Use FSDP2 "
+                             "(fsdp_config={'version': 2}, the default), or drop '_layerwise'.")
 
     def _refuse_clipping_fp16_and_ddp(self, clipping: str, fp16: str, ddp: ValueError | None = None) -> None:
         """For optimizers that cannot clip by the global norm, take fp16 loss scaling or (``ddp`` given) run in

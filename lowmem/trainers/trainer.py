@@ -19,7 +19,7 @@ from ..optim.compose import LowMemOptimizer
 from ..optim.registry import create_optimizer
 from ..optim.sharded_checkpoint import prepare_to_load
 from ..optim.zo import MeZO, pair_loss
-from .arguments import TrainingArguments, layerwise_fsdp_error
+from .arguments import TrainingArguments
 from .fsdp import shard_cpu_processes, sharded_optimizer_dir
 
 _OPTIM_FIELDS = ("optim", "optim_args", "optim_target_modules")
@@ -48,6 +48,9 @@ class Trainer(transformers.Trainer):
         """transformers' load; a lowmem optimizer's sharded state first takes the entries the checkpoint holds."""
         directory = sharded_optimizer_dir(self, checkpoint)
         optimizer = self._unwrapped_optimizer()
+        updates = self.layerwise_updates()
+        if updates is not None and self.is_fsdp_enabled:
+            updates.follow_params()  # before the state is keyed by the sharded parameters
         if directory is not None and isinstance(optimizer, LowMemOptimizer):
             prepare_to_load(self.model, optimizer, directory)
         return super()._load_optimizer_and_scheduler(checkpoint)
@@ -66,8 +69,6 @@ class Trainer(transformers.Trainer):
             return super().create_optimizer(*args, **kwargs)
         if self.optimizer is None:
             model = args[0] if args else kwargs.get("model") or self.model
-            if self.is_fsdp_enabled and self.args.lowmem_options()["layerwise"]:
-                raise layerwise_fsdp_error(name)  # the arguments may have changed since they were checked
             self.optimizer = create_optimizer(name, model, **self.args.lowmem_options())
         return self.optimizer
 
@@ -103,6 +104,8 @@ class Trainer(transformers.Trainer):
             return loss
         if updates.ddp is None and isinstance(model, torch.nn.parallel.DistributedDataParallel):
             updates.attach(model)  # update on the all-reduced gradients, as each bucket's reduction completes
+        elif self.is_fsdp_enabled:
+            updates.follow_params()  # accelerate swapped in the shards; FSDP2 runs their hooks after reduce-scatter
         updates.sync = self.accelerator.sync_gradients
         try:
             return super().training_step(model, inputs, *args, **kwargs)
