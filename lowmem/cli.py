@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--batch", type=int, default=1, help="sequences per micro-batch (default 1)")
     plan.add_argument("--card-gib", type=float, default=24.0, help="the card's memory in GiB (default 24)")
     plan.add_argument("--bf16", action="store_true", help="weights in bf16 (pure_bf16) instead of fp32")
+    plan.add_argument("--gpus", type=int, default=1, help="GPUs FSDP2 shards the model over (default 1): the peak "
+                      "per GPU, each taking --batch sequences")
     plan.add_argument("--linear-ce", action=argparse.BooleanOptionalAction, default=None,
                       help="price the loss without logits (recipe key linear_cross_entropy); default: on for LLaMA, "
                            "Qwen2 and Mistral, the architectures it supports")
@@ -103,9 +105,17 @@ def _plan(args) -> int:
 
     config = load_config(args.model)  # read once (a hub id is a download)
     linear_ce = args.linear_ce if args.linear_ce is not None else config.model_type in LINEAR_CE_MODEL_TYPES
-    rows = plan(config, args.seq, args.batch, args.card_gib, "bf16" if args.bf16 else "fp32", linear_ce=linear_ce)
+    if args.gpus < 1:
+        raise ValueError(f"--gpus {args.gpus}: give 1 or more")
+    rows = plan(config, args.seq, args.batch, args.card_gib, "bf16" if args.bf16 else "fp32", linear_ce=linear_ce,
+                gpus=args.gpus)
     best = recommend(rows)
     command = recipe_command(best, args.model, args.seq, args.batch, args.bf16, linear_ce, config) if best else ""
+    if command and args.gpus > 1:
+        command, _, note = command.partition("   (")
+        command = command.replace("lowmem train", f"torchrun --nproc_per_node={args.gpus} -m lowmem.cli train", 1)
+        command += " fsdp=true" + (f"   ({note}" if note else "")
+        print(f"(per GPU over {args.gpus} GPUs, FSDP2: full-parameter rows without checkpointing)")
     if linear_ce:
         print("(the loss without logits: linear_cross_entropy; --no-linear-ce prices the plain loss)")
     print(format_plan(rows, args.card_gib, command))

@@ -499,6 +499,81 @@ def peak_bytes(model: nn.Module, name: str, batch: int, seq: int, checkpointing:
     return max(phases, key=lambda est: est.total)
 
 
+def sharded_peak_bytes(model: nn.Module, name: str, batch: int, seq: int, world: int, linear_ce: bool = False,
+                       **options) -> Estimate:
+    """The peak live bytes on one of ``world`` GPUs when FSDP2 shards ``model`` (``fully_shard`` per decoder layer,
+    then the root) and each GPU takes ``batch`` sequences: the largest of these phases, each priced on the rank that
+    holds the most (``ceil(rows / world)`` rows of every weight):
+
+    * the loss backward (as in ``peak_bytes``, ``linear_ce`` too), beside the root's and the last layer's weights;
+    * a decoder layer's reduce-scatter, for each position in backward: the sharded weights, the root's weights
+      (embedding, final norm, head: gathered from forward to the end of backward), this layer gathered and the next
+      one prefetched; the head's gradient (reduced with the root's at the end), this layer's gradients and the
+      reduce-scatter's copy of them, and the layers reduced before it at 1/world; the activations still saved;
+    * ``optimizer.step()``: sharded weights and gradients, and the largest update's temporaries (an SVD refresh
+      gathers the whole gradient);
+    * layer-wise names update each shard after its reduce-scatter, so no reduced gradient accumulates.
+
+    The per-rank optimizer state is exact (``optimizer_state_bytes(world=...)``); the rest was measured with torch's
+    ``FSDPMemTracker`` on CPU at 2 ranks (``benchmarks/bench_fsdp.py``, within 10%). No checkpointing, LoRA or
+    offload here."""
+    from .optim.compose import build_parts
+    from .optim.registry import get_spec
+
+    if get_spec(name).zeroth_order:
+        raise ValueError(f"{name!r} runs in one process: it has no sharded plan")
+    optimizer = _priced_optimizer(name, model, **options)
+    layerwise = optimizer.layerwise is not None or get_spec(name).layerwise
+    if optimizer.layerwise is not None:
+        optimizer.layerwise.remove()
+    states = sum(_priced_states(optimizer, model, world).values())
+    config = model.config
+    dtype = next(model.parameters()).dtype
+    layers = _decoder_layers(model)
+    in_layers = {id(p) for layer in layers for p in layer.parameters()}
+    local = sum(_local_bytes(p, world) for p in model.parameters())
+    root = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in in_layers)
+    layer = max(sum(p.numel() * p.element_size() for p in each.parameters()) for each in layers)
+    layer_local = max(sum(_local_bytes(p, world) for p in each.parameters()) for each in layers)
+    head = model.get_output_embeddings()
+    head_grad = sum(p.numel() * p.element_size() for p in head.parameters() if p.requires_grad) if head else 0
+    act = activation_bytes(config, batch, seq, dtype)
+    top = act["saved"] - act["logits"] - act["layer"] * len(layers)
+    body = act["saved"] - act["logits"]
+    if linear_ce:
+        loss = linear_ce_loss_bytes(config, batch * seq, dtype, head_trained=head_grad > 0)
+        phases = [Estimate(local + root + layer, loss["head"], states, body, loss["logits"], loss["temporaries"],
+                           "loss backward")]
+    else:
+        phases = [Estimate(local + root + layer, 0, states, body, 3 * act["logits"], 0, "loss backward")]
+    for k in range(1, len(layers) + 1):  # the k-th layer backward reaches
+        reduced = 0 if layerwise else (k - 1) * layer_local
+        gathered = layer * (2 if 1 < k < len(layers) else 1)  # this layer, and the next one prefetched
+        phases.append(Estimate(local + root + gathered, head_grad + 2 * layer + reduced, states,
+                               top + act["layer"] * (len(layers) - k), 0, 0,
+                               f"backward, reduce-scatter of layer {len(layers) - k}"))
+    temps = max(update_temp_bytes(tuple(p.shape), p.dtype, build_parts(g)) for g in optimizer.param_groups
+                for p in g["params"] if p.requires_grad)
+    if not layerwise:
+        grads = sum(_local_bytes(p, world) for p in model.parameters() if p.requires_grad)
+        phases.append(Estimate(local, grads, states, 0, 0, temps, "optimizer.step()"))
+    return max(phases, key=lambda est: est.total)
+
+
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers FSDP2 wraps one by one: the longest ``nn.ModuleList`` of the model."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ValueError("no decoder layers (an nn.ModuleList) to shard one by one")
+    return list(max(lists, key=len))
+
+
+def _local_bytes(p: torch.Tensor, world: int) -> int:
+    """Bytes of the largest dim-0 shard of ``p`` over ``world`` ranks."""
+    rows = p.shape[0] if p.dim() else 1
+    return -(-rows // world) * (p.numel() // max(rows, 1)) * p.element_size()
+
+
 def zeroth_order_peak(model: nn.Module, batch: int, seq: int, offload: bool = False) -> Estimate:
     """MeZO's peak: the peak of inference on the same batch (measured within 0.1%, ``tests/test_zo.py``), i.e. the
     weights and the largest of: the loss over the logits (the logits, their fp32 copy and the fp32 log-softmax),
@@ -578,6 +653,25 @@ def measure_peak(config, name: str, batch: int, seq: int, checkpointing: bool = 
     peak["QuantConstants"] = _quant_state_bytes(model)
     peak["Total"] += peak["QuantConstants"]
     return {**peak, "state_bytes": optimizer.state_bytes()}
+
+
+def measure_sharded_peak(model: nn.Module, optimizer, tokens: list[torch.Tensor]) -> dict:
+    """This rank's peak live bytes by torch's ``FSDPMemTracker`` category over the last of the training steps on
+    ``tokens`` (a list of id batches; use two or more: the tracker's first step counts buffers it first sees), for an
+    FSDP2-sharded ``model``. For validating ``sharded_peak_bytes``."""
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+    warnings.filterwarnings("ignore", message="Expected a tensor or a traceable wrapper-subclass")
+    tracker = FSDPMemTracker(model, optimizer)
+    for ids in tokens:
+        with tracker:
+            tracker.reset_mod_stats()
+            checked_step(model, optimizer, ids, "a sharded step (a measurement of a broken step)")
+    peak = {}
+    for snapshot in tracker.get_tracker_snapshot("peak").values():
+        for key, value in snapshot.items():
+            peak[getattr(key, "value", key)] = peak.get(getattr(key, "value", key), 0) + value
+    return peak
 
 
 def checked_step(model: nn.Module, optimizer, tokens: torch.Tensor, what: str) -> torch.Tensor:
@@ -678,13 +772,16 @@ class Row:
 
 
 def plan(model, seq_len: int, batch_size: int, card_gib: float, weights_dtype: str = "fp32",
-         modes=None, linear_ce: bool = False, **options) -> list[Row]:
+         modes=None, linear_ce: bool = False, gpus: int = 1, **options) -> list[Row]:
     """Price every (optimizer, checkpointing, adapters) mode for ``model`` (hub id, model dir, config JSON or dict)
     at ``batch_size`` x ``seq_len`` tokens; ``fits``: the peak is within ``card_gib`` GiB. Unsupported modes (say,
     Adam-mini without head counts) get a note and are left out. ``linear_ce``: the loss without logits (gradient
-    modes; MeZO refuses it)."""
+    modes; MeZO refuses it). ``gpus`` > 1: the peak per GPU when FSDP2 shards the model over that many, each taking
+    ``batch_size`` sequences (``sharded_peak_bytes``: full-parameter modes without checkpointing)."""
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[weights_dtype]
     config = load_config(model)
+    if gpus > 1:
+        return _sharded_plan(config, dtype, seq_len, batch_size, card_gib, gpus, modes, linear_ce, **options)
     rows, metas = [], {}
     for name, ckpt, adapters in modes or DEFAULT_MODES:
         lora = adapters in ("lora", "qlora")
@@ -698,6 +795,21 @@ def plan(model, seq_len: int, batch_size: int, card_gib: float, weights_dtype: s
             rows.append(Row(name, ckpt, adapters, Estimate(0, 0, 0, 0, 0, 0, "-"), notes=[str(err)[:120]]))
             continue
         rows.append(Row(name, ckpt, adapters, est, est.total <= card_gib * GIB))
+    return rows
+
+
+def _sharded_plan(config, dtype, seq_len: int, batch_size: int, card_gib: float, gpus: int, modes,
+                  linear_ce: bool, **options) -> list[Row]:
+    """``plan`` over ``gpus`` FSDP2 ranks: the full-parameter, gradient-based modes of ``modes``."""
+    from .optim.registry import get_spec
+
+    model = meta_model(config, dtype)
+    rows = []
+    for name, ckpt, adapters in modes or DEFAULT_MODES:
+        if ckpt or adapters or get_spec(name).zeroth_order:
+            continue
+        est = sharded_peak_bytes(model, name, batch_size, seq_len, gpus, linear_ce=linear_ce, **options)
+        rows.append(Row(name, False, None, est, est.total <= card_gib * GIB))
     return rows
 
 

@@ -1,7 +1,8 @@
 """Run by ``test_fsdp_trainer.py`` under ``torchrun``: the lowmem Trainer with ``fsdp=True`` (FSDP2, a sharded
 checkpoint every 3 steps) trains the tiny LLaMA of ``fsdp_worker`` for 6 steps with each named optimizer (``train``),
 or resumes that run from its step-3 checkpoint (``resume``). Rank 0 writes ``OUT/<phase>-w<world>.json``: per name
-the logged losses, each rank's optimizer state bytes, and a float64 sum of every full parameter at the end.
+the logged losses and gradient norms, each rank's optimizer state bytes, and a float64 sum of every full parameter at
+the end.
 ``NAME@accumulate`` takes each step as 2 micro-batches. Usage: ``fsdp_trainer_worker.py OUT PHASE NAME...``."""
 
 import json
@@ -52,7 +53,8 @@ def run(out: Path, phase: str, label: str) -> dict:
     state_bytes = [optimizer.state_bytes()] * WORLD
     if WORLD > 1:
         dist.all_gather_object(state_bytes, optimizer.state_bytes())
-    return {"losses": losses(trainer), "state_bytes": state_bytes, "sums": sums}
+    norms = [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry]
+    return {"losses": losses(trainer), "grad_norms": norms, "state_bytes": state_bytes, "sums": sums}
 
 
 def main(out: Path, phase: str, names: list[str]) -> None:

@@ -10,7 +10,7 @@ from fsdp_worker import run_options, small_llama
 from torchrun import torchrun
 
 import lowmem
-from lowmem.memory import optimizer_state_bytes
+from lowmem.memory import optimizer_state_bytes, sharded_peak_bytes
 from lowmem.trainers import TrainingArguments
 
 NAMES = lowmem.available_optimizers()
@@ -25,6 +25,8 @@ HALVED = {"adamw", "adamw_8bit", "adam_mini", "adam_mini_8bit", "frugal", "fruga
 FACTORED = {"adafactor", "galore_adafactor", "galore_adafactor_8bit"}
 #: Built on the unsharded model, then given the sharded parameters, as accelerate's FSDP2 preparation does.
 SWAPPED = ["swap:apollo_mini", "swap:galore_adamw", "swap:adamw_8bit"]
+#: Names whose per-GPU peak the planner is checked on (a plain, a low-rank, an 8-bit, a factored and a layer-wise one).
+PEAKS = ["adamw", "galore_adamw", "adamw_8bit", "came", "apollo_mini_layerwise"]
 #: 8-bit AdamW moments over a chunk size update a chunk at a time in one process; sharded ones update whole.
 CHUNKED = ["chunk:adamw_8bit", "chunk:galore_adamw_8bit"]
 
@@ -33,7 +35,7 @@ CHUNKED = ["chunk:adamw_8bit", "chunk:galore_adamw_8bit"]
 def fsdp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
     torchrun("fsdp_worker.py", 2, out, *NAMES, *SWAPPED, "swap:galore_adamw_layerwise", *CHUNKED,
-             *(f"layerwise:{name}" for name in NAMES))
+             *(f"layerwise:{name}" for name in NAMES), *(f"peak:{name}" for name in PEAKS))
     return json.loads((out / "fsdp-2.json").read_text())
 
 
@@ -61,6 +63,16 @@ def test_each_rank_holds_about_half_the_state(fsdp_run, name):
         assert ratio <= 0.66, ratio
     else:
         assert ratio < 1.0, ratio
+
+
+@pytest.mark.parametrize("name", PEAKS)
+def test_the_planned_peak_per_gpu_is_within_ten_percent_of_the_measured_one(fsdp_run, name):
+    """``lowmem plan --gpus 2``'s figure (``sharded_peak_bytes``) against torch's FSDPMemTracker on one of 2 ranks."""
+    measured = fsdp_run[f"peak:{name}"]["peak"]["Total"]
+    with torch.device("meta"):
+        model = small_llama()
+    planned = sharded_peak_bytes(model, name, 1, 128, 2, **run_options(name)).total
+    assert abs(planned / measured - 1) <= 0.10, (planned, measured)
 
 
 #: FRUGAL's random block order: the plan prices the largest tensors as active (an upper bound).

@@ -192,6 +192,26 @@ def test_lowmem_plan_command(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("lowmem: error: config file")
 
 
+def test_lowmem_plan_per_gpu_under_fsdp2(tmp_path, capsys):
+    """``--gpus 2``: full-parameter rows priced per GPU (sharded weights, states and reduced gradients), and the
+    torchrun command with fsdp=true; an impossible count is one clear line."""
+    from lowmem import cli
+
+    TINY.save_pretrained(tmp_path)
+    config = str(tmp_path / "config.json")
+    rows = {gpus: {row.label: row.estimate for row in memory.plan(config, 64, 1, 1.0, gpus=gpus)} for gpus in (1, 2)}
+    assert set(rows[2]) == {name for name, ckpt, adapters in memory.DEFAULT_MODES
+                            if not ckpt and not adapters and name != "mezo"}
+    assert rows[2]["adamw"].states * 2 == rows[1]["adamw"].states  # elementwise moments split in two
+    assert rows[2]["adamw"].total < rows[1]["adamw"].total
+    assert cli.main(["plan", config, "--seq", "64", "--card-gib", "1", "--gpus", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "per GPU over 2 GPUs" in out and "Run it: torchrun --nproc_per_node=2 -m lowmem.cli train " in out
+    assert out.rstrip().endswith("fsdp=true") or "fsdp=true   (" in out
+    assert cli.main(["plan", config, "--gpus", "0"]) == 2
+    assert capsys.readouterr().err.startswith("lowmem: error: --gpus 0")
+
+
 @pytest.mark.parametrize("dtype,offload", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
 def test_mezo_peak_within_10_percent(dtype, offload, tmp_path):
     """MeZO's row against a measured step: the inference-like peak; offloaded (disk store, so only the blocks in
