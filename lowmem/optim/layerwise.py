@@ -26,8 +26,14 @@ Gradients cannot be clipped by their global norm here: each weight updates befor
 Under DDP (``updates.attach(ddp_model)``; the lowmem Trainer does it) a weight's local gradient is not the one to
 use: the updates move into a DDP communication hook and run as each bucket's all-reduce completes, on the averaged
 gradients, so every rank updates the same way as one process with the whole batch. Micro-batches before a step's
-last accumulate in ``.grad`` (DDP skips their all-reduce, and reduces the sum once), so DDP keeps the full-size
-gradient buckets it always keeps; what layer-wise mode saves there is the optimizer's per-step temporaries.
+last only accumulate in ``.grad`` (under ``no_sync``; where DDP all-reduces them anyway, the hook leaves the average
+there and the last all-reduce averages the sum). DDP keeps its full-size gradient buckets whatever the optimizer does,
+so what layer-wise mode saves there is the optimizer's per-update temporaries.
+
+Under FSDP2 each parameter is a shard, and torch's FSDP2 runs its post-accumulate-grad hooks right after the
+reduce-scatter that produced the shard's gradient: the hooks above update there, on the reduced shard, and free it.
+When accelerate swaps the sharded parameters in after the optimizer was built, ``follow_params()`` hooks them (the
+lowmem Trainer calls it).
 """
 
 from __future__ import annotations
