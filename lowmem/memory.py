@@ -224,7 +224,7 @@ def _rank_bytes(shape: tuple, dtype: torch.dtype, in_store: bool, by_rows: bool,
 
     numel = math.prod(shape)
     split = by_rows and world > 1 and len(shape) >= 1
-    local = -(-shape[0] // world) * math.prod(shape[1:]) if split else numel
+    local = _shard_numel(shape, world) if split else numel
     if not in_store:
         return nbytes(local, dtype)
     if split and isinstance(store, BlockwiseQuantStore) and numel >= store.min_8bit_size:
@@ -258,23 +258,28 @@ def _active_blocks(optimizer, index: int, parts) -> set[int]:
     return set(parts.projector.choose(dict(optimizer.param_groups[index]), len(params)))
 
 
-def _priced_optimizer(name: str, model: nn.Module, **options):
-    """``lowmem.create_optimizer(name, model, **options)`` without the warning about ranks at or above a matrix's
-    smaller dimension: the plan prices those matrices at that dimension, as the optimizer runs them."""
+def _priced_optimizer(name: str, model: nn.Module, **options) -> tuple:
+    """(``lowmem.create_optimizer(name, model, **options)``, whether it updates layer-wise), built without the warning
+    about ranks at or above a matrix's smaller dimension (the plan prices those matrices at that dimension, as the
+    optimizer runs them) and without its layer-wise hooks (harmless on meta parameters, but the model is left as it
+    was)."""
     from . import create_optimizer
+    from .optim.registry import get_spec
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"rank=\S+ is at least min\(m, n\)")
-        return create_optimizer(name, model, **options)
+        optimizer = create_optimizer(name, model, **options)
+    layerwise = optimizer.layerwise is not None or get_spec(name).layerwise
+    if optimizer.layerwise is not None:
+        optimizer.layerwise.remove()
+    return optimizer, layerwise
 
 
 def optimizer_state_bytes(name: str, model: nn.Module, world: int = 1, **options) -> dict[str, int]:
     """``{parameter name: state bytes}`` of optimizer ``name`` on ``model`` (a meta model is enough): the
     optimizer is built with ``lowmem.create_optimizer`` and each parameter priced from its param group; with
     ``world`` > 1, the bytes on the rank holding the most when FSDP2 shards every parameter over ``world`` ranks."""
-    optimizer = _priced_optimizer(name, model, **options)
-    if optimizer.layerwise is not None:
-        optimizer.layerwise.remove()  # hooks on meta parameters are harmless, but leave the model as it was
+    optimizer, _ = _priced_optimizer(name, model, **options)
     return _priced_states(optimizer, model, world)
 
 
@@ -453,10 +458,7 @@ def peak_bytes(model: nn.Module, name: str, batch: int, seq: int, checkpointing:
         return zeroth_order_peak(model, batch, seq, offload=bool(options.get("offload")))
     config = getattr(model, "config", None)
     dtype = next(model.parameters()).dtype
-    optimizer = _priced_optimizer(name, model, **options)
-    layerwise = optimizer.layerwise is not None or get_spec(name).layerwise
-    if optimizer.layerwise is not None:
-        optimizer.layerwise.remove()
+    optimizer, layerwise = _priced_optimizer(name, model, **options)
     states = sum(_priced_states(optimizer, model).values())
     weights = weight_bytes(model, quantized)
     dequantized = max((w.numel() * w.element_size() for w in quantized_linears(model)), default=0) if quantized else 0
@@ -522,10 +524,7 @@ def sharded_peak_bytes(model: nn.Module, name: str, batch: int, seq: int, world:
 
     if get_spec(name).zeroth_order:
         raise ValueError(f"{name!r} runs in one process: it has no sharded plan")
-    optimizer = _priced_optimizer(name, model, **options)
-    layerwise = optimizer.layerwise is not None or get_spec(name).layerwise
-    if optimizer.layerwise is not None:
-        optimizer.layerwise.remove()
+    optimizer, layerwise = _priced_optimizer(name, model, **options)
     states = sum(_priced_states(optimizer, model, world).values())
     config = model.config
     dtype = next(model.parameters()).dtype
@@ -552,9 +551,9 @@ def sharded_peak_bytes(model: nn.Module, name: str, batch: int, seq: int, world:
         phases.append(Estimate(local + root + gathered, head_grad + 2 * layer + reduced, states,
                                top + act["layer"] * (len(layers) - k), 0, 0,
                                f"backward, reduce-scatter of layer {len(layers) - k}"))
-    temps = max(update_temp_bytes(tuple(p.shape), p.dtype, build_parts(g)) for g in optimizer.param_groups
-                for p in g["params"] if p.requires_grad)
     if not layerwise:
+        temps = max(update_temp_bytes(tuple(p.shape), p.dtype, build_parts(g)) for g in optimizer.param_groups
+                    for p in g["params"] if p.requires_grad)
         grads = sum(_local_bytes(p, world) for p in model.parameters() if p.requires_grad)
         phases.append(Estimate(local, grads, states, 0, 0, temps, "optimizer.step()"))
     return max(phases, key=lambda est: est.total)
@@ -570,8 +569,13 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 def _local_bytes(p: torch.Tensor, world: int) -> int:
     """Bytes of the largest dim-0 shard of ``p`` over ``world`` ranks."""
-    rows = p.shape[0] if p.dim() else 1
-    return -(-rows // world) * (p.numel() // max(rows, 1)) * p.element_size()
+    return (_shard_numel(tuple(p.shape), world) if p.dim() else p.numel()) * p.element_size()
+
+
+def _shard_numel(shape: tuple, world: int) -> int:
+    """Elements of the largest dim-0 shard of a tensor of ``shape`` over ``world`` ranks (torch's chunks: rank 0
+    holds ``ceil(rows / world)`` rows)."""
+    return -(-shape[0] // world) * math.prod(shape[1:])
 
 
 def zeroth_order_peak(model: nn.Module, batch: int, seq: int, offload: bool = False) -> Estimate:
@@ -646,10 +650,7 @@ def measure_peak(config, name: str, batch: int, seq: int, checkpointing: bool = 
                 tracker._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
             tokens = torch.randint(model.config.vocab_size, (batch, seq), generator=gen)
             checked_step(model, optimizer, tokens, f"{name} (a measurement of a broken step)")
-    peak = {}
-    for dev_snap in tracker.get_tracker_snapshot("peak").values():
-        for key, value in dev_snap.items():
-            peak[getattr(key, "value", key)] = peak.get(getattr(key, "value", key), 0) + value
+    peak = _peak_by_category(tracker)
     peak["QuantConstants"] = _quant_state_bytes(model)
     peak["Total"] += peak["QuantConstants"]
     return {**peak, "state_bytes": optimizer.state_bytes()}
@@ -667,6 +668,11 @@ def measure_sharded_peak(model: nn.Module, optimizer, tokens: list[torch.Tensor]
         with tracker:
             tracker.reset_mod_stats()
             checked_step(model, optimizer, ids, "a sharded step (a measurement of a broken step)")
+    return _peak_by_category(tracker)
+
+
+def _peak_by_category(tracker) -> dict:
+    """A MemTracker's (or FSDPMemTracker's) peak bytes by category name, summed over devices."""
     peak = {}
     for snapshot in tracker.get_tracker_snapshot("peak").values():
         for key, value in snapshot.items():
