@@ -11,7 +11,8 @@ refresh every 100 steps. Bytes sent are counted on the DTensor collectives the o
 (all-reduce, all-gather, reduce-scatter inputs; FSDP's forward/backward traffic is not counted), for a refresh step
 (the first) and a steady step (the second), per rank. A third step runs under torch's ``FSDPMemTracker``: the
 peak live bytes of each category on this rank (sharded and unsharded weights, gradients, optimizer state,
-activations and temporaries, FSDP's all-gather and reduce-scatter buffers). ``planned_state_bytes`` and
+activations and temporaries, FSDP's all-gather and reduce-scatter buffers); it varies between runs by one gathered
+layer (at a reduce-scatter FSDP2 sometimes still holds a layer's all-gather buffer). ``planned_state_bytes`` and
 ``planned_peak`` are ``lowmem.memory.optimizer_state_bytes(name, model, world)`` and ``sharded_peak_bytes`` (what
 ``lowmem plan --gpus N`` prints) from the config alone, next to the measured ones.
 """
@@ -93,7 +94,7 @@ def main(out: str, names: list[str]) -> None:
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     names = names or lowmem.available_optimizers()
-    measure(names[0], mesh)  # discarded: the first model measured in a process peaked 19% higher (adafactor's)
+    measure(names[0], mesh)  # discarded warm-up measurement
     results = {name: measure(name, mesh) for name in names}
     if dist.get_rank() == 0:
         with open(out, "w") as file:
