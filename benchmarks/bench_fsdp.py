@@ -6,7 +6,7 @@ Run under torchrun (gloo on CPU); world size 1 and 2 side by side:
         benchmarks/bench_fsdp.py benchmarks/results/fsdp-2.json
     (and --nproc_per_node=1 ... fsdp-1.json)
 
-Model: LLaMA hidden 512, MLP 1536, 2 layers, vocabulary 1024 (rows hold whole 8-bit blocks); rank 64, a projector
+Model: LLaMA hidden 512, MLP 1536, 8 layers, vocabulary 1024 (rows hold whole 8-bit blocks); rank 64, a projector
 refresh every 100 steps. Bytes sent are counted on the DTensor collectives the optimizer's own step issues
 (all-reduce, all-gather, reduce-scatter inputs; FSDP's forward/backward traffic is not counted), for a refresh step
 (the first) and a steady step (the second), per rank. A third step runs under torch's ``FSDPMemTracker``: the
@@ -34,6 +34,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import lowmem
 from lowmem.memory import measure_sharded_peak, optimizer_state_bytes, sharded_peak_bytes
 
+LAYERS = 8  # enough layers that one gathered layer is a small share of a rank's peak, as in a real model
+
 COLLECTIVES = {torch.ops._c10d_functional.all_reduce.default, torch.ops._c10d_functional.all_gather_into_tensor.default,
                torch.ops._c10d_functional.reduce_scatter_tensor.default}
 
@@ -55,7 +57,7 @@ class SentBytes(TorchDispatchMode):
 
 def measure(name: str, mesh) -> dict:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1536, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1536, num_hidden_layers=LAYERS,
                          num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256)
     model = LlamaForCausalLM(config)
     for layer in model.model.layers:

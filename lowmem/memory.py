@@ -518,9 +518,8 @@ def sharded_peak_bytes(model: nn.Module, name: str, batch: int, seq: int, world:
     * layer-wise names update each shard after its reduce-scatter, so no reduced gradient accumulates.
 
     The per-rank optimizer state is exact (``optimizer_state_bytes(world=...)``); the rest was measured with torch's
-    ``FSDPMemTracker`` on CPU at 2 ranks (``benchmarks/bench_fsdp.py``: within 3% of the runs that hold the
-    all-gather buffer, up to 15% above the others on a 2-layer model). No checkpointing, LoRA or
-    offload here."""
+    ``FSDPMemTracker`` on CPU at 2 ranks (``benchmarks/bench_fsdp.py``: within 2.1% for every name on an 8-layer
+    model; runs that do not hold the all-gather buffer sit one layer lower). No checkpointing, LoRA or offload here."""
     from .optim.compose import build_parts
     from .optim.registry import get_spec
 
