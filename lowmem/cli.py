@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--linear-ce", action=argparse.BooleanOptionalAction, default=None,
                       help="price the loss without logits (recipe key linear_cross_entropy); default: on for LLaMA, "
                            "Qwen2 and Mistral, the architectures it supports")
+    plan.add_argument("--int8-weights", action="store_true",
+                      help="the projected linears' weights in int8 (optim_args weight_dtype=int8; low-rank names only)")
     listing = commands.add_parser("list", help=LIST_HELP, description=LIST_HELP + ".")
     listing.add_argument("names", nargs="*", metavar="name",
                          help="price these names only (any name, e.g. galore+came+8bit or apollo_mini_layerwise)")
@@ -107,10 +109,12 @@ def _plan(args) -> int:
     linear_ce = args.linear_ce if args.linear_ce is not None else config.model_type in LINEAR_CE_MODEL_TYPES
     if args.gpus < 1:
         raise ValueError(f"--gpus {args.gpus}: give 1 or more")
+    int8 = {"weight_dtype": "int8"} if args.int8_weights else {}
     rows = plan(config, args.seq, args.batch, args.card_gib, "bf16" if args.bf16 else "fp32", linear_ce=linear_ce,
-                gpus=args.gpus)
+                gpus=args.gpus, **int8)
     best = recommend(rows)
-    command = recipe_command(best, args.model, args.seq, args.batch, args.bf16, linear_ce, config) if best else ""
+    command = recipe_command(best, args.model, args.seq, args.batch, args.bf16, linear_ce, config,
+                             int8_weights=bool(int8)) if best else ""
     if command and args.gpus > 1:
         command, _, note = command.partition("   (")
         command = command.replace("lowmem train", f"torchrun --nproc_per_node={args.gpus} -m lowmem.cli train", 1)
@@ -118,6 +122,8 @@ def _plan(args) -> int:
         print(f"(per GPU over {args.gpus} GPUs, FSDP2: full-parameter rows without checkpointing)")
     if linear_ce:
         print("(the loss without logits: linear_cross_entropy; --no-linear-ce prices the plain loss)")
+    if int8:
+        print("(int8 weights: the projected linears' weights in int8, weight_dtype=int8; low-rank names only)")
     print(format_plan(rows, args.card_gib, command))
     return 0
 

@@ -258,6 +258,35 @@ def _active_blocks(optimizer, index: int, parts) -> set[int]:
     return set(parts.projector.choose(dict(optimizer.param_groups[index]), len(params)))
 
 
+def int8_weight_bytes(numel: int) -> int:
+    """Bytes of a weight stored in int8 (``weight_dtype="int8"``): a code per element and an fp32 scale per block."""
+    from .kernels.int8_weights import BLOCK, n_blocks
+
+    return numel + 4 * n_blocks(numel, BLOCK)
+
+
+def int8_update_bytes(numel: int) -> int:
+    """The extra temporaries of an int8 weight's update: its fp32 copy (the update's target, stored back with
+    stochastic rounding ``CHUNK`` elements at a time: about 16 bytes per element of one chunk)."""
+    from .kernels.int8_weights import CHUNK
+
+    return 4 * numel + 16 * min(numel, CHUNK)
+
+
+def _int8_targets(model: nn.Module, name: str, options: dict) -> dict[int, nn.Parameter]:
+    """The weights ``weight_dtype="int8"`` in ``options`` would store in int8 (popped from ``options``: the plan
+    prices them on the float meta model), by id; empty without it."""
+    from .optim.registry import check_options
+    from .optim.targets import split_parameters
+
+    if options.get("weight_dtype") is None:
+        options.pop("weight_dtype", None)
+        return {}
+    check_options(name, options)  # a name that projects nothing, or a weight_dtype lowmem does not have
+    options.pop("weight_dtype")
+    return {id(p): p for _, p in split_parameters(model, options.get("target_modules")).targets}
+
+
 def _priced_optimizer(name: str, model: nn.Module, **options) -> tuple:
     """(``lowmem.create_optimizer(name, model, **options)``, whether it updates layer-wise), built without the warning
     about ranks at or above a matrix's smaller dimension (the plan prices those matrices at that dimension, as the
@@ -449,7 +478,10 @@ def peak_bytes(model: nn.Module, name: str, batch: int, seq: int, checkpointing:
     * ``quantized`` (QLoRA, a LoRA ``model``): frozen linear weights in 4 bits, and a recomputed layer also holds
       one linear weight dequantized to the compute dtype;
     * ``linear_ce`` (``TrainingArguments.linear_cross_entropy``): no log-softmax is saved, and the loss backward
-      holds one block of logits and the head's gradient instead (``linear_ce_loss_bytes``).
+      holds one block of logits and the head's gradient instead (``linear_ce_loss_bytes``);
+    * ``weight_dtype="int8"`` (an optimizer option): the projected linears' weights as int8 codes and block scales
+      (``int8_weight_bytes``); forward and backward dequantize one matrix at a time (in the compute dtype), and its
+      update works on an fp32 copy of the weight (``int8_update_bytes``).
     """
     from .optim.compose import build_parts
     from .optim.registry import get_spec
@@ -458,17 +490,22 @@ def peak_bytes(model: nn.Module, name: str, batch: int, seq: int, checkpointing:
         return zeroth_order_peak(model, batch, seq, offload=bool(options.get("offload")))
     config = getattr(model, "config", None)
     dtype = next(model.parameters()).dtype
+    int8 = _int8_targets(model, name, options)
     optimizer, layerwise = _priced_optimizer(name, model, **options)
     states = sum(_priced_states(optimizer, model).values())
-    weights = weight_bytes(model, quantized)
+    weights = weight_bytes(model, quantized) - sum(p.numel() * p.element_size() - int8_weight_bytes(p.numel())
+                                                   for p in int8.values())
     dequantized = max((w.numel() * w.element_size() for w in quantized_linears(model)), default=0) if quantized else 0
+    dequantized = max([dequantized] + [p.numel() * p.element_size() for p in int8.values()])
     trainable = {id(p): p for g in optimizer.param_groups for p in g["params"] if p.requires_grad}
     upd = {}  # id -> (grad bytes, temp bytes)
     for group in optimizer.param_groups:
         parts = build_parts(group)
         for p in group["params"]:
             if id(p) in trainable:
-                upd[id(p)] = (p.numel() * p.element_size(), update_temp_bytes(tuple(p.shape), p.dtype, parts))
+                temp = update_temp_bytes(tuple(p.shape), p.dtype, parts) + (int8_update_bytes(p.numel()) if id(p) in int8
+                                                                             else 0)
+                upd[id(p)] = (p.numel() * p.element_size(), temp)
     grads = sum(g for g, _ in upd.values())
     act = activation_bytes(config, batch, seq, dtype, checkpointing)
     body = act["saved"] - act["logits"]
@@ -494,7 +531,8 @@ def peak_bytes(model: nn.Module, name: str, batch: int, seq: int, checkpointing:
         if layer_ids:
             g, t = max((upd[i] for i in layer_ids), key=sum)
             extra = act["layer"] if checkpointing else 0
-            phases.append(Estimate(weights, g, states, body + extra, 0, t + act["hidden"], "backward, layer update"))
+            phases.append(Estimate(weights, g, states, body + extra, 0, t + act["hidden"] + (dequantized if int8 else 0),
+                                   "backward, layer update"))
         if emb in upd:
             phases.append(Estimate(weights, upd[emb][0], states, 0, 0, upd[emb][1] + act["hidden"],
                                    "backward, embedding update"))
@@ -784,13 +822,20 @@ def plan(model, seq_len: int, batch_size: int, card_gib: float, weights_dtype: s
     at ``batch_size`` x ``seq_len`` tokens; ``fits``: the peak is within ``card_gib`` GiB. Unsupported modes (say,
     Adam-mini without head counts) get a note and are left out. ``linear_ce``: the loss without logits (gradient
     modes; MeZO refuses it). ``gpus`` > 1: the peak per GPU when FSDP2 shards the model over that many, each taking
-    ``batch_size`` sequences (``sharded_peak_bytes``: full-parameter modes without checkpointing)."""
+    ``batch_size`` sequences (``sharded_peak_bytes``: full-parameter modes without checkpointing). ``options`` go to
+    every mode's optimizer; with ``weight_dtype="int8"`` only the low-rank full-parameter modes are priced."""
+    from .optim.registry import get_spec
+
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[weights_dtype]
+    if options.get("weight_dtype") and gpus > 1:
+        raise ValueError("int8 weights are not sharded by FSDP2 yet: plan them on one GPU (drop --gpus)")
     config = load_config(model)
     if gpus > 1:
         return _sharded_plan(config, dtype, seq_len, batch_size, card_gib, gpus, modes, linear_ce, **options)
     rows, metas = [], {}
     for name, ckpt, adapters in modes or DEFAULT_MODES:
+        if options.get("weight_dtype") and (adapters or not get_spec(name).low_rank):
+            continue  # int8 weights are the projected linears' (full-parameter, low-rank names only)
         lora = adapters in ("lora", "qlora")
         if lora not in metas:  # one meta model per kind: building a 7B one takes about a second
             metas[lora] = meta_model(config, dtype, LORA if lora else None)
@@ -856,7 +901,7 @@ def recipe_size(stem: str, values: dict) -> float | None:
 
 
 def recipe_command(row: Row, model, seq_len: int, batch_size: int, bf16: bool, linear_ce: bool = False,
-                   config=None) -> str:
+                   config=None, int8_weights: bool = False) -> str:
     """The ``lowmem train`` command for ``row``: the bundled recipe nearest to it, by its bundled name (it runs from
     any folder), with the keys that differ overridden. Nearest: pretraining for a full-parameter gradient row on a
     config JSON, else fine-tuning; then, given ``config``, a recipe for a model of the same size (its parameters
@@ -905,6 +950,10 @@ def recipe_command(row: Row, model, seq_len: int, batch_size: int, bf16: bool, l
                  ("model_config" if from_config else "model_name_or_path"): str(model) if from_config
                  else source, "cutoff_len": seq_len, "per_device_train_batch_size": batch_size,
                  "gradient_checkpointing": row.checkpointing, "pure_bf16": bf16}
+    if int8_weights:  # the recipe's own options for this optimizer, and the int8 weights the plan priced
+        own = values.get("optim_args") if values.get("optim") == row.optimizer else None
+        overrides["optim_args"] = {**own, "weight_dtype": "int8"} if isinstance(own, dict) else \
+            ", ".join(filter(None, [own, "weight_dtype=int8"]))
     if row.adapters in ("lora", "qlora"):  # the adapters the plan priced
         overrides.update(lora_rank=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_target="all")
     if linear_ce and row.optimizer != "mezo":  # planned without the logits: run so (planned with them: either fits)

@@ -19,6 +19,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from lowmem.kernels import _probe_triton as probe  # noqa: E402
 from lowmem.kernels import blockwise_8bit_triton as b8  # noqa: E402
+from lowmem.kernels import int8_weights_triton as i8  # noqa: E402
 from lowmem.kernels import linear_ce_triton as ce  # noqa: E402
 from lowmem.kernels import zo_noise_triton as zo  # noqa: E402
 
@@ -68,6 +69,9 @@ def checks():
         yield (f"linear_ce merge_lse {tiling}", ce._merge_lse_kernel, {**rows, "target_ptr": "*fp32"}, constexprs)
         yield (f"linear_ce softmax_grad {tiling}", ce._softmax_grad_kernel, {**rows, "share_ptr": "*fp32"},
                constexprs)
+    for dtype in FLOATS:
+        yield (f"int8 weights dequantize to {dtype}", i8.dequantize_kernel,
+               dict(codes_ptr="*i8", scales_ptr="*fp32", out_ptr=f"*{dtype}", n="i64"), dict(QBLOCK=256, BLOCK=1024))
 
 
 def main() -> int:

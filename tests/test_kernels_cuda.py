@@ -85,3 +85,15 @@ def test_linear_cross_entropy(dtype):
     torch.testing.assert_close(loss.float().cpu(), want, **tol)  # tf32 products on the GPU: 1e-4
     torch.testing.assert_close(gpu_hidden.grad.float().cpu(), hidden.grad.float(), **tol)
     torch.testing.assert_close(gpu_weight.grad.float().cpu(), weight.grad.float(), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8_weights_dequantize(dtype):
+    from lowmem.kernels import int8_weights
+
+    codes, scales = int8_weights.quantize(_values(70007).view(7, 10001))
+    with dispatch.backend("triton"):
+        kernel = int8_weights.dequantize(codes.cuda(), scales.cuda(), dtype)
+    with dispatch.backend("torch"):
+        twin = int8_weights.dequantize(codes, scales, dtype)
+    assert torch.equal(kernel.cpu(), twin)  # one multiply in fp32 and one rounding to dtype, as the twin

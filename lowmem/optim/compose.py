@@ -32,6 +32,7 @@ import torch
 
 from ..kernels.codes_8bit import CHUNK
 from . import fused
+from .int8_weights import int8_linear_of
 from .lifts import Lift, make_lift
 from .nonfinite import SkipCounter, finite_flags
 from .projectors import GaussianProjector, Projector, make_projector
@@ -258,8 +259,17 @@ class LowMemOptimizer(torch.optim.Optimizer):
             # the first update, not at construction, so a parameter swapped in later (accelerate's FSDP2 preparation
             # replaces each one with its sharded DTensor, leaving state keyed by the old one behind) gets it too.
             state["seed"] = self._ordinal(p) + 1
+        int8 = int8_linear_of(p)
+        if int8 is not None:  # int8 weights: update an fp32 copy, store it back with stochastic rounding
+            updated = int8.dequantized(torch.float32)
+            self._update_tensor(updated, grad, state, group, parts, low)
+            int8.store_(updated, fused.round_seed(self._ordinal(p), state["step"]))
+            return
         if low is None and fused.fused_adamw_8bit(p, grad, state, group, parts, self._ordinal(p)):
             return
+        self._update_tensor(p, grad, state, group, parts, low)
+
+    def _update_tensor(self, p, grad, state: dict, group: dict, parts: Parts, low: torch.Tensor | None) -> None:
         if low is None and _in_chunks(p, grad, parts):
             self._update_in_chunks(p, grad, state, group, parts)
         else:

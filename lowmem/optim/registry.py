@@ -23,10 +23,12 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field, replace
 
+import torch
 from torch import nn
 
 from .adam_mini_blocks import adam_mini_groups, model_dims
 from .compose import LowMemOptimizer, check_hyperparameters
+from .int8_weights import quantize_linears
 from .layerwise import check_accumulation
 from .presets import (
     CAME,
@@ -48,8 +50,10 @@ from .zo import MeZO
 #: Options every name accepts; low-rank names also take ``target_modules`` (which weights to project).
 #: ``bf16_stochastic_round``: bf16 weights' updates rounded stochastically (``fused``), set on every param group.
 #: ``skip_nonfinite``: a tensor whose gradient has NaN / inf values skips that step's update (``nonfinite``).
+#: ``weight_dtype="int8"`` (low-rank names): the projected linears' weights stored in int8 (``int8_weights``).
 COMMON_OPTIONS = dict(lr=1e-3, weight_decay=0.0, state_dtype=None, layerwise=False, layerwise_accumulation="projected",
                       bf16_stochastic_round=False, skip_nonfinite=True)
+WEIGHT_DTYPES = (None, "int8")
 _ADAM = dict(betas=(0.9, 0.999))
 #: ``<name>_layerwise`` is ``<name>`` with ``layerwise=True``.
 LAYERWISE_SUFFIX = "_layerwise"
@@ -80,7 +84,7 @@ class OptimizerSpec:
     def options(self) -> dict:
         if self.zeroth_order:
             return {"lr": COMMON_OPTIONS["lr"], "weight_decay": 0.0, "skip_nonfinite": True, **self.ctor}
-        targets = {"target_modules": None} if self.low_rank else {}
+        targets = {"target_modules": None, "weight_dtype": None} if self.low_rank else {}
         return {**COMMON_OPTIONS, **targets, **self.ctor, **self.group, **self.every_group}
 
 
@@ -282,6 +286,10 @@ def check_options(name: str, options: dict) -> dict:
             raise ValueError(f"optimizer {name!r} has no layer-wise form: it computes no gradients, so there is "
                              f"nothing to update inside backward. Use {without_layerwise(name)!r}.")
         return opts
+    if opts.get("weight_dtype") not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype={opts['weight_dtype']!r} is not a weight storage lowmem has: use "
+                         "weight_dtype='int8' (the projected linears' weights in int8 with stochastic rounding) or "
+                         "leave it unset (the model's own dtype).")
     opts["layerwise"] = bool(opts["layerwise"] or spec.layerwise)  # a ``<name>_layerwise`` name sets it
     check_accumulation(opts["layerwise_accumulation"])
     if spec.rule:
@@ -339,8 +347,9 @@ def create_optimizer(name: str, model: nn.Module, **options) -> LowMemOptimizer 
     zeroth-order name (``zeroth_order_optimizers()``: ``"mezo"``, see ``zo``).
 
     With ``layerwise=True`` (or a ``<name>_layerwise`` name) every update runs inside backward (see ``layerwise``).
-    With 8-bit states, embedding weights keep fp32 states, as transformers does for bitsandbytes: a rare token's
-    tiny second moment rounds to zero in a block shared with frequent ones, and its step blows up.
+    With 8-bit states, embedding weights keep unquantized states, as transformers does for bitsandbytes: a tiny second
+    moment (a rare token's, or a small coordinate beside large ones in its block) rounds to zero in 8 bits and its step
+    blows up. They are fp32, or bf16 for a bf16 embedding (fp32's range, so nothing underflows; half the bytes).
     """
     spec = get_spec(name)
     opts = check_options(name, options)
@@ -352,7 +361,7 @@ def create_optimizer(name: str, model: nn.Module, **options) -> LowMemOptimizer 
     for group in optimizer.param_groups:
         group.update(every_group)
     if isinstance(make_store(opts["state_dtype"]), BlockwiseQuantStore):
-        _embedding_states_in_fp32(optimizer, model)
+        _embedding_states_unquantized(optimizer, model)
     if layerwise:
         optimizer.enable_layerwise(accumulation)
     optimizer.name = name  # its repr says "galore+came+8bit (", not the class it is built on
@@ -362,6 +371,8 @@ def create_optimizer(name: str, model: nn.Module, **options) -> LowMemOptimizer 
 def _build(name: str, spec: OptimizerSpec, model: nn.Module, opts: dict) -> LowMemOptimizer:
     if spec.low_rank:
         check_not_lora(model, name)
+        if opts.pop("weight_dtype") == "int8":
+            quantize_linears(model, opts["target_modules"])
     if spec.from_model:
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # as for every other name
         return spec.cls(trainable, model=model, **opts)
@@ -382,15 +393,18 @@ def _build(name: str, spec: OptimizerSpec, model: nn.Module, opts: dict) -> LowM
     return spec.cls(groups, **ctor)
 
 
-def _embedding_states_in_fp32(optimizer: LowMemOptimizer, model: nn.Module) -> None:
-    """Move the embedding weights of every param group into a copy of that group with fp32 states."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+def _embedding_states_unquantized(optimizer: LowMemOptimizer, model: nn.Module) -> None:
+    """Move the embedding weights of every param group into a copy of that group with fp32 states (bf16 for bf16
+    embeddings)."""
+    weights = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
+    embeddings = {id(w) for w in weights}
+    dtype = "bfloat16" if weights and all(w.dtype == torch.bfloat16 for w in weights) else "float32"
     for group in list(optimizer.param_groups):
         keep = [i for i, p in enumerate(group["params"]) if id(p) not in embeddings]
         if len(keep) == len(group["params"]):
             continue
         if not keep:
-            group["state_dtype"] = "float32"
+            group["state_dtype"] = dtype
             continue
         moved = {key: value for key, value in group.items() if key not in ("params", "param_names")}
         names = group.get("param_names")
@@ -399,4 +413,4 @@ def _embedding_states_in_fp32(optimizer: LowMemOptimizer, model: nn.Module) -> N
             moved["param_names"] = [n for i, n in enumerate(names) if i not in keep]
             group["param_names"] = [names[i] for i in keep]
         group["params"] = [group["params"][i] for i in keep]
-        optimizer.add_param_group({**moved, "state_dtype": "float32"})
+        optimizer.add_param_group({**moved, "state_dtype": dtype})

@@ -78,10 +78,11 @@ def split_parameters(model: nn.Module, target_modules=None) -> ParameterSplit:
         weight = getattr(module, "weight", None)
         if weight is None or not weight.requires_grad or weight is head or "lm_head" in mod_name:
             continue
-        hit = isinstance(module, nn.Linear) if all_linear else _matches(mod_name, targets)
+        linear = isinstance(module, nn.Linear) or getattr(weight, "int8_linear", None) is module  # or int8 weights
+        hit = linear if all_linear else _matches(mod_name, targets)
         if not hit:
             continue
-        if not isinstance(module, nn.Linear) or weight.dim() != 2:
+        if not linear or weight.dim() != 2:
             if explicit and not all_linear:
                 raise ValueError(
                     f"target_modules={target_modules!r} matched '{mod_name}' ({type(module).__name__}, weight "

@@ -128,6 +128,10 @@ class TrainingArguments(transformers.TrainingArguments):
         super().__post_init__()
         self.optim = name
         options = self.lowmem_options()  # checks optim_args and the target modules now, not at the first step
+        if options.get("weight_dtype") == "int8" and self.world_size > 1:
+            raise ValueError(f"optim_args weight_dtype='int8' with {self.world_size} processes: int8 weights are not "
+                             "sharded or all-reduced by DDP / FSDP2 yet. Launch a single process, or drop "
+                             "weight_dtype to train the float weights on several.")
         if get_spec(name).zeroth_order:
             self._check_zeroth_order()
         elif options["layerwise"]:

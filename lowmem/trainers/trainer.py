@@ -14,8 +14,10 @@ import dataclasses
 import torch
 import transformers
 
+from ..allocator import release_freed_memory
 from ..kernels.model_patch import patch_linear_cross_entropy
 from ..optim.compose import LowMemOptimizer
+from ..optim.int8_weights import quantize_linears
 from ..optim.registry import create_optimizer
 from ..optim.sharded_checkpoint import prepare_to_load
 from ..optim.zo import MeZO, pair_loss
@@ -30,12 +32,13 @@ class Trainer(transformers.Trainer):
 
     def __init__(self, model=None, args=None, *positional, optim=None, optim_args=None, optim_target_modules=None,
                  **kwargs):
+        release_freed_memory()  # resident memory that follows the live tensors (glibc keeps freed blocks otherwise)
         overrides = {k: v for k, v in zip(_OPTIM_FIELDS, (optim, optim_args, optim_target_modules), strict=True)
                      if v is not None}
         if overrides:
             args = _with_optimizer(args, overrides)
-        if model is not None and getattr(args, "linear_cross_entropy", False):
-            patch_linear_cross_entropy(model)  # before the Trainer inspects the model's forward
+        if model is not None:
+            _prepare_model(model, args)  # before the Trainer inspects the model or loads a checkpoint into it
         super().__init__(model, args, *positional, **kwargs)
 
     def create_accelerator_and_postprocess(self):
@@ -58,8 +61,7 @@ class Trainer(transformers.Trainer):
     def call_model_init(self, *args, **kwargs):
         """transformers' ``model_init`` call, its model patched like one given directly."""
         model = super().call_model_init(*args, **kwargs)
-        if getattr(self.args, "linear_cross_entropy", False):
-            patch_linear_cross_entropy(model)
+        _prepare_model(model, self.args)
         return model
 
     def create_optimizer(self, *args, **kwargs):
@@ -153,6 +155,18 @@ class Trainer(transformers.Trainer):
             if "loss" in logs and zo.last_projected_grad is not None:
                 logs["projected_grad"] = zo.last_projected_grad
         super().log(logs, *args, **kwargs)
+
+
+def _prepare_model(model, args) -> None:
+    """What the run's options change in the model itself: the loss without logits (``linear_cross_entropy``) and
+    int8 weights (``optim_args="weight_dtype=int8"``: the target linears converted now, so a checkpoint's int8
+    weights load into the same structure on resume)."""
+    if getattr(args, "linear_cross_entropy", False):
+        patch_linear_cross_entropy(model)
+    if getattr(args, "lowmem_optim", None) is not None:
+        options = args.lowmem_options()
+        if options.get("weight_dtype") == "int8":
+            quantize_linears(model, options.get("target_modules"))
 
 
 def _with_optimizer(args, overrides: dict) -> TrainingArguments:

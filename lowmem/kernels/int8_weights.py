@@ -1,0 +1,108 @@
+"""Weights stored as int8 codes with one fp32 scale per block (Q-GaLore / Q-APOLLO style), in pure torch.
+
+The format: a tensor's flat elements in blocks of ``block`` (the last block may be shorter); block ``b`` holds codes
+``c`` in [-127, 127] and a scale ``s_b = max|w| / 127`` over the block, and stands for ``w = c * s_b``. Symmetric, so
+zero is exact and no zero point is stored: 1 byte per weight plus 4 bytes per block (1.6% at 256).
+
+* ``quantize(w, block)``: codes and scales of a float tensor, rounded to the nearest code (the model's conversion);
+* ``dequantize(codes, scales, dtype)``: the float tensor back, in ``dtype`` (forward and backward do this a matrix at
+  a time): a Triton kernel on CUDA (``int8_weights_triton``), this module's twin elsewhere;
+* ``requantize_(codes, scales, values, generator)``: store fp32 ``values`` back, each rounded **stochastically** to one
+  of its two neighbouring codes with the probabilities that make the result unbiased (``E[c s] = value``), so an update
+  far below one code step still moves the weight on average. Scales are recomputed from ``values`` first. The
+  uniforms come from a seeded ``torch.Generator`` (drawn ``CHUNK`` elements at a time, in order), so a resumed run
+  draws the same bits; torch's generator, not a Triton kernel, because it is the same on every device and fast on a
+  CPU (Triton's Philox in torch costs about 1.7 us per element here).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import dispatch
+
+#: Elements per block of one scale (Q-GaLore's group size; Q-APOLLO uses 128).
+BLOCK = 256
+#: The largest code: codes are symmetric, -127..127.
+QMAX = 127
+#: Elements handled at once by the twins and the rounding (their temporaries stay about 16 bytes x this).
+CHUNK = 1 << 20
+
+
+def n_blocks(numel: int, block: int) -> int:
+    return -(-numel // block)
+
+
+def _check(codes: torch.Tensor, scales: torch.Tensor, block: int) -> None:
+    if codes.dtype != torch.int8 or not codes.is_contiguous():
+        raise ValueError(f"int8 weight codes must be a contiguous int8 tensor, got {codes.dtype}")
+    if scales.dtype != torch.float32 or scales.numel() != n_blocks(codes.numel(), block):
+        raise ValueError(f"int8 weights of {codes.numel()} elements in blocks of {block} need "
+                         f"{n_blocks(codes.numel(), block)} fp32 scales, got {scales.numel()} {scales.dtype}")
+
+
+def _pieces(numel: int, block: int):
+    """(start, end) element ranges of at most ``CHUNK`` elements that start on a block boundary."""
+    step = max(block, CHUNK - CHUNK % block)
+    return [(start, min(start + step, numel)) for start in range(0, numel, step)]
+
+
+def _block_absmax(flat: torch.Tensor, block: int) -> torch.Tensor:
+    """max |x| of each block of fp32 ``flat`` (a whole number of blocks but the last)."""
+    full = flat.numel() // block * block
+    parts = [flat[:full].view(-1, block).abs().amax(dim=1)]
+    if full < flat.numel():
+        parts.append(flat[full:].abs().amax().view(1))
+    return torch.cat(parts)
+
+
+def _per_element(scales: torch.Tensor, numel: int, block: int) -> torch.Tensor:
+    return scales.repeat_interleave(block)[:numel]
+
+
+def quantize(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scales) of float tensor ``w``, each element rounded to its nearest code."""
+    flat = w.detach().reshape(-1)
+    codes = torch.empty(flat.numel(), dtype=torch.int8, device=w.device)
+    scales = torch.empty(n_blocks(flat.numel(), block), dtype=torch.float32, device=w.device)
+    for start, end in _pieces(flat.numel(), block):
+        part = flat[start:end].float()
+        scale = _block_absmax(part, block) / QMAX
+        scales[start // block:start // block + scale.numel()] = scale
+        step = _per_element(scale, part.numel(), block)
+        codes[start:end] = torch.where(step > 0, part / step, 0.0).round_().clamp_(-QMAX, QMAX).to(torch.int8)
+    return codes.view(w.shape), scales
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, block: int = BLOCK) -> torch.Tensor:
+    """The float tensor ``codes * scale`` in ``dtype`` (fp32 arithmetic, one rounding to ``dtype``)."""
+    _check(codes, scales, block)
+    out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
+    if codes.numel() == 0:
+        return out
+    if dispatch.use_triton(codes, scales):
+        from . import int8_weights_triton
+
+        int8_weights_triton.dequantize(codes, scales, out, block)
+        return out
+    flat_codes, flat_out = codes.view(-1), out.view(-1)
+    for start, end in _pieces(codes.numel(), block):
+        step = _per_element(scales[start // block:-(-end // block)], end - start, block)
+        flat_out[start:end] = flat_codes[start:end].float().mul_(step)
+    return out
+
+
+def requantize_(codes: torch.Tensor, scales: torch.Tensor, values: torch.Tensor, generator: torch.Generator,
+                block: int = BLOCK) -> None:
+    """Store fp32 ``values`` (shaped like ``codes``) into ``codes`` and ``scales``: new block scales from ``values``,
+    each element rounded down or up to a neighbouring code at random, unbiased. In place, ``CHUNK`` at a time."""
+    _check(codes, scales, block)
+    flat_codes, flat = codes.view(-1), values.reshape(-1)
+    for start, end in _pieces(codes.numel(), block):
+        part = flat[start:end].float()
+        scale = _block_absmax(part, block) / QMAX
+        scales[start // block:start // block + scale.numel()] = scale
+        step = _per_element(scale, part.numel(), block)
+        uniform = torch.rand(part.shape, generator=generator, device=part.device, dtype=torch.float32)
+        scaled = torch.where(step > 0, part / step, 0.0)
+        flat_codes[start:end] = scaled.add_(uniform).floor_().clamp_(-QMAX, QMAX).to(torch.int8)
