@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--linear-ce", action=argparse.BooleanOptionalAction, default=None,
                       help="price the loss without logits (recipe key linear_cross_entropy); default: on for LLaMA, "
                            "Qwen2 and Mistral, the architectures it supports")
+    plan.add_argument("--offload-states", action="store_true",
+                      help="optimizer states in CPU memory, streamed through the GPU a parameter at a time "
+                           "(optim_args offload_states=true)")
     plan.add_argument("--int8-weights", action="store_true",
                       help="the projected linears' weights in int8 (optim_args weight_dtype=int8; low-rank names only)")
     listing = commands.add_parser("list", help=LIST_HELP, description=LIST_HELP + ".")
@@ -110,11 +113,12 @@ def _plan(args) -> int:
     if args.gpus < 1:
         raise ValueError(f"--gpus {args.gpus}: give 1 or more")
     int8 = {"weight_dtype": "int8"} if args.int8_weights else {}
+    offload = {"offload_states": True} if args.offload_states else {}
     rows = plan(config, args.seq, args.batch, args.card_gib, "bf16" if args.bf16 else "fp32", linear_ce=linear_ce,
-                gpus=args.gpus, **int8)
+                gpus=args.gpus, **int8, **offload)
     best = recommend(rows)
     command = recipe_command(best, args.model, args.seq, args.batch, args.bf16, linear_ce, config,
-                             int8_weights=bool(int8)) if best else ""
+                             optim_options={**int8, **offload}) if best else ""
     if command and args.gpus > 1:
         command, _, note = command.partition("   (")
         command = command.replace("lowmem train", f"torchrun --nproc_per_node={args.gpus} -m lowmem.cli train", 1)
@@ -124,6 +128,8 @@ def _plan(args) -> int:
         print("(the loss without logits: linear_cross_entropy; --no-linear-ce prices the plain loss)")
     if int8:
         print("(int8 weights: the projected linears' weights in int8, weight_dtype=int8; low-rank names only)")
+    if offload:
+        print("(offloaded states: one parameter's optimizer states on the GPU at a time, the rest in CPU memory)")
     print(format_plan(rows, args.card_gib, command))
     return 0
 

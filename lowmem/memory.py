@@ -258,6 +258,30 @@ def _active_blocks(optimizer, index: int, parts) -> set[int]:
     return set(parts.projector.choose(dict(optimizer.param_groups[index]), len(params)))
 
 
+def _device_states(optimizer, model: nn.Module, per_param: dict[str, int]) -> int:
+    """The state bytes on the device with ``offload_states``: the largest one parameter's update brings in, its
+    whole states, or one chunk's for a tensor updated a chunk at a time (``offload_states``)."""
+    from .kernels.codes_8bit import CHUNK
+    from .optim.compose import build_parts, updates_in_chunks
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    largest = 0
+    for group in optimizer.param_groups:
+        parts = build_parts(group)
+        for p in group["params"]:
+            if names.get(id(p)) in per_param:
+                whole = per_param[names[id(p)]]
+                largest = max(largest, -(-whole * CHUNK // p.numel()) if updates_in_chunks(parts, p.numel()) else whole)
+    return largest
+
+
+def _streamed(update: tuple[int, int], streams: bool, chunk: int) -> tuple[int, int]:
+    """(gradient, temporary) bytes of a tensor's layer-wise update; streamed (``streamed_rows``), no whole gradient
+    but a range of it at a time (the range in fp32 and in the weights' dtype, about 6 bytes per element)."""
+    grad, temp = update
+    return (0, temp + 6 * min(chunk, grad)) if streams else (grad, temp)
+
+
 def int8_weight_bytes(numel: int) -> int:
     """Bytes of a weight stored in int8 (``weight_dtype="int8"``): a code per element and an fp32 scale per block."""
     from .kernels.int8_weights import BLOCK, n_blocks
@@ -299,6 +323,8 @@ def _priced_optimizer(name: str, model: nn.Module, **options) -> tuple:
         warnings.filterwarnings("ignore", message=r"rank=\S+ is at least min\(m, n\)")
         optimizer = create_optimizer(name, model, **options)
     layerwise = optimizer.layerwise is not None or get_spec(name).layerwise
+    streamed = optimizer.layerwise.streamed if optimizer.layerwise else []
+    optimizer.streamed_ids = {id(m.weight) for m in streamed}  # updated a range of rows at a time (``streamed_rows``)
     if optimizer.layerwise is not None:
         optimizer.layerwise.remove()
     return optimizer, layerwise
@@ -479,10 +505,14 @@ def peak_bytes(model: nn.Module, name: str, batch: int, seq: int, checkpointing:
       one linear weight dequantized to the compute dtype;
     * ``linear_ce`` (``TrainingArguments.linear_cross_entropy``): no log-softmax is saved, and the loss backward
       holds one block of logits and the head's gradient instead (``linear_ce_loss_bytes``);
+    * ``offload_states=True`` (an optimizer option): on the device only the states one update brings in (a
+      parameter's, or a chunk's of a tensor updated a chunk at a time), the others in CPU memory
+      (``optimizer_state_bytes`` gives what the host holds);
     * ``weight_dtype="int8"`` (an optimizer option): the projected linears' weights as int8 codes and block scales
       (``int8_weight_bytes``); forward and backward dequantize one matrix at a time (in the compute dtype), and its
       update works on an fp32 copy of the weight (``int8_update_bytes``).
     """
+    from .kernels.codes_8bit import CHUNK as STREAM_CHUNK
     from .optim.compose import build_parts
     from .optim.registry import get_spec
 
@@ -492,7 +522,8 @@ def peak_bytes(model: nn.Module, name: str, batch: int, seq: int, checkpointing:
     dtype = next(model.parameters()).dtype
     int8 = _int8_targets(model, name, options)
     optimizer, layerwise = _priced_optimizer(name, model, **options)
-    states = sum(_priced_states(optimizer, model).values())
+    per_param = _priced_states(optimizer, model)
+    states = _device_states(optimizer, model, per_param) if options.get("offload_states") else sum(per_param.values())
     weights = weight_bytes(model, quantized) - sum(p.numel() * p.element_size() - int8_weight_bytes(p.numel())
                                                    for p in int8.values())
     dequantized = max((w.numel() * w.element_size() for w in quantized_linears(model)), default=0) if quantized else 0
@@ -526,7 +557,8 @@ def peak_bytes(model: nn.Module, name: str, batch: int, seq: int, checkpointing:
         phases.append(Estimate(weights, grads, states, 0, 0, max(t for _, t in upd.values()), "optimizer.step()"))
     else:
         if head in upd and head != emb:
-            phases.append(Estimate(weights, upd[head][0], states, body, 0, upd[head][1] + act["hidden"],
+            head_grad, head_temp = _streamed(upd[head], head in optimizer.streamed_ids, STREAM_CHUNK)
+            phases.append(Estimate(weights, head_grad, states, body, 0, head_temp + act["hidden"],
                                    "backward, output head update"))
         if layer_ids:
             g, t = max((upd[i] for i in layer_ids), key=sum)
@@ -534,7 +566,8 @@ def peak_bytes(model: nn.Module, name: str, batch: int, seq: int, checkpointing:
             phases.append(Estimate(weights, g, states, body + extra, 0, t + act["hidden"] + (dequantized if int8 else 0),
                                    "backward, layer update"))
         if emb in upd:
-            phases.append(Estimate(weights, upd[emb][0], states, 0, 0, upd[emb][1] + act["hidden"],
+            emb_grad, emb_temp = _streamed(upd[emb], emb in optimizer.streamed_ids, STREAM_CHUNK)
+            phases.append(Estimate(weights, emb_grad, states, 0, 0, emb_temp + act["hidden"],
                                    "backward, embedding update"))
     return max(phases, key=lambda est: est.total)
 
@@ -836,6 +869,8 @@ def plan(model, seq_len: int, batch_size: int, card_gib: float, weights_dtype: s
     for name, ckpt, adapters in modes or DEFAULT_MODES:
         if options.get("weight_dtype") and (adapters or not get_spec(name).low_rank):
             continue  # int8 weights are the projected linears' (full-parameter, low-rank names only)
+        if options.get("offload_states") and get_spec(name).zeroth_order:
+            continue  # MeZO keeps no states
         lora = adapters in ("lora", "qlora")
         if lora not in metas:  # one meta model per kind: building a 7B one takes about a second
             metas[lora] = meta_model(config, dtype, LORA if lora else None)
@@ -901,7 +936,7 @@ def recipe_size(stem: str, values: dict) -> float | None:
 
 
 def recipe_command(row: Row, model, seq_len: int, batch_size: int, bf16: bool, linear_ce: bool = False,
-                   config=None, int8_weights: bool = False) -> str:
+                   config=None, optim_options: dict | None = None) -> str:
     """The ``lowmem train`` command for ``row``: the bundled recipe nearest to it, by its bundled name (it runs from
     any folder), with the keys that differ overridden. Nearest: pretraining for a full-parameter gradient row on a
     config JSON, else fine-tuning; then, given ``config``, a recipe for a model of the same size (its parameters
@@ -910,7 +945,8 @@ def recipe_command(row: Row, model, seq_len: int, batch_size: int, bf16: bool, l
 
     A recipe for another optimizer runs with ``optim=`` and ``optim_args=`` (its options were written for its own
     optimizer; the plan priced the new one's defaults). ``linear_ce``: the row was planned with the loss without
-    logits, so a recipe without it gets it (MeZO does not take it). An adapter or MeZO row planned from a config
+    logits, so a recipe without it gets it (MeZO does not take it). ``optim_options``: the optimizer options the
+    row was planned with (``weight_dtype``, ``offload_states``), added to the recipe's ``optim_args``. An adapter or MeZO row planned from a config
     JSON names the weights ``MODEL``, a placeholder the command explains (the config says nothing of them)."""
     import shlex
 
@@ -950,10 +986,10 @@ def recipe_command(row: Row, model, seq_len: int, batch_size: int, bf16: bool, l
                  ("model_config" if from_config else "model_name_or_path"): str(model) if from_config
                  else source, "cutoff_len": seq_len, "per_device_train_batch_size": batch_size,
                  "gradient_checkpointing": row.checkpointing, "pure_bf16": bf16}
-    if int8_weights:  # the recipe's own options for this optimizer, and the int8 weights the plan priced
+    if optim_options:  # the recipe's own options for this optimizer, and those the plan priced (int8 weights, ...)
         own = values.get("optim_args") if values.get("optim") == row.optimizer else None
-        overrides["optim_args"] = {**own, "weight_dtype": "int8"} if isinstance(own, dict) else \
-            ", ".join(filter(None, [own, "weight_dtype=int8"]))
+        overrides["optim_args"] = {**own, **optim_options} if isinstance(own, dict) else \
+            ", ".join(filter(None, [own, *(f"{k}={_yaml_value(v)}" for k, v in optim_options.items())]))
     if row.adapters in ("lora", "qlora"):  # the adapters the plan priced
         overrides.update(lora_rank=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_target="all")
     if linear_ce and row.optimizer != "mezo":  # planned without the logits: run so (planned with them: either fits)

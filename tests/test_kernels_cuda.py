@@ -97,3 +97,29 @@ def test_int8_weights_dequantize(dtype):
     with dispatch.backend("torch"):
         twin = int8_weights.dequantize(codes, scales, dtype)
     assert torch.equal(kernel.cpu(), twin)  # one multiply in fp32 and one rounding to dtype, as the twin
+
+
+@pytest.mark.parametrize("name", ["adamw", "galore_adamw_8bit_layerwise", "apollo_mini_layerwise"])
+def test_offloaded_states_train_the_same_with_less_device_memory(name):
+    import lowmem
+    from lowmem.example import tiny_llama
+
+    results, peaks = [], []
+    for offload in (False, True):
+        torch.manual_seed(0)
+        model = tiny_llama(hidden=256, layers=2).cuda()
+        optimizer = lowmem.create_optimizer(name, model, rank=8, offload_states=offload) if "galore" in name else \
+            lowmem.create_optimizer(name, model, offload_states=offload)
+        ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0)).cuda()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(3):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        peaks.append(torch.cuda.max_memory_allocated())
+        state = optimizer.state_dict()["state"]
+        devices = {v.device.type for s in state.values() for v in s.values() if torch.is_tensor(v)}
+        assert devices == ({"cpu"} if offload else {"cuda"})
+        results.append([p.detach().cpu() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+    assert peaks[1] < peaks[0]

@@ -19,6 +19,7 @@ Group keys (all optional; defaults in ``GROUP_DEFAULTS``):
 * storage: ``state_dtype`` (None = the gradient's dtype | float32 | bfloat16 | 8bit), ``min_8bit_size``
 * ``bf16_stochastic_round``: round bf16 parameters' updates stochastically (see ``fused``)
 * ``skip_nonfinite`` (default True): a tensor whose gradient has NaN / inf skips its update (see ``nonfinite``)
+* ``state_device="cpu"``: a GPU parameter's states live in CPU memory between updates (see ``offload_states``)
 * ``lr``, ``weight_decay``; ``param_names`` (used in error messages only)
 """
 
@@ -35,6 +36,7 @@ from . import fused
 from .int8_weights import int8_linear_of
 from .lifts import Lift, make_lift
 from .nonfinite import SkipCounter, finite_flags
+from .offload_states import back_to_host, host_copy, offloads, to_device, wait_for_device
 from .projectors import GaussianProjector, Projector, make_projector
 from .rules import DEFAULT_BETAS, DEFAULT_EPS, Rule, make_rule
 from .sharded import is_sharded
@@ -253,7 +255,17 @@ class LowMemOptimizer(torch.optim.Optimizer):
         _refuse_sparse(grad)
         if torch.is_tensor(group["lr"]):  # a 1-element tensor lr (checked when the group was added)
             group = {**group, "lr": group["lr"].item()}
-        state = self.state[p]
+        if offloads(group, p):  # states in CPU memory: streamed through the device for this update
+            if low is None and _in_chunks(p, grad, parts) and int8_linear_of(p) is None:
+                self._update_in_chunks(p, grad, self.state[p], group, parts, offload=True)  # a chunk's at a time
+                return
+            working = to_device(self.state[p], p.device)
+            self._update_with_state(p, grad, working, group, parts, low)
+            back_to_host(self.state[p], working)
+        else:
+            self._update_with_state(p, grad, self.state[p], group, parts, low)
+
+    def _update_with_state(self, p, grad, state: dict, group: dict, parts: Parts, low: torch.Tensor | None) -> None:
         if isinstance(parts.projector, GaussianProjector) and "seed" not in state:
             # APOLLO's seed, as apollo-torch numbers them: the 1-based place among every group's parameters. Taken at
             # the first update, not at construction, so a parameter swapped in later (accelerate's FSDP2 preparation
@@ -275,17 +287,34 @@ class LowMemOptimizer(torch.optim.Optimizer):
         else:
             self._update(p, grad, state, group, parts, low)
 
-    def _update_in_chunks(self, p, grad, state: dict, group: dict, parts: Parts) -> None:
+    def update_param_in_chunks(self, p: torch.Tensor, group: dict, parts: Parts, grad_range: Callable) -> None:
+        """``update_param`` of a tensor updated ``CHUNK`` elements at a time (``updates_in_chunks``), its gradient
+        handed over a range of flat elements at a time, ``grad_range(start, end)``, instead of whole in ``p.grad``
+        (the output head's streamed layer-wise update, ``streamed_head``)."""
+        if torch.is_tensor(group["lr"]):
+            group = {**group, "lr": group["lr"].item()}
+        self._update_in_chunks(p, grad_range, self.state[p], group, parts, offload=offloads(group, p))
+
+    def _update_in_chunks(self, p, grad, state: dict, group: dict, parts: Parts, offload: bool = False) -> None:
         """An unprojected tensor under an elementwise rule, ``CHUNK`` elements at a time: the direction (and for
         8-bit moments their dequantized copies) then never exists for the whole tensor, which in a layer-wise step
-        of a large embedding or head is that tensor's size again at the peak. Bit-identical to the whole tensor."""
-        parts.rule.init_state(state, parts.store, grad)
+        of a large embedding or head is that tensor's size again at the peak. Bit-identical to the whole tensor.
+        ``grad``: the whole gradient, or a function of a flat range ``(start, end)`` giving that range of it.
+        ``offload``: ``state`` lives in CPU memory and each chunk's part of it goes through ``p``'s device."""
+        like = p.detach() if callable(grad) else grad
+        if offload:  # created in CPU memory (stride 0: nothing the size of the tensor is allocated to describe it)
+            like = torch.zeros(1, dtype=like.dtype).expand(like.shape)
+        parts.rule.init_state(state, parts.store, like)
         state.setdefault("step", 0)
-        flat_p, flat_grad = p.view(-1), grad.view(-1)
-        for start in range(0, flat_grad.numel(), CHUNK):
-            end = min(start + CHUNK, flat_grad.numel())
+        flat_p = p.view(-1)
+        grad_range = grad if callable(grad) else (lambda start, end, flat=grad.view(-1): flat[start:end])
+        for start in range(0, flat_p.numel(), CHUNK):
+            end = min(start + CHUNK, flat_p.numel())
             part = parts.store.chunk(state, parts.rule.moments, start, end)
-            self._update(flat_p[start:end], flat_grad[start:end], part, group, parts, None, (p, start))
+            working = to_device(part, p.device) if offload else part
+            self._update(flat_p[start:end], grad_range(start, end), working, group, parts, None, (p, start))
+            if offload:
+                back_to_host(part, working, wait=True)  # the host reads it next (8-bit: write_chunk)
             parts.store.write_chunk(state, part, parts.rule.moments, start, end)
         state["step"] += 1
 
@@ -337,11 +366,20 @@ class LowMemOptimizer(torch.optim.Optimizer):
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         by_id = dict(zip(saved_ids, params, strict=True))
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         for pid, saved in saved_state.items():
             param = by_id[pid]
+            if offloads(group_of[id(param)], param):  # offloaded states stay in (pinned) CPU memory
+                self.state[param] = {k: host_copy(v) if torch.is_tensor(v) else v for k, v in saved.items()}
+                continue
             self.state[param] = {
                 k: v.to(device=param.device) if torch.is_tensor(v) else v for k, v in saved.items()
             }
+
+    def state_dict(self) -> dict:
+        """torch's ``state_dict``, after the copies of offloaded states (``offload_states``) have landed."""
+        wait_for_device(self.param_groups)
+        return super().state_dict()
 
     def state_bytes(self) -> int:
         """Exact bytes of every tensor this optimizer holds as state."""

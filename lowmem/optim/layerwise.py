@@ -77,6 +77,8 @@ class LayerwiseUpdates:
         self.ddp = None
         self._updated: set[int] = set()  # ids of the parameters a DDP hook updated this step
         self._lock = threading.Lock()  # DDP's bucket callbacks may run on the process group's threads
+        #: The head and embedding whose updates stream inside their backward (``stream_rows``).
+        self.streamed = []
         self._handles = []
         self._bind()
 
@@ -170,6 +172,8 @@ class LayerwiseUpdates:
 
     @torch.no_grad()
     def _on_gradient(self, p: torch.Tensor) -> None:
+        if p.grad is None:  # no gradient reached it (a streamed head or embedding updates in its own backward)
+            return
         if self.ddp is not None:
             return  # the local gradient: DDP reduces it (or, in a micro-batch before the last, it accumulates)
         if not is_sharded(p):  # FSDP2 runs a shard's hooks after its reduce-scatter: that gradient is reduced
@@ -207,8 +211,30 @@ class LayerwiseUpdates:
 
     def count_norm(self, grad: torch.Tensor) -> None:
         """Add a gradient to this step's norm (no host sync)."""
-        squared = squared_norm(grad)
+        self._add_squared_norm(squared_norm(grad))
+
+    def _add_squared_norm(self, squared: torch.Tensor) -> None:
         self._squared_norm = squared if self._squared_norm is None else self._squared_norm + squared
+
+    def stream_rows(self, model) -> list:
+        """Update ``model``'s output head and input embedding a range of rows at a time inside their own backward,
+        where they can (``streamed_rows``); the modules that do."""
+        from ..kernels.model_patch import is_patched
+        from .streamed_rows import can_stream, stream
+
+        def module(getter: str):
+            get = getattr(model, getter, None)
+            return get() if callable(get) else None
+
+        head, embedding = module("get_output_embeddings"), module("get_input_embeddings")
+        chosen = [] if is_patched(model) else [head]  # the loss without logits computes the head's gradient itself
+        chosen.append(embedding)
+        tied = getattr(head, "weight", None) is getattr(embedding, "weight", False)
+        for layer in chosen:
+            if not tied and can_stream(self, layer):
+                stream(self, layer)
+                self.streamed.append(layer)
+        return list(self.streamed)
 
     def check_params(self) -> None:
         """``ValueError`` if the optimizer's parameters are no longer the ones hooked (accelerate's FSDP2 preparation
@@ -237,8 +263,11 @@ class LayerwiseUpdates:
         self._squared_norm = None
 
     def remove(self) -> None:
-        """Remove the hooks; the optimizer goes back to updating in ``step()``."""
+        """Remove the hooks (and a streamed head's forward); the optimizer goes back to updating in ``step()``."""
         self._unhook()
+        for module in self.streamed:
+            del module.forward  # the class's own forward again
+        self.streamed.clear()
         self.optimizer.layerwise = None
 
     def _unhook(self) -> None:

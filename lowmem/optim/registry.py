@@ -43,6 +43,7 @@ from .presets import (
     GaLoreAdamW8bit,
     check_adafactor_lr,
 )
+from .sharded import is_sharded
 from .states import BlockwiseQuantStore, make_store
 from .targets import check_not_lora, plain_split, split_parameters
 from .zo import MeZO
@@ -51,8 +52,9 @@ from .zo import MeZO
 #: ``bf16_stochastic_round``: bf16 weights' updates rounded stochastically (``fused``), set on every param group.
 #: ``skip_nonfinite``: a tensor whose gradient has NaN / inf values skips that step's update (``nonfinite``).
 #: ``weight_dtype="int8"`` (low-rank names): the projected linears' weights stored in int8 (``int8_weights``).
+#: ``offload_states``: a GPU parameter's states kept in CPU memory between its updates (``offload_states``).
 COMMON_OPTIONS = dict(lr=1e-3, weight_decay=0.0, state_dtype=None, layerwise=False, layerwise_accumulation="projected",
-                      bf16_stochastic_round=False, skip_nonfinite=True)
+                      bf16_stochastic_round=False, skip_nonfinite=True, offload_states=False)
 WEIGHT_DTYPES = (None, "int8")
 _ADAM = dict(betas=(0.9, 0.999))
 #: ``<name>_layerwise`` is ``<name>`` with ``layerwise=True``.
@@ -357,15 +359,27 @@ def create_optimizer(name: str, model: nn.Module, **options) -> LowMemOptimizer 
         return spec.cls(model, **opts)
     layerwise, accumulation = opts.pop("layerwise"), opts.pop("layerwise_accumulation")
     every_group = {key: bool(opts.pop(key)) for key in ("bf16_stochastic_round", "skip_nonfinite")}
+    if opts.pop("offload_states"):
+        _check_offload(name, model)
+        every_group["state_device"] = "cpu"
     optimizer = _build(name, spec, model, opts)
     for group in optimizer.param_groups:
         group.update(every_group)
     if isinstance(make_store(opts["state_dtype"]), BlockwiseQuantStore):
         _embedding_states_unquantized(optimizer, model)
     if layerwise:
-        optimizer.enable_layerwise(accumulation)
+        optimizer.enable_layerwise(accumulation).stream_rows(model)
     optimizer.name = name  # its repr says "galore+came+8bit (", not the class it is built on
     return optimizer
+
+
+def _check_offload(name: str, model: nn.Module) -> None:
+    """``offload_states=True`` refused where it would not do what it says: sharded parameters (FSDP2 shards the
+    states already; offloading them is FSDP's ``CPUOffloadPolicy``)."""
+    if any(is_sharded(p) for p in model.parameters()):
+        raise ValueError(f"optimizer {name!r} with offload_states=True on FSDP2-sharded parameters: not supported. "
+                         "Each rank already holds 1/world of the states; for CPU offloading under FSDP2 use its "
+                         "offload_policy=CPUOffloadPolicy(), or drop offload_states.")
 
 
 def _build(name: str, spec: OptimizerSpec, model: nn.Module, opts: dict) -> LowMemOptimizer:
