@@ -113,11 +113,13 @@ LLAMA_1B = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_laye
                        num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True)
 LLAMA_3B = LlamaConfig(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
                        num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=True)
+LLAMA_30B = LlamaConfig(hidden_size=6656, intermediate_size=17920, num_hidden_layers=60, num_attention_heads=52,
+                        num_key_value_heads=52, vocab_size=32000)
 
 
 def test_recipe_command_picks_a_recipe_for_the_same_model_size(tmp_path):
     """A 1B model on a 24 GiB card (AdamW fits) runs a 1B recipe with only optim= changed, never the 8B one with
-    optim_args cleared; a size no recipe has gets the closest one with the model overridden; from a config JSON,
+    optim_args cleared; a size no recipe has (30B) gets the closest one with the model overridden; from a config JSON,
     the placeholder the command explains is in the command."""
     estimate = memory.Estimate(0, 0, 0, 0, 0, 0, "-")
     adamw = memory.Row("adamw", False, None, estimate)
@@ -125,8 +127,11 @@ def test_recipe_command_picks_a_recipe_for_the_same_model_size(tmp_path):
     assert command.startswith("lowmem train finetune-llama-3.2-1b-") and " optim=adamw" in command
     assert "optim_args" not in command and "model_name_or_path" not in command and ".yaml" not in command
     qlora = memory.Row("adamw", True, "qlora", estimate)
-    command = memory.recipe_command(qlora, "org/llama-3b", 1024, 1, True, config=LLAMA_3B)
-    assert command.startswith("lowmem train finetune-llama-3.1-8b-12gb-qlora model_name_or_path=org/llama-3b")
+    command = memory.recipe_command(qlora, "org/llama-30b", 1024, 1, True, config=LLAMA_30B)
+    assert command.startswith("lowmem train finetune-llama-3.1-8b-12gb-qlora model_name_or_path=org/llama-30b")
+    command = memory.recipe_command(qlora, "org/llama-3b", 1024, 1, True, config=LLAMA_3B)  # a 3B recipe exists
+    assert command.startswith("lowmem train finetune-llama-3.2-3b-") and "finetuning_type=lora" in command
+    assert "quantization_bit=4" in command and "optim_args= " in command  # its int8 options cleared
     config_json = str(tmp_path / "config.json")
     command = memory.recipe_command(memory.Row("adamw", True, "lora", estimate), config_json, 1024, 1, True,
                                     config=LLAMA_1B)

@@ -47,17 +47,12 @@ def _pieces(numel: int, block: int):
     return [(start, min(start + step, numel)) for start in range(0, numel, step)]
 
 
-def _block_absmax(flat: torch.Tensor, block: int) -> torch.Tensor:
-    """max |x| of each block of fp32 ``flat`` (a whole number of blocks but the last)."""
+def _blocks(flat: torch.Tensor, block: int) -> list[torch.Tensor]:
+    """``flat`` (a range starting on a block boundary) as ``(blocks, block)`` views: its whole blocks, then the
+    shorter last one if any (one row)."""
     full = flat.numel() // block * block
-    parts = [flat[:full].view(-1, block).abs().amax(dim=1)]
-    if full < flat.numel():
-        parts.append(flat[full:].abs().amax().view(1))
-    return torch.cat(parts)
-
-
-def _per_element(scales: torch.Tensor, numel: int, block: int) -> torch.Tensor:
-    return scales.repeat_interleave(block)[:numel]
+    views = [flat[:full].view(-1, block)] if full else []
+    return views + ([flat[full:].view(1, -1)] if full < flat.numel() else [])
 
 
 def quantize(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,11 +61,13 @@ def quantize(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.T
     codes = torch.empty(flat.numel(), dtype=torch.int8, device=w.device)
     scales = torch.empty(n_blocks(flat.numel(), block), dtype=torch.float32, device=w.device)
     for start, end in _pieces(flat.numel(), block):
-        part = flat[start:end].float()
-        scale = _block_absmax(part, block) / QMAX
-        scales[start // block:start // block + scale.numel()] = scale
-        step = _per_element(scale, part.numel(), block)
-        codes[start:end] = torch.where(step > 0, part / step, 0.0).round_().clamp_(-QMAX, QMAX).to(torch.int8)
+        first = start // block
+        for values, out in zip(_blocks(flat[start:end], block), _blocks(codes[start:end], block), strict=True):
+            values = values.to(torch.float32, copy=True)  # divided in place below: never the caller's tensor
+            scale = values.abs().amax(dim=1, keepdim=True) / QMAX
+            scales[first:first + len(scale)] = scale.view(-1)
+            first += len(scale)
+            out.copy_(values.div_(scale).nan_to_num_(0.0).round_().clamp_(-QMAX, QMAX))
     return codes.view(w.shape), scales
 
 
@@ -87,8 +84,11 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, bl
         return out
     flat_codes, flat_out = codes.view(-1), out.view(-1)
     for start, end in _pieces(codes.numel(), block):
-        step = _per_element(scales[start // block:-(-end // block)], end - start, block)
-        flat_out[start:end] = flat_codes[start:end].float().mul_(step)
+        first = start // block
+        for part, target in zip(_blocks(flat_codes[start:end], block), _blocks(flat_out[start:end], block),
+                                strict=True):
+            target.copy_(part.float().mul_(scales[first:first + len(part), None]))
+            first += len(part)
     return out
 
 
@@ -99,10 +99,13 @@ def requantize_(codes: torch.Tensor, scales: torch.Tensor, values: torch.Tensor,
     _check(codes, scales, block)
     flat_codes, flat = codes.view(-1), values.reshape(-1)
     for start, end in _pieces(codes.numel(), block):
-        part = flat[start:end].float()
-        scale = _block_absmax(part, block) / QMAX
-        scales[start // block:start // block + scale.numel()] = scale
-        step = _per_element(scale, part.numel(), block)
-        uniform = torch.rand(part.shape, generator=generator, device=part.device, dtype=torch.float32)
-        scaled = torch.where(step > 0, part / step, 0.0)
-        flat_codes[start:end] = scaled.add_(uniform).floor_().clamp_(-QMAX, QMAX).to(torch.int8)
+        uniform = torch.rand(end - start, generator=generator, device=codes.device, dtype=torch.float32)
+        first = start // block
+        for part, noise, out in zip(_blocks(flat[start:end], block), _blocks(uniform, block),
+                                    _blocks(flat_codes[start:end], block), strict=True):
+            part = part.to(torch.float32, copy=True)  # divided in place below: never the caller's tensor
+            scale = part.abs().amax(dim=1, keepdim=True) / QMAX
+            scales[first:first + len(scale)] = scale.view(-1)
+            first += len(scale)
+            scaled = part.div_(scale).nan_to_num_(0.0)  # a zero block: 0 / 0 -> 0
+            out.copy_(scaled.add_(noise).floor_().clamp_(-QMAX, QMAX))
