@@ -545,7 +545,11 @@ def peak_bytes(model: nn.Module, name: str, batch: int, seq: int, checkpointing:
     layer_ids = [i for i in upd if i not in (emb, head)]
     if linear_ce:
         loss = linear_ce_loss_bytes(config, batch * seq, dtype, head_trained=head in upd)
-        phases = [Estimate(weights, loss["head"], states, body, loss["logits"], loss["temporaries"], "loss backward")]
+        # streamed, the head's rows go straight to its update: no whole gradient, a block of logits at a time again
+        streams = head in getattr(optimizer, "streamed_ids", ())
+        head_grad, rows = (0, 6 * min(STREAM_CHUNK, loss["head"])) if streams else (loss["head"], 0)
+        phases = [Estimate(weights, head_grad, states, body, loss["logits"], max(loss["temporaries"], rows),
+                           "loss backward")]
     else:
         phases = [Estimate(weights, 0, states, body, 3 * act["logits"], 0, "loss backward")]
     if not layerwise:

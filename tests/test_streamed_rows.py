@@ -11,9 +11,9 @@ from lowmem.kernels.codes_8bit import CHUNK
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def _model(vocab=4 * CHUNK // 64 + 37, tie=False, pad=None):
+def _model(vocab=4 * CHUNK // 64 + 37, tie=False, pad=None, hidden=64):
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=128, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=tie, pad_token_id=pad)
     return LlamaForCausalLM(config)
 
@@ -115,8 +115,10 @@ def test_no_streaming_where_it_cannot_apply():
     patched = _model()
     from lowmem.kernels.model_patch import patch_linear_cross_entropy
 
-    patch_linear_cross_entropy(patched)  # its loss computes the head's gradient in its own blocks
-    assert lowmem.create_optimizer("adamw_layerwise", patched).layerwise.streamed == [patched.model.embed_tokens]
+    patch_linear_cross_entropy(patched)  # its loss hands over the head's rows; the head's forward stays
+    assert lowmem.create_optimizer("adamw_layerwise", patched).layerwise.streamed == [patched.lm_head,
+                                                                                       patched.model.embed_tokens]
+    assert "forward" not in patched.lm_head.__dict__
     plain = _model()
     assert lowmem.create_optimizer("adamw", plain).layerwise is None
     assert "forward" not in plain.lm_head.__dict__
@@ -133,3 +135,27 @@ def test_planner_prices_the_streamed_head_without_its_gradient():
     whole = peak_bytes(meta_model(model.config), "adamw_layerwise", 2, 16, linear_ce=True)
     assert whole.gradients == head_bytes
     assert streamed.gradients < head_bytes // 4
+
+
+@pytest.mark.parametrize("name", ["adamw_layerwise", "adamw_8bit_layerwise"])
+def test_the_loss_without_logits_hands_over_the_head_rows(name):
+    """With ``linear_cross_entropy`` the loss's backward gives the head's rows to the update, recomputing each range's
+    logits from the weight; hidden 96 does not divide the update's chunk, so rows straddle two ranges (each computed
+    once, before either range updates it)."""
+    from lowmem.kernels.linear_ce import STREAM_ATTR
+    from lowmem.kernels.model_patch import patch_linear_cross_entropy
+
+    streamed, whole = _model(vocab=3 * CHUNK // 96 + 5, hidden=96), _model(vocab=3 * CHUNK // 96 + 5, hidden=96)
+    assert CHUNK % 96
+    for model in (streamed, whole):
+        patch_linear_cross_entropy(model)
+    optimizer, _ = _train(streamed, name)
+    assert hasattr(streamed.lm_head.weight, STREAM_ATTR)
+    reference = lowmem.create_optimizer(name, whole, lr=1e-3)
+    reference.layerwise.remove()
+    assert not hasattr(whole.lm_head.weight, STREAM_ATTR)
+    reference.enable_layerwise()
+    _train_with(whole, reference, 1)
+    for (n, a), b in zip(streamed.named_parameters(), whole.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+    assert optimizer.layerwise.last_grad_norm == pytest.approx(reference.layerwise.last_grad_norm, rel=1e-5)

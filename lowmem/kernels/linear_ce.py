@@ -29,6 +29,9 @@ import torch
 
 from . import dispatch
 
+#: The weight attribute through which a layer-wise optimizer takes the weight gradient's rows instead of the whole
+#: gradient (``lowmem.optim.streamed_rows.RowsConsumer``: ``ready()``, then called with ``rows(first, last)``).
+STREAM_ATTR = "_lowmem_stream_rows"
 #: The most bytes of fp32 logits one block holds (the block's rows = this / (4 x tokens), at least 128).
 BLOCK_BYTES = 32 << 20
 REDUCTIONS = ("mean", "sum", "none")
@@ -98,8 +101,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         x, weight, y, lse, count = ctx.saved_tensors
         share = _shares(grad_output, y != ctx.ignore_index, count, ctx.reduction)
         grad_x = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if ctx.needs_input_grad[0] else None
-        grad_w = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
-        x32 = x.float() if grad_w is not None else None  # only the weight's gradient reads it (a frozen head: none)
+        consumer = getattr(weight, STREAM_ATTR, None) if ctx.needs_input_grad[1] else None
+        streams = consumer is not None and consumer.ready()  # the rows go to a layer-wise update, never whole
+        grad_w = torch.empty_like(weight) if ctx.needs_input_grad[1] and not streams else None
+        # only the weight's gradient reads it (a frozen head: none)
+        x32 = x.float() if grad_w is not None or streams else None
         with _without_autocast(x.device.type):  # the forward's products again, not autocast's
             for start, end in _blocks(weight.shape[0], x.shape[0]):
                 g = ctx.ops.backward_block(_logits(x, weight, start, end), start, y, ctx.ignore_index, lse, share)
@@ -110,6 +116,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if grad_x is not None:
                     grad_x.addmm_(g, weight[start:end].float())
                 del g  # before the next block's logits exist: one block at a time
+        if streams:
+            def rows(first: int, last: int) -> torch.Tensor:
+                with _without_autocast(x.device.type):
+                    logits = _logits(x, weight, first, last)
+                    return ctx.ops.backward_block(logits, first, y, ctx.ignore_index, lse, share).t() @ x32
+            consumer(rows)
         if grad_x is not None:
             grad_x = grad_x.to(x.dtype).view(ctx.hidden_shape)
         return grad_x, grad_w, None, None, None, None, None

@@ -219,21 +219,24 @@ class LayerwiseUpdates:
     def stream_rows(self, model) -> list:
         """Update ``model``'s output head and input embedding a range of rows at a time inside their own backward,
         where they can (``streamed_rows``); the modules that do."""
+        from ..kernels.linear_ce import STREAM_ATTR
         from ..kernels.model_patch import is_patched
-        from .streamed_rows import can_stream, stream
+        from .streamed_rows import RowsConsumer, can_stream, stream
 
         def module(getter: str):
             get = getattr(model, getter, None)
             return get() if callable(get) else None
 
         head, embedding = module("get_output_embeddings"), module("get_input_embeddings")
-        chosen = [] if is_patched(model) else [head]  # the loss without logits computes the head's gradient itself
-        chosen.append(embedding)
         tied = getattr(head, "weight", None) is getattr(embedding, "weight", False)
-        for layer in chosen:
-            if not tied and can_stream(self, layer):
+        for layer in (head, embedding):
+            if tied or not can_stream(self, layer):
+                continue
+            if layer is head and is_patched(model):  # the loss without logits hands over the rows (``linear_ce``)
+                setattr(layer.weight, STREAM_ATTR, RowsConsumer(self, layer.weight))
+            else:
                 stream(self, layer)
-                self.streamed.append(layer)
+            self.streamed.append(layer)
         return list(self.streamed)
 
     def check_params(self) -> None:
@@ -265,8 +268,13 @@ class LayerwiseUpdates:
     def remove(self) -> None:
         """Remove the hooks (and a streamed head's forward); the optimizer goes back to updating in ``step()``."""
         self._unhook()
+        from ..kernels.linear_ce import STREAM_ATTR
+
         for module in self.streamed:
-            del module.forward  # the class's own forward again
+            if STREAM_ATTR in module.weight.__dict__:
+                delattr(module.weight, STREAM_ATTR)
+            else:
+                del module.forward  # the class's own forward again
         self.streamed.clear()
         self.optimizer.layerwise = None
 

@@ -15,11 +15,13 @@ chunked update (``LowMemOptimizer.update_param_in_chunks``):
   usual), the second updates. The head's product runs twice (for the 1.1B head about 67 GFLOP, a few tenths of a
   second on two CPU cores);
 * a gradient accumulated in ``.grad`` by earlier micro-batches is added range by range, then dropped;
+* on a model patched for the loss without logits (``linear_cross_entropy``), whose loss bypasses the head's forward,
+  the head's weight carries a ``RowsConsumer`` instead, and that loss's backward hands it the rows (recomputing the
+  logits of a range's rows from the weight: a row two ranges share is computed once, before either updates it);
 * it streams where the update is the chunked one anyway (no projection, an elementwise rule: the AdamW of every
-  low-rank name's dense group, 8-bit AdamW, ...), in the step's last micro-batch, in one process, for an untied head,
-  a plain embedding (no ``max_norm``, ``scale_grad_by_freq`` or sparse gradient), and not on a model patched for the
-  loss without logits (``linear_cross_entropy``: its loss bypasses the head's forward, and it falls back to the logits
-  for a head whose forward is replaced). Otherwise the gradient is the whole one, as before.
+  low-rank name's dense group, 8-bit AdamW, ...), in the step's last micro-batch, in one process, for an untied head
+  and a plain embedding (no ``max_norm``, ``scale_grad_by_freq`` or sparse gradient). Otherwise the gradient is the
+  whole one, as before.
 
 Each range sums over the same tokens as the whole gradient, so the update equals the whole-gradient one up to the
 rounding of those sums (``tests/test_streamed_rows.py`` compares them).
@@ -121,6 +123,21 @@ class _StreamedEmbedding(torch.autograd.Function):
         return None, None, None, None
 
 
+class RowsConsumer:
+    """Set on a head's weight (``linear_ce.STREAM_ATTR``) for the loss without logits: its backward hands the weight
+    gradient's rows to ``__call__`` instead of forming the whole gradient, when ``ready()``."""
+
+    def __init__(self, updates, p: torch.Tensor):
+        self.updates, self.p = updates, p
+
+    def ready(self) -> bool:
+        return _streams_now(self.updates)
+
+    def __call__(self, rows) -> None:
+        with torch.no_grad():
+            _update(self.updates, self.p, rows)
+
+
 def _streams_now(updates) -> bool:
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
         and torch.distributed.get_world_size() > 1
@@ -132,10 +149,18 @@ def _update(updates, p: torch.Tensor, rows) -> None:
     ``p.grad``, a range of flat elements at a time: first the norm and finiteness, then the update."""
     width = p.shape[1]
     accumulated = p.grad.view(-1) if p.grad is not None else None
+    straddling: dict[int, torch.Tensor] = {}  # a row the previous range ended inside: its gradient, computed once
 
     def grad_range(start: int, end: int) -> torch.Tensor:
         first, last = start // width, -(-end // width)
-        block = rows(first, last).to(p.dtype).view(-1)[start - first * width:end - first * width]
+        known = straddling.pop(first, None)
+        # a row that straddles two ranges is taken from the first one's computation: by the second, the update may
+        # have changed its first part, and the loss without logits recomputes the gradient from the weight
+        fresh = rows(first + (known is not None), last).to(p.dtype) if last > first + (known is not None) else None
+        block = torch.cat([t for t in (None if known is None else known[None], fresh) if t is not None])
+        if end % width:
+            straddling[last - 1] = block[-1]
+        block = block.view(-1)[start - first * width:end - first * width]
         return block + accumulated[start:end] if accumulated is not None else block
 
     index = updates._group_index[p]
@@ -144,6 +169,7 @@ def _update(updates, p: torch.Tensor, rows) -> None:
         part = grad_range(start, min(start + CHUNK, p.numel()))
         squared.append(torch.linalg.vector_norm(part, dtype=torch.float32).square())
         peak.append(torch.linalg.vector_norm(part, ord=float("inf")).float())
+    straddling.clear()
     if updates._finite(p, index, torch.stack(peak)):
         updates._add_squared_norm(torch.stack(squared).sum())
         optimizer = updates.optimizer
