@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -58,9 +57,12 @@ def run(optim: str, steps: int, seq: int, optim_args: str | None = None) -> dict
     from lowmem.optim.int8_weights import weight_bytes
     from lowmem.trainers import Trainer, TrainingArguments
 
+    before_steps = []
+
     class StepPeak(TrainerCallback):
         def on_train_begin(self, *args, **kwargs):
-            _reset_high_water_mark()
+            before_steps.append(_high_water_mark())  # the peak so far: the model's build (and int8 conversion)
+            _reset_high_water_mark()  # resets getrusage's ru_maxrss too
 
     torch.manual_seed(0)
     config = AutoConfig.for_model(**TINYLLAMA)
@@ -76,13 +78,14 @@ def run(optim: str, steps: int, seq: int, optim_args: str | None = None) -> dict
                           callbacks=[StepPeak()])
         trainer.train()
         seconds = time.time() - start
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     step_rss = _high_water_mark()
+    rss = max([step_rss, *before_steps])
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return {"optim": optim, "optim_args": optim_args, "steps": steps, "seq": seq, "weight_bytes": weights,
             "stored_weight_bytes": weight_bytes(model), "peak_rss": rss, "ratio": rss / weights,
             "step_peak_rss": step_rss, "step_ratio": step_rss / weights,
-            "state_bytes": trainer._unwrapped_optimizer().state_bytes(), "seconds_per_step": seconds / steps, "losses": losses,
+            "state_bytes": trainer._unwrapped_optimizer().state_bytes(), "seconds_per_step": seconds / steps,
+            "losses": losses,
             "malloc": os.environ.get("LOWMEM_MALLOC", "lowmem")}
 
 

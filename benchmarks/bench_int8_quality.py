@@ -58,7 +58,8 @@ def main(argv=None) -> None:
         rows.append({"name": name, "bf16": losses["bf16"], "int8": losses["int8"],
                      "ratio": losses["int8"] / losses["bf16"]})
         (args.out / "int8_quality.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
-    lines = [header, "", "| optimizer | held-out loss, bf16 weights | int8 weights | int8 / bf16 |", "|---|---:|---:|---:|"]
+    lines = [header, "", "| optimizer | held-out loss, bf16 weights | int8 weights | int8 / bf16 |",
+             "|---|---:|---:|---:|"]
     lines += [f"| `{r['name']}` | {r['bf16']:.4f} | {r['int8']:.4f} | {r['ratio']:.4f} |" for r in rows]
     print("\n".join(lines))
 

@@ -534,8 +534,8 @@ def peak_bytes(model: nn.Module, name: str, batch: int, seq: int, checkpointing:
         parts = build_parts(group)
         for p in group["params"]:
             if id(p) in trainable:
-                temp = update_temp_bytes(tuple(p.shape), p.dtype, parts) + (int8_update_bytes(p.numel()) if id(p) in int8
-                                                                             else 0)
+                temp = update_temp_bytes(tuple(p.shape), p.dtype, parts)
+                temp += int8_update_bytes(p.numel()) if id(p) in int8 else 0
                 upd[id(p)] = (p.numel() * p.element_size(), temp)
     grads = sum(g for g, _ in upd.values())
     act = activation_bytes(config, batch, seq, dtype, checkpointing)
@@ -567,8 +567,8 @@ def peak_bytes(model: nn.Module, name: str, batch: int, seq: int, checkpointing:
         if layer_ids:
             g, t = max((upd[i] for i in layer_ids), key=sum)
             extra = act["layer"] if checkpointing else 0
-            phases.append(Estimate(weights, g, states, body + extra, 0, t + act["hidden"] + (dequantized if int8 else 0),
-                                   "backward, layer update"))
+            temps = t + act["hidden"] + (dequantized if int8 else 0)
+            phases.append(Estimate(weights, g, states, body + extra, 0, temps, "backward, layer update"))
         if emb in upd:
             emb_grad, emb_temp = _streamed(upd[emb], emb in optimizer.streamed_ids, STREAM_CHUNK)
             phases.append(Estimate(weights, emb_grad, states, 0, 0, emb_temp + act["hidden"],
@@ -950,8 +950,9 @@ def recipe_command(row: Row, model, seq_len: int, batch_size: int, bf16: bool, l
     A recipe for another optimizer runs with ``optim=`` and ``optim_args=`` (its options were written for its own
     optimizer; the plan priced the new one's defaults). ``linear_ce``: the row was planned with the loss without
     logits, so a recipe without it gets it (MeZO does not take it). ``optim_options``: the optimizer options the
-    row was planned with (``weight_dtype``, ``offload_states``), added to the recipe's ``optim_args``. An adapter or MeZO row planned from a config
-    JSON names the weights ``MODEL``, a placeholder the command explains (the config says nothing of them)."""
+    row was planned with (``weight_dtype``, ``offload_states``), added to the recipe's ``optim_args``. An adapter or
+    MeZO row planned from a config JSON names the weights ``MODEL``, a placeholder the command explains (the config
+    says nothing of them)."""
     import shlex
 
     from .recipe import RECIPES_DIR, MethodArguments, read_values

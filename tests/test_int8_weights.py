@@ -168,7 +168,8 @@ def _trainer_run(tmp_path, name, resume=None, steps=6, **kw):
     return model, trainer
 
 
-@pytest.mark.parametrize("name,kw", [("galore_adamw", {}), ("apollo_mini_layerwise", dict(gradient_accumulation_steps=2))])
+@pytest.mark.parametrize("name,kw", [("galore_adamw", {}),
+                                     ("apollo_mini_layerwise", dict(gradient_accumulation_steps=2))])
 def test_trainer_resume_is_bit_exact(tmp_path, name, kw):
     straight, trainer = _trainer_run(tmp_path / "a", name, **kw)
     assert all(isinstance(m, Int8Linear) for n, m in straight.named_modules() if n.endswith("q_proj"))

@@ -57,8 +57,9 @@ def test_planner_keeps_one_parameters_states_on_the_device():
     per_param = optimizer_state_bytes("adamw", meta)
     assert whole.states == sum(per_param.values())
     assert offloaded.states == max(per_param.values())  # every tensor under CHUNK elements: whole states
-    from lowmem.kernels.codes_8bit import CHUNK
     from transformers import LlamaConfig
+
+    from lowmem.kernels.codes_8bit import CHUNK
 
     big = meta_model(LlamaConfig(vocab_size=CHUNK // 16, hidden_size=64, intermediate_size=128,
                                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4))

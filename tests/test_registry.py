@@ -6,8 +6,8 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lowmem
-from lowmem.optim import FRUGAL, GaLoreAdamW, split_parameters
 from lowmem.example import tiny_llama as example_llama
+from lowmem.optim import FRUGAL, GaLoreAdamW, split_parameters
 from lowmem.optim.compose import build_parts
 
 

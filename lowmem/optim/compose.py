@@ -307,7 +307,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         parts.rule.init_state(state, parts.store, like)
         state.setdefault("step", 0)
         flat_p = p.view(-1)
-        grad_range = grad if callable(grad) else (lambda start, end, flat=grad.view(-1): flat[start:end])
+        flat_grad = None if callable(grad) else grad.view(-1)
+        grad_range = grad if callable(grad) else (lambda start, end: flat_grad[start:end])
         for start in range(0, flat_p.numel(), CHUNK):
             end = min(start + CHUNK, flat_p.numel())
             part = parts.store.chunk(state, parts.rule.moments, start, end)

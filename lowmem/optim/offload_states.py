@@ -4,9 +4,10 @@ The states of a parameter on a GPU live in pinned CPU memory between its updates
 the device: the state tensors are copied in, the ordinary update runs on the device (any projector, rule and
 precision: the same code, so the same result), and the new values are copied back. A large tensor updated a chunk
 of elements at a time (an embedding's or head's AdamW, ``updates_in_chunks``) streams a chunk's states at a time,
-so the device never holds its whole states (those copies back are synchronous: the host stores them next). The copies are queued on the
-current CUDA stream, so the host never waits for them and the device keeps one parameter's states at a time (in
-layer-wise mode, one parameter's while backward goes on). A parameter's first update allocates its pinned buffers.
+so the device never holds its whole states (those copies back are synchronous: the host stores them next). The
+other copies are queued on the current CUDA stream, so the host never waits for them and the device keeps one
+parameter's states at a time (in layer-wise mode, one parameter's while backward goes on). A parameter's first
+update allocates its pinned buffers.
 
 What the device then holds is the weights, the gradients (all of them, or one at a time in layer-wise mode), the
 activations and one parameter's states, not all states; what it costs is each state's bytes over the bus twice per
