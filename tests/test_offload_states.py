@@ -74,3 +74,47 @@ def test_offloading_sharded_states_is_refused(monkeypatch):
     monkeypatch.setattr(registry, "is_sharded", lambda p: True)
     with pytest.raises(ValueError, match="CPUOffloadPolicy"):
         lowmem.create_optimizer("adamw", tiny_llama(hidden=64, layers=1), offload_states=True)
+
+
+@pytest.mark.parametrize("name", ["galore_adamw_8bit", "adamw_layerwise", "adamw_8bit_layerwise", "apollo_mini"])
+def test_streaming_through_a_working_copy_trains_the_same(monkeypatch, name):
+    """The device path with copies: each update works on copies of the states (as a GPU's would be) and stores them
+    back, whole or a chunk at a time (the embedding and head here exceed a chunk). Same weights and states as
+    updating the states in place."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowmem.kernels.codes_8bit import CHUNK
+    from lowmem.optim import compose, offload_states
+
+    def run(offload: bool):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=CHUNK // 32 + 3, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4))
+        opts = {"rank": 8} if "galore" in name else {}
+        optimizer = lowmem.create_optimizer(name, model, lr=1e-3, offload_states=offload, **opts)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=gen)
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return model, optimizer
+
+    plain_model, plain = run(False)
+    copies = []
+
+    def to_copies(state, device):
+        copies.append(1)
+        return {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}
+
+    monkeypatch.setattr(compose, "offloads", lambda group, p: group.get("state_device") == "cpu")
+    monkeypatch.setattr(compose, "to_device", to_copies)
+    model, optimizer = run(True)
+    assert copies  # the streaming path ran
+    for a, b in zip(model.parameters(), plain_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for p, q in zip(model.parameters(), plain_model.parameters(), strict=True):
+        for key, value in plain.state[q].items():
+            other = optimizer.state[p][key]
+            assert torch.equal(other, value) if torch.is_tensor(value) else other == value, key
+    assert offload_states.HOST == "cpu"

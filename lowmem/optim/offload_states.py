@@ -52,9 +52,13 @@ def back_to_host(state: dict, working: dict, wait: bool = False) -> None:
 
 
 def host_copy(value: torch.Tensor, wait: bool = False) -> torch.Tensor:
-    """``value`` copied into CPU memory, pinned when CUDA is present (pinned memory lets the copies run async)."""
+    """``value`` copied into CPU memory with its strides (elementwise kernels take other paths on other layouts, so
+    a transposed moment must stay transposed to round the same), pinned when CUDA is present (pinned memory lets the
+    copies run async)."""
     pin = torch.cuda.is_available()
-    host = torch.empty(value.shape, dtype=value.dtype, device="cpu", pin_memory=pin)
+    dense = value.is_contiguous() or value.t().is_contiguous() if value.dim() == 2 else value.is_contiguous()
+    stride = value.stride() if dense else torch.empty(value.shape, device="meta").stride()
+    host = torch.empty_strided(value.shape, stride, dtype=value.dtype, device="cpu", pin_memory=pin)
     return host.copy_(value, non_blocking=pin and value.is_cuda and not wait)
 
 
