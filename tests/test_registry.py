@@ -195,3 +195,22 @@ def test_8bit_names_keep_a_bf16_embedding_in_bf16_states_and_it_stays_stable():
             opt.zero_grad()
         moves[precision] = (embedding.float() - before).abs().max().item()
     assert moves["bf16"] < 0.05 < moves["8bit"]
+
+
+def test_dense_state_dtype_sets_the_unprojected_tensors_precision():
+    model = example_llama(hidden=256).to(torch.bfloat16)
+    opt = lowmem.create_optimizer("apollo_mini", model, dense_state_dtype="8bit")
+    head, embedding = model.lm_head.weight, model.get_input_embeddings().weight
+    dtypes = {id(p): g["state_dtype"] for g in opt.param_groups for p in g["params"]}
+    assert dtypes[id(head)] == "8bit" and dtypes[id(embedding)] == "bfloat16"  # embeddings never 8-bit
+    assert dtypes[id(model.model.layers[0].self_attn.q_proj.weight)] is None  # the projected ones keep state_dtype
+    from lowmem.memory import meta_model, optimizer_state_bytes
+
+    plain = optimizer_state_bytes("apollo_mini", meta_model(model.config, torch.bfloat16))
+    lean = optimizer_state_bytes("apollo_mini", meta_model(model.config, torch.bfloat16), dense_state_dtype="8bit")
+    assert lean["lm_head.weight"] < 0.6 * plain["lm_head.weight"]
+    assert lean["model.embed_tokens.weight"] == plain["model.embed_tokens.weight"]
+    with pytest.raises(ValueError, match="unknown state_dtype 'int4'"):
+        lowmem.create_optimizer("apollo_mini", model, dense_state_dtype="int4")
+    with pytest.raises(ValueError, match="no option 'dense_state_dtype'"):
+        lowmem.create_optimizer("adamw", model, dense_state_dtype="8bit")

@@ -52,6 +52,8 @@ from .zo import MeZO
 #: ``bf16_stochastic_round``: bf16 weights' updates rounded stochastically (``fused``), set on every param group.
 #: ``skip_nonfinite``: a tensor whose gradient has NaN / inf values skips that step's update (``nonfinite``).
 #: ``weight_dtype="int8"`` (low-rank names): the projected linears' weights stored in int8 (``int8_weights``).
+#: ``dense_state_dtype`` (low-rank names): the state precision of the tensors not projected (embedding, head, norms),
+#: when it should differ from ``state_dtype``; embeddings are never 8-bit (see ``create_optimizer``).
 #: ``offload_states``: a GPU parameter's states kept in CPU memory between its updates (``offload_states``).
 COMMON_OPTIONS = dict(lr=1e-3, weight_decay=0.0, state_dtype=None, layerwise=False, layerwise_accumulation="projected",
                       bf16_stochastic_round=False, skip_nonfinite=True, offload_states=False)
@@ -86,7 +88,7 @@ class OptimizerSpec:
     def options(self) -> dict:
         if self.zeroth_order:
             return {"lr": COMMON_OPTIONS["lr"], "weight_decay": 0.0, "skip_nonfinite": True, **self.ctor}
-        targets = {"target_modules": None, "weight_dtype": None} if self.low_rank else {}
+        targets = {"target_modules": None, "weight_dtype": None, "dense_state_dtype": None} if self.low_rank else {}
         return {**COMMON_OPTIONS, **targets, **self.ctor, **self.group, **self.every_group}
 
 
@@ -292,6 +294,8 @@ def check_options(name: str, options: dict) -> dict:
         raise ValueError(f"weight_dtype={opts['weight_dtype']!r} is not a weight storage lowmem has: use "
                          "weight_dtype='int8' (the projected linears' weights in int8 with stochastic rounding) or "
                          "leave it unset (the model's own dtype).")
+    if opts.get("dense_state_dtype") is not None:
+        make_store(opts["dense_state_dtype"])  # an unknown precision is an error now, naming the valid ones
     opts["layerwise"] = bool(opts["layerwise"] or spec.layerwise)  # a ``<name>_layerwise`` name sets it
     check_accumulation(opts["layerwise_accumulation"])
     if spec.rule:
@@ -365,7 +369,7 @@ def create_optimizer(name: str, model: nn.Module, **options) -> LowMemOptimizer 
     optimizer = _build(name, spec, model, opts)
     for group in optimizer.param_groups:
         group.update(every_group)
-    if isinstance(make_store(opts["state_dtype"]), BlockwiseQuantStore):
+    if any(isinstance(make_store(group["state_dtype"]), BlockwiseQuantStore) for group in optimizer.param_groups):
         _embedding_states_unquantized(optimizer, model)
     if layerwise:
         optimizer.enable_layerwise(accumulation).stream_rows(model)
@@ -403,7 +407,8 @@ def _build(name: str, spec: OptimizerSpec, model: nn.Module, opts: dict) -> LowM
         if spec.rule == "adam_mini":
             target_keys = {**target_keys, "mini_block": "rows"}
         groups.append(_group(split.targets, **target_keys, **shared))
-    groups += [{**g, **shared} for g in _other_groups(spec, model, split, ctor["weight_decay"])]
+    dense = {"state_dtype": opts.pop("dense_state_dtype")} if opts.get("dense_state_dtype") is not None else {}
+    groups += [{**g, **shared, **dense} for g in _other_groups(spec, model, split, ctor["weight_decay"])]
     return spec.cls(groups, **ctor)
 
 
