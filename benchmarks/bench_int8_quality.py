@@ -13,12 +13,11 @@ import argparse
 import datetime
 import json
 import platform
-from pathlib import Path
 
 import torch
 
 import lowmem
-from benchmarks.bench_quality import learning_rate, options
+from benchmarks.bench_quality import add_run_arguments, learning_rate, options
 from lowmem.bench.quality import MODEL, stdlib_corpus, train
 
 NAMES = ["galore_adamw", "apollo_adamw", "apollo_mini", "frugal"]
@@ -26,15 +25,8 @@ NAMES = ["galore_adamw", "apollo_adamw", "apollo_mini", "frugal"]
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=120)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--lowrank-lr", type=float, default=8e-3)
-    ap.add_argument("--came-lr-factor", type=float, default=0.1)
+    add_run_arguments(ap)
     ap.add_argument("--names", nargs="*", default=NAMES)
-    ap.add_argument("--eval-blocks", type=int, default=128)
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -140,14 +140,21 @@ def table(records: list[dict], header: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_run_arguments(ap: argparse.ArgumentParser) -> None:
+    """The run's settings every quality script shares: steps, batch, length, learning rates, evaluation, output."""
     ap.add_argument("--steps", type=int, default=120, help="sized so that the whole table takes about an hour")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3, help="dense rules (AdamW, Adam-mini, CAME, FRUGAL blocks...)")
     ap.add_argument("--lowrank-lr", type=float, default=8e-3, help="GaLore, Fira, APOLLO")
     ap.add_argument("--came-lr-factor", type=float, default=0.1, help="CAME's rate relative to its family's")
+    ap.add_argument("--eval-blocks", type=int, default=128, help="held-out blocks for the intermediate evaluations")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_run_arguments(ap)
     ap.add_argument("--names", nargs="*", help="lowmem names (default: all; none with a bare --names)")
     ap.add_argument("--galore-rates", action=argparse.BooleanOptionalAction, default=True,
                     help="also AdamW at GaLore's learning rates (projected weights at lr x scale)")
@@ -156,8 +163,6 @@ def main(argv=None) -> None:
     ap.add_argument("--noise-names", nargs="*", default=["adamw", "galore_adamw", "apollo_mini"],
                     help="the names run with the extra seeds (APOLLO-Mini: a 1e-7 nudge of its weights moves it as "
                          "far as its reference does)")
-    ap.add_argument("--eval-blocks", type=int, default=128, help="held-out blocks for the intermediate evaluations")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     args.out.mkdir(parents=True, exist_ok=True)

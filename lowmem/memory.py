@@ -275,11 +275,13 @@ def _device_states(optimizer, model: nn.Module, per_param: dict[str, int]) -> in
     return largest
 
 
-def _streamed(update: tuple[int, int], streams: bool, chunk: int) -> tuple[int, int]:
+def _streamed(update: tuple[int, int], streams: bool) -> tuple[int, int]:
     """(gradient, temporary) bytes of a tensor's layer-wise update; streamed (``streamed_rows``), no whole gradient
     but a range of it at a time (the range in fp32 and in the weights' dtype, about 6 bytes per element)."""
+    from .kernels.codes_8bit import CHUNK
+
     grad, temp = update
-    return (0, temp + 6 * min(chunk, grad)) if streams else (grad, temp)
+    return (0, temp + 6 * min(CHUNK, grad)) if streams else (grad, temp)
 
 
 def int8_weight_bytes(numel: int) -> int:
@@ -312,10 +314,10 @@ def _int8_targets(model: nn.Module, name: str, options: dict) -> dict[int, nn.Pa
 
 
 def _priced_optimizer(name: str, model: nn.Module, **options) -> tuple:
-    """(``lowmem.create_optimizer(name, model, **options)``, whether it updates layer-wise), built without the warning
-    about ranks at or above a matrix's smaller dimension (the plan prices those matrices at that dimension, as the
-    optimizer runs them) and without its layer-wise hooks (harmless on meta parameters, but the model is left as it
-    was)."""
+    """(``lowmem.create_optimizer(name, model, **options)``, whether it updates layer-wise, the ids of the weights
+    whose layer-wise updates stream a range of rows at a time (``streamed_rows``)), built without the warning about
+    ranks at or above a matrix's smaller dimension (the plan prices those matrices at that dimension, as the optimizer
+    runs them) and without its layer-wise hooks (harmless on meta parameters, but the model is left as it was)."""
     from . import create_optimizer
     from .optim.registry import get_spec
 
@@ -323,18 +325,17 @@ def _priced_optimizer(name: str, model: nn.Module, **options) -> tuple:
         warnings.filterwarnings("ignore", message=r"rank=\S+ is at least min\(m, n\)")
         optimizer = create_optimizer(name, model, **options)
     layerwise = optimizer.layerwise is not None or get_spec(name).layerwise
-    streamed = optimizer.layerwise.streamed if optimizer.layerwise else []
-    optimizer.streamed_ids = {id(m.weight) for m in streamed}  # updated a range of rows at a time (``streamed_rows``)
+    streamed = {id(m.weight) for m in optimizer.layerwise.streamed} if optimizer.layerwise else set()
     if optimizer.layerwise is not None:
         optimizer.layerwise.remove()
-    return optimizer, layerwise
+    return optimizer, layerwise, streamed
 
 
 def optimizer_state_bytes(name: str, model: nn.Module, world: int = 1, **options) -> dict[str, int]:
     """``{parameter name: state bytes}`` of optimizer ``name`` on ``model`` (a meta model is enough): the
     optimizer is built with ``lowmem.create_optimizer`` and each parameter priced from its param group; with
     ``world`` > 1, the bytes on the rank holding the most when FSDP2 shards every parameter over ``world`` ranks."""
-    optimizer, _ = _priced_optimizer(name, model, **options)
+    optimizer, _, _ = _priced_optimizer(name, model, **options)
     return _priced_states(optimizer, model, world)
 
 
@@ -512,7 +513,6 @@ def peak_bytes(model: nn.Module, name: str, batch: int, seq: int, checkpointing:
       (``int8_weight_bytes``); forward and backward dequantize one matrix at a time (in the compute dtype), and its
       update works on an fp32 copy of the weight (``int8_update_bytes``).
     """
-    from .kernels.codes_8bit import CHUNK as STREAM_CHUNK
     from .optim.compose import build_parts
     from .optim.registry import get_spec
 
@@ -521,7 +521,7 @@ def peak_bytes(model: nn.Module, name: str, batch: int, seq: int, checkpointing:
     config = getattr(model, "config", None)
     dtype = next(model.parameters()).dtype
     int8 = _int8_targets(model, name, options)
-    optimizer, layerwise = _priced_optimizer(name, model, **options)
+    optimizer, layerwise, streamed = _priced_optimizer(name, model, **options)
     per_param = _priced_states(optimizer, model)
     states = _device_states(optimizer, model, per_param) if options.get("offload_states") else sum(per_param.values())
     weights = weight_bytes(model, quantized) - sum(p.numel() * p.element_size() - int8_weight_bytes(p.numel())
@@ -546,8 +546,7 @@ def peak_bytes(model: nn.Module, name: str, batch: int, seq: int, checkpointing:
     if linear_ce:
         loss = linear_ce_loss_bytes(config, batch * seq, dtype, head_trained=head in upd)
         # streamed, the head's rows go straight to its update: no whole gradient, a block of logits at a time again
-        streams = head in getattr(optimizer, "streamed_ids", ())
-        head_grad, rows = (0, 6 * min(STREAM_CHUNK, loss["head"])) if streams else (loss["head"], 0)
+        head_grad, rows = _streamed((loss["head"], 0), head in streamed)
         phases = [Estimate(weights, head_grad, states, body, loss["logits"], max(loss["temporaries"], rows),
                            "loss backward")]
     else:
@@ -561,7 +560,7 @@ def peak_bytes(model: nn.Module, name: str, batch: int, seq: int, checkpointing:
         phases.append(Estimate(weights, grads, states, 0, 0, max(t for _, t in upd.values()), "optimizer.step()"))
     else:
         if head in upd and head != emb:
-            head_grad, head_temp = _streamed(upd[head], head in optimizer.streamed_ids, STREAM_CHUNK)
+            head_grad, head_temp = _streamed(upd[head], head in streamed)
             phases.append(Estimate(weights, head_grad, states, body, 0, head_temp + act["hidden"],
                                    "backward, output head update"))
         if layer_ids:
@@ -570,7 +569,7 @@ def peak_bytes(model: nn.Module, name: str, batch: int, seq: int, checkpointing:
             temps = t + act["hidden"] + (dequantized if int8 else 0)
             phases.append(Estimate(weights, g, states, body + extra, 0, temps, "backward, layer update"))
         if emb in upd:
-            emb_grad, emb_temp = _streamed(upd[emb], emb in optimizer.streamed_ids, STREAM_CHUNK)
+            emb_grad, emb_temp = _streamed(upd[emb], emb in streamed)
             phases.append(Estimate(weights, emb_grad, states, 0, 0, emb_temp + act["hidden"],
                                    "backward, embedding update"))
     return max(phases, key=lambda est: est.total)
@@ -600,7 +599,7 @@ def sharded_peak_bytes(model: nn.Module, name: str, batch: int, seq: int, world:
 
     if get_spec(name).zeroth_order:
         raise ValueError(f"{name!r} runs in one process: it has no sharded plan")
-    optimizer, layerwise = _priced_optimizer(name, model, **options)
+    optimizer, layerwise, _ = _priced_optimizer(name, model, **options)
     states = sum(_priced_states(optimizer, model, world).values())
     config = model.config
     dtype = next(model.parameters()).dtype

@@ -57,18 +57,10 @@ def _blocks(flat: torch.Tensor, block: int) -> list[torch.Tensor]:
 
 def quantize(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes, scales) of float tensor ``w``, each element rounded to its nearest code."""
-    flat = w.detach().reshape(-1)
-    codes = torch.empty(flat.numel(), dtype=torch.int8, device=w.device)
-    scales = torch.empty(n_blocks(flat.numel(), block), dtype=torch.float32, device=w.device)
-    for start, end in _pieces(flat.numel(), block):
-        first = start // block
-        for values, out in zip(_blocks(flat[start:end], block), _blocks(codes[start:end], block), strict=True):
-            values = values.to(torch.float32, copy=True)  # divided in place below: never the caller's tensor
-            scale = values.abs().amax(dim=1, keepdim=True) / QMAX
-            scales[first:first + len(scale)] = scale.view(-1)
-            first += len(scale)
-            out.copy_(values.div_(scale).nan_to_num_(0.0).round_().clamp_(-QMAX, QMAX))
-    return codes.view(w.shape), scales
+    codes = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scales = torch.empty(n_blocks(w.numel(), block), dtype=torch.float32, device=w.device)
+    _store(codes, scales, w.detach(), None, block)
+    return codes, scales
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, block: int = BLOCK) -> torch.Tensor:
@@ -97,15 +89,26 @@ def requantize_(codes: torch.Tensor, scales: torch.Tensor, values: torch.Tensor,
     """Store fp32 ``values`` (shaped like ``codes``) into ``codes`` and ``scales``: new block scales from ``values``,
     each element rounded down or up to a neighbouring code at random, unbiased. In place, ``CHUNK`` at a time."""
     _check(codes, scales, block)
+    _store(codes, scales, values, generator, block)
+
+
+def _store(codes: torch.Tensor, scales: torch.Tensor, values: torch.Tensor, generator: torch.Generator | None,
+           block: int) -> None:
+    """``values`` into ``codes`` and ``scales``, ``CHUNK`` elements at a time: each block's scale from its largest
+    magnitude, each element rounded to its nearest code (``generator`` None) or, with the uniforms ``generator``
+    draws in order, down or up at random (``floor(x + u)``)."""
     flat_codes, flat = codes.view(-1), values.reshape(-1)
     for start, end in _pieces(codes.numel(), block):
-        uniform = torch.rand(end - start, generator=generator, device=codes.device, dtype=torch.float32)
+        uniform = None if generator is None else torch.rand(end - start, generator=generator, device=codes.device,
+                                                            dtype=torch.float32)
+        values_blocks, codes_blocks = _blocks(flat[start:end], block), _blocks(flat_codes[start:end], block)
+        noises = _blocks(uniform, block) if uniform is not None else [None] * len(values_blocks)
         first = start // block
-        for part, noise, out in zip(_blocks(flat[start:end], block), _blocks(uniform, block),
-                                    _blocks(flat_codes[start:end], block), strict=True):
+        for part, noise, out in zip(values_blocks, noises, codes_blocks, strict=True):
             part = part.to(torch.float32, copy=True)  # divided in place below: never the caller's tensor
             scale = part.abs().amax(dim=1, keepdim=True) / QMAX
             scales[first:first + len(scale)] = scale.view(-1)
             first += len(scale)
             scaled = part.div_(scale).nan_to_num_(0.0)  # a zero block: 0 / 0 -> 0
-            out.copy_(scaled.add_(noise).floor_().clamp_(-QMAX, QMAX))
+            scaled = scaled.round_() if noise is None else scaled.add_(noise).floor_()
+            out.copy_(scaled.clamp_(-QMAX, QMAX))

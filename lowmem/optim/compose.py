@@ -290,7 +290,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
     def update_param_in_chunks(self, p: torch.Tensor, group: dict, parts: Parts, grad_range: Callable) -> None:
         """``update_param`` of a tensor updated ``CHUNK`` elements at a time (``updates_in_chunks``), its gradient
         handed over a range of flat elements at a time, ``grad_range(start, end)``, instead of whole in ``p.grad``
-        (the output head's streamed layer-wise update, ``streamed_head``)."""
+        (the streamed layer-wise updates of the head and the embedding, ``streamed_rows``)."""
         if torch.is_tensor(group["lr"]):
             group = {**group, "lr": group["lr"].item()}
         self._update_in_chunks(p, grad_range, self.state[p], group, parts, offload=offloads(group, p))

@@ -56,9 +56,7 @@ def host_copy(value: torch.Tensor, wait: bool = False) -> torch.Tensor:
     a transposed moment must stay transposed to round the same), pinned when CUDA is present (pinned memory lets the
     copies run async)."""
     pin = torch.cuda.is_available()
-    dense = value.is_contiguous() or value.t().is_contiguous() if value.dim() == 2 else value.is_contiguous()
-    stride = value.stride() if dense else torch.empty(value.shape, device="meta").stride()
-    host = torch.empty_strided(value.shape, stride, dtype=value.dtype, device="cpu", pin_memory=pin)
+    host = torch.empty_like(value, device="cpu", pin_memory=pin)  # preserve_format: a dense tensor's own strides
     return host.copy_(value, non_blocking=pin and value.is_cuda and not wait)
 
 

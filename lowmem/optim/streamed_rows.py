@@ -38,6 +38,7 @@ from torch import nn
 from ..kernels.codes_8bit import CHUNK
 from .compose import updates_in_chunks
 from .int8_weights import int8_linear_of
+from .layerwise import squared_norm
 from .sharded import is_sharded
 
 
@@ -156,8 +157,10 @@ def _update(updates, p: torch.Tensor, rows) -> None:
         known = straddling.pop(first, None)
         # a row that straddles two ranges is taken from the first one's computation: by the second, the update may
         # have changed its first part, and the loss without logits recomputes the gradient from the weight
-        fresh = rows(first + (known is not None), last).to(p.dtype) if last > first + (known is not None) else None
-        block = torch.cat([t for t in (None if known is None else known[None], fresh) if t is not None])
+        skip = known is not None
+        block = rows(first + skip, last).to(p.dtype) if last > first + skip else None
+        if skip:
+            block = known[None] if block is None else torch.cat([known[None], block])
         if end % width:
             straddling[last - 1] = block[-1]
         block = block.view(-1)[start - first * width:end - first * width]
@@ -167,7 +170,7 @@ def _update(updates, p: torch.Tensor, rows) -> None:
     squared, peak = [], []
     for start in range(0, p.numel(), CHUNK):
         part = grad_range(start, min(start + CHUNK, p.numel()))
-        squared.append(torch.linalg.vector_norm(part, dtype=torch.float32).square())
+        squared.append(squared_norm(part))
         peak.append(torch.linalg.vector_norm(part, ord=float("inf")).float())
     straddling.clear()
     if updates._finite(p, index, torch.stack(peak)):
