@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--offload-states", action="store_true",
                       help="optimizer states in CPU memory, streamed through the GPU a parameter at a time "
                            "(optim_args offload_states=true)")
+    plan.add_argument("--dense-rule", choices=["adam_mini"], default=None,
+                      help="the rule of the tensors a low-rank name does not project (optim_args dense_rule=adam_mini: "
+                           "one second moment per token of the embedding and head)")
     plan.add_argument("--int8-weights", action="store_true",
                       help="the projected linears' weights in int8 (optim_args weight_dtype=int8; low-rank names only)")
     listing = commands.add_parser("list", help=LIST_HELP, description=LIST_HELP + ".")
@@ -114,11 +117,12 @@ def _plan(args) -> int:
         raise ValueError(f"--gpus {args.gpus}: give 1 or more")
     int8 = {"weight_dtype": "int8"} if args.int8_weights else {}
     offload = {"offload_states": True} if args.offload_states else {}
+    dense = {"dense_rule": args.dense_rule} if args.dense_rule else {}
     rows = plan(config, args.seq, args.batch, args.card_gib, "bf16" if args.bf16 else "fp32", linear_ce=linear_ce,
-                gpus=args.gpus, **int8, **offload)
+                gpus=args.gpus, **int8, **offload, **dense)
     best = recommend(rows)
     command = recipe_command(best, args.model, args.seq, args.batch, args.bf16, linear_ce, config,
-                             optim_options={**int8, **offload}) if best else ""
+                             optim_options={**int8, **offload, **dense}) if best else ""
     if command and args.gpus > 1:
         command, _, note = command.partition("   (")
         command = command.replace("lowmem train", f"torchrun --nproc_per_node={args.gpus} -m lowmem.cli train", 1)
@@ -130,6 +134,8 @@ def _plan(args) -> int:
         print("(int8 weights: the projected linears' weights in int8, weight_dtype=int8; low-rank names only)")
     if offload:
         print("(offloaded states: one parameter's optimizer states on the GPU at a time, the rest in CPU memory)")
+    if dense:
+        print("(dense_rule=adam_mini: the embedding, head and norms under Adam-mini, one second moment per row)")
     print(format_plan(rows, args.card_gib, command))
     return 0
 

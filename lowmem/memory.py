@@ -261,8 +261,7 @@ def _active_blocks(optimizer, index: int, parts) -> set[int]:
 def _device_states(optimizer, model: nn.Module, per_param: dict[str, int]) -> int:
     """The state bytes on the device with ``offload_states``: the largest one parameter's update brings in, its
     whole states, or one chunk's for a tensor updated a chunk at a time (``offload_states``)."""
-    from .kernels.codes_8bit import CHUNK
-    from .optim.compose import build_parts, updates_in_chunks
+    from .optim.compose import build_parts, chunk_ranges, updates_in_chunks
 
     names = {id(p): n for n, p in model.named_parameters()}
     largest = 0
@@ -271,7 +270,9 @@ def _device_states(optimizer, model: nn.Module, per_param: dict[str, int]) -> in
         for p in group["params"]:
             if names.get(id(p)) in per_param:
                 whole = per_param[names[id(p)]]
-                largest = max(largest, -(-whole * CHUNK // p.numel()) if updates_in_chunks(parts, p.numel()) else whole)
+                if updates_in_chunks(parts, p.shape):
+                    whole = -(-whole * chunk_ranges(parts, p.shape)[0][1] // p.numel())
+                largest = max(largest, whole)
     return largest
 
 
@@ -418,7 +419,7 @@ def update_temp_bytes(shape: tuple, dtype: torch.dtype, parts) -> int:
     the back-projected m x n update; APOLLO (fp32) only projected-size tensors, no full-size one.
     """
     from .kernels.codes_8bit import CHUNK as QUANT_CHUNK
-    from .optim.compose import updates_in_chunks
+    from .optim.compose import chunk_ranges, updates_in_chunks
     from .optim.projectors import GaussianProjector
     from .optim.quantized import BlockwiseQuantStore
     from .optim.rules import CAME, CHUNK_8BIT, Adafactor, AdamMini, AdamW
@@ -429,8 +430,8 @@ def update_temp_bytes(shape: tuple, dtype: torch.dtype, parts) -> int:
     quantized = isinstance(parts.store, BlockwiseQuantStore) and n_low >= parts.store.min_8bit_size
     state_e = 4 if quantized else nbytes(1, getattr(parts.store, "dtype", None) or dtype)
     rule = parts.rule
-    if updates_in_chunks(parts, n_full):  # the whole update runs a chunk at a time (compose.updates_in_chunks)
-        n_low = QUANT_CHUNK
+    if updates_in_chunks(parts, shape):  # the whole update runs a chunk at a time (compose.updates_in_chunks)
+        n_low = chunk_ranges(parts, shape)[0][1]
     if isinstance(rule, AdamW) and quantized:
         # eager (GPU) path, measured with MemTracker: ~42 B per element of a chunk (dequantized moments, quantizer
         # temporaries, the chunk's direction), plus the whole fp32 direction when a projected tensor is chunked
@@ -481,7 +482,7 @@ def linear_ce_loss_bytes(config, tokens: int, dtype: torch.dtype, head_trained: 
     from .kernels.linear_ce import block_rows
 
     d, e = Dims.of(config), nbytes(1, dtype)
-    rows = min(d.vocab, block_rows(tokens))
+    rows = min(d.vocab, block_rows(tokens, d.hidden))
     extra = 0 if e == 4 else tokens * d.hidden * 4 * head_trained + max(tokens * rows * e, rows * d.hidden * 4)
     return dict(logits=tokens * rows * 4, head=d.vocab * d.hidden * e * head_trained,
                 temporaries=tokens * d.hidden * 4 + extra)
@@ -859,7 +860,8 @@ def plan(model, seq_len: int, batch_size: int, card_gib: float, weights_dtype: s
     Adam-mini without head counts) get a note and are left out. ``linear_ce``: the loss without logits (gradient
     modes; MeZO refuses it). ``gpus`` > 1: the peak per GPU when FSDP2 shards the model over that many, each taking
     ``batch_size`` sequences (``sharded_peak_bytes``: full-parameter modes without checkpointing). ``options`` go to
-    every mode's optimizer; with ``weight_dtype="int8"`` only the low-rank full-parameter modes are priced."""
+    every mode's optimizer; with ``weight_dtype="int8"`` or ``dense_rule`` only the low-rank full-parameter modes are
+    priced."""
     from .optim.registry import get_spec
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[weights_dtype]
@@ -870,8 +872,8 @@ def plan(model, seq_len: int, batch_size: int, card_gib: float, weights_dtype: s
         return _sharded_plan(config, dtype, seq_len, batch_size, card_gib, gpus, modes, linear_ce, **options)
     rows, metas = [], {}
     for name, ckpt, adapters in modes or DEFAULT_MODES:
-        if options.get("weight_dtype") and (adapters or not get_spec(name).low_rank):
-            continue  # int8 weights are the projected linears' (full-parameter, low-rank names only)
+        if (options.get("weight_dtype") or options.get("dense_rule")) and (adapters or not get_spec(name).low_rank):
+            continue  # int8 weights / the rule of what is not projected: full-parameter, low-rank names only
         if options.get("offload_states") and get_spec(name).zeroth_order:
             continue  # MeZO keeps no states
         lora = adapters in ("lora", "qlora")

@@ -188,8 +188,8 @@ def test_option_the_combination_does_not_take():
                        match=r"'none\+came' has no option 'rank'.*Its options: betas, bf16_stochastic_round, clip_thr"):
         lowmem.create_optimizer("none+came", tiny_llama(), rank=8)
     with pytest.raises(ValueError,
-        match=r"no option 'betas'.*Its options: bf16_stochastic_round, dense_state_dtype, layerwise, .*, lr, "
-              r".*proj_type, rank"):
+        match=r"no option 'betas'.*Its options: bf16_stochastic_round, dense_rule, dense_state_dtype, "
+              r"layerwise, .*, lr, .*proj_type, rank"):
         lowmem.create_optimizer("galore+sgd", tiny_llama(), rank=8, betas=(0.9, 0.99))
     with pytest.raises(ValueError, match=r"no option 'clip_treshold'.*Did you mean 'clip_threshold'"):
         lowmem.create_optimizer("galore+came", tiny_llama(), rank=8, clip_treshold=1.0)

@@ -47,7 +47,7 @@ def batch(seed=1):
 def several_blocks(monkeypatch):
     """32 tokens: blocks of 128 words, so the 300-word vocabulary takes three (the last of 44)."""
     monkeypatch.setattr(linear_ce, "BLOCK_BYTES", 1)
-    assert len(linear_ce._blocks(VOCAB, 32)) == 3
+    assert len(linear_ce._blocks(VOCAB, 32, 64)) == 3
 
 
 def loss_and_grads(model, inputs):
@@ -211,7 +211,7 @@ def train(tmp_path, **kw):
 
 
 def test_trainer_with_linear_cross_entropy_gives_the_same_losses(tmp_path):
-    plain = train(tmp_path / "plain")
+    plain = train(tmp_path / "plain", linear_cross_entropy=False)
     fused = train(tmp_path / "fused", linear_cross_entropy=True)
     assert is_patched(fused.model) and not is_patched(plain.model)
     assert len(losses(fused)) == 3
@@ -231,6 +231,25 @@ def test_trainer_keeps_the_switch_when_the_optimizer_is_given_to_it(tmp_path):
     assert trainer.args.linear_cross_entropy and trainer.args.optim == "adamw_8bit" and is_patched(trainer.model)
 
 
+def test_trainer_turns_it_on_by_default_where_nothing_needs_the_training_logits(tmp_path):
+    assert is_patched(Trainer(model=tiny(), args=args(tmp_path), train_dataset=StdlibText(8)).model)
+    assert is_patched(Trainer(model_init=lambda: tiny(), args=args(tmp_path), train_dataset=StdlibText(8)).model)
+    assert not is_patched(Trainer(model=tiny(), args=args(tmp_path, linear_cross_entropy=False),
+                                  train_dataset=StdlibText(8)).model)
+
+    class OwnLoss(Trainer):
+        def compute_loss(self, model, inputs, **kwargs):
+            return super().compute_loss(model, inputs, **kwargs)
+
+    assert not is_patched(OwnLoss(model=tiny(), args=args(tmp_path), train_dataset=StdlibText(8)).model)
+    assert not is_patched(Trainer(model=tiny(), args=args(tmp_path), train_dataset=StdlibText(8),
+                                  compute_loss_func=lambda outputs, labels, num_items_in_batch=None: 0).model)
+    mezo = Trainer(model=tiny(), args=args(tmp_path, optim="mezo"), train_dataset=StdlibText(8))
+    assert not is_patched(mezo.model)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    assert not is_patched(Trainer(model=gpt2, args=args(tmp_path), train_dataset=StdlibText(8)).model)
+
+
 def test_trainer_patches_a_model_from_model_init(tmp_path):
     trainer = Trainer(model_init=lambda: tiny(), args=args(tmp_path, linear_cross_entropy=True),
                       train_dataset=StdlibText(8))
@@ -248,7 +267,8 @@ def test_arguments_refuse_mezo_and_the_trainer_refuses_gpt2(tmp_path):
 def test_recipe_key():
     values = {"dataset": "python-stdlib", "stand_in": "tiny", "output_dir": "unused"}
     assert parse_recipe({**values, "linear_cross_entropy": True}).train.linear_cross_entropy is True
-    assert parse_recipe(values).train.linear_cross_entropy is False
+    assert parse_recipe(values).train.linear_cross_entropy is None  # the Trainer decides (on for this LLaMA)
+    assert parse_recipe({**values, "linear_cross_entropy": False}).train.linear_cross_entropy is False
     assert TrainingArguments.__dataclass_fields__["linear_cross_entropy"].metadata["help"]
 
 

@@ -9,6 +9,7 @@ import lowmem
 from lowmem.example import tiny_llama as example_llama
 from lowmem.optim import FRUGAL, GaLoreAdamW, split_parameters
 from lowmem.optim.compose import build_parts
+from lowmem.optim.states import state_bytes
 
 
 def tiny_llama(tie=False):
@@ -195,6 +196,38 @@ def test_8bit_names_keep_a_bf16_embedding_in_bf16_states_and_it_stays_stable():
             opt.zero_grad()
         moves[precision] = (embedding.float() - before).abs().max().item()
     assert moves["bf16"] < 0.05 < moves["8bit"]
+
+
+def test_dense_rule_gives_the_unprojected_tensors_adam_minis_partition():
+    """``dense_rule="adam_mini"``: one second moment per token of the embedding and head (and per norm), the
+    projected weights untouched; the planner prices the same state, byte for byte."""
+    from lowmem.memory import meta_model, optimizer_state_bytes
+
+    model = example_llama(hidden=256).to(torch.bfloat16)
+    opt = lowmem.create_optimizer("apollo_mini", model, dense_rule="adam_mini", dense_state_dtype="8bit")
+    head, embedding = model.lm_head.weight, model.get_input_embeddings().weight
+    group = {id(p): g for g in opt.param_groups for p in g["params"]}
+    assert group[id(head)]["rule"] == group[id(embedding)]["rule"] == "adam_mini"
+    assert group[id(head)]["mini_block"] == group[id(embedding)]["mini_block"] == "rows"
+    assert group[id(model.model.norm.weight)]["mini_block"] == "tensor"
+    assert group[id(model.model.layers[0].self_attn.q_proj.weight)]["rule"] == "adamw_hf"
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    assert opt.state[head]["exp_avg_sq"].shape == (head.shape[0], 1)
+    assert opt.state[head]["exp_avg"].dtype == torch.uint8  # 8-bit m; the embedding's stays bf16 (never 8-bit)
+    assert opt.state[embedding]["exp_avg"].dtype == torch.bfloat16
+    planned = optimizer_state_bytes("apollo_mini", meta_model(model.config, torch.bfloat16), dense_rule="adam_mini",
+                                    dense_state_dtype="8bit")
+    names = {id(p): n for n, p in model.named_parameters()}
+    for p in (head, embedding):
+        assert planned[names[id(p)]] == state_bytes(opt.state[p]), names[id(p)]
+    adamw = optimizer_state_bytes("apollo_mini", meta_model(model.config, torch.bfloat16))
+    assert planned["model.embed_tokens.weight"] < 0.51 * adamw["model.embed_tokens.weight"]
+    with pytest.raises(ValueError, match="dense_rule='came' is not a rule lowmem gives"):
+        lowmem.create_optimizer("apollo_mini", model, dense_rule="came")
+    with pytest.raises(ValueError, match="no option 'dense_rule'"):
+        lowmem.create_optimizer("adamw", model, dense_rule="adam_mini")
 
 
 def test_dense_state_dtype_sets_the_unprojected_tensors_precision():

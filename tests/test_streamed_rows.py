@@ -31,13 +31,17 @@ def _train(model, name, steps=3, accumulation=1, **options):
     return optimizer
 
 
-@pytest.mark.parametrize("name", ["apollo_mini_layerwise", "adamw_layerwise", "adamw_8bit_layerwise"])
+@pytest.mark.parametrize("name,options", [
+    ("apollo_mini_layerwise", {}), ("adamw_layerwise", {}), ("adamw_8bit_layerwise", {}),
+    ("apollo_mini_layerwise", {"dense_rule": "adam_mini"}),  # one v per row: whole rows at a time
+    ("galore_adamw_8bit_layerwise", {"dense_rule": "adam_mini", "rank": 4}),
+])
 @pytest.mark.parametrize("accumulation", [1, 2])
-def test_streamed_head_matches_the_whole_gradient_update(name, accumulation):
+def test_streamed_head_matches_the_whole_gradient_update(name, options, accumulation):
     streamed, whole = _model(), _model()
-    optimizer = _train(streamed, name, accumulation=accumulation)
+    optimizer = _train(streamed, name, accumulation=accumulation, **options)
     assert optimizer.layerwise.streamed == [streamed.lm_head, streamed.model.embed_tokens]
-    reference = lowmem.create_optimizer(name, whole, lr=1e-3)
+    reference = lowmem.create_optimizer(name, whole, lr=1e-3, **options)
     reference.layerwise.remove()  # the head's forward back to nn.Linear's: its whole gradient, updated in step()
     reference.enable_layerwise()
     assert reference.layerwise.streamed == []
@@ -126,8 +130,9 @@ def test_planner_prices_the_streamed_head_without_its_gradient():
     assert streamed.gradients < head_bytes // 4 and without_logits.gradients < head_bytes // 4
 
 
-@pytest.mark.parametrize("name", ["adamw_layerwise", "adamw_8bit_layerwise"])
-def test_the_loss_without_logits_hands_over_the_head_rows(name):
+@pytest.mark.parametrize("name,options", [("adamw_layerwise", {}), ("adamw_8bit_layerwise", {}),
+                                          ("apollo_mini_layerwise", {"dense_rule": "adam_mini"})])
+def test_the_loss_without_logits_hands_over_the_head_rows(name, options):
     """With ``linear_cross_entropy`` the loss's backward gives the head's rows to the update, recomputing each range's
     logits from the weight; hidden 96 does not divide the update's chunk, so rows straddle two ranges (each computed
     once, before either range updates it)."""
@@ -138,9 +143,9 @@ def test_the_loss_without_logits_hands_over_the_head_rows(name):
     assert CHUNK % 96
     for model in (streamed, whole):
         patch_linear_cross_entropy(model)
-    optimizer = _train(streamed, name)
+    optimizer = _train(streamed, name, **options)
     assert hasattr(streamed.lm_head.weight, STREAM_ATTR)
-    reference = lowmem.create_optimizer(name, whole, lr=1e-3)
+    reference = lowmem.create_optimizer(name, whole, lr=1e-3, **options)
     reference.layerwise.remove()
     assert not hasattr(whole.lm_head.weight, STREAM_ATTR)
     reference.enable_layerwise()

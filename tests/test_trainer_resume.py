@@ -17,7 +17,8 @@ K = 3
 def run(tmp_path, name, resume=None, **kw):
     torch.manual_seed(0)
     model = tiny_llama(hidden=64, layers=2)
-    a = args(tmp_path, optim=name, optim_args=small_options(name), max_steps=2 * K, save_strategy="steps",
+    options = {**small_options(name), **kw.pop("options", {})}
+    a = args(tmp_path, optim=name, optim_args=options, max_steps=2 * K, save_strategy="steps",
              save_steps=K, learning_rate=1e-3, logging_steps=1, **kw)
     trainer = Trainer(model=model, args=a, train_dataset=StdlibText(64))
     trainer.train(resume_from_checkpoint=resume)
@@ -36,10 +37,13 @@ CASES = [(name, {}) for name in available_optimizers()] + [
     ("apollo_mini_layerwise", dict(gradient_accumulation_steps=2)),
     ("frugal_layerwise", {}),
     ("adam_mini_8bit_layerwise", {}),
+    # the int8 1.1B configuration: per-row second moments of the embedding and head (head's m in 8 bits)
+    ("apollo_mini_layerwise",
+     dict(options=dict(dense_rule="adam_mini", dense_state_dtype="8bit", weight_dtype="int8"))),
 ]
 
 
-@pytest.mark.parametrize("name,kw", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("name,kw", CASES, ids=[c[0] + ("-dense_rule" if "options" in c[1] else "") for c in CASES])
 def test_resume_matches_an_uninterrupted_run(tmp_path, name, kw):
     straight, _ = run(tmp_path / "a", name, **kw)
     resumed, trainer = run(tmp_path / "b", name, resume=str(tmp_path / "a" / f"checkpoint-{K}"), **kw)

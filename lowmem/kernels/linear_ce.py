@@ -11,8 +11,9 @@ and Llama-3's 128256 words: 1 GiB of bf16 logits and 4 GiB of fp32 beside them).
   gives the block's rows of the weight gradient (one product, rounded once to the weight's dtype) and adds to the
   hidden gradient (fp32, ``tokens x hidden``).
 
-Extra memory: one block of fp32 logits (``BLOCK_BYTES``) and the fp32 hidden gradient, instead of several
-``tokens x vocab`` tensors. The cost: the logits' product twice (once in forward, once in backward).
+Extra memory: one block of fp32 logits and the block's fp32 weight rows (at most ``BLOCK_BYTES`` each) and the fp32
+hidden gradient, instead of several ``tokens x vocab`` tensors. The cost: the logits' product twice (once in forward,
+once in backward).
 
 The products are torch matmuls (cuBLAS on a GPU) in both implementations; what happens to a block of logits
 between them (``forward_block``, ``backward_block``) is torch code here, the twin, and Triton kernels in
@@ -32,18 +33,19 @@ from . import dispatch
 #: The weight attribute through which a layer-wise optimizer takes the weight gradient's rows instead of the whole
 #: gradient (``lowmem.optim.streamed_rows.RowsConsumer``: ``ready()``, then called with ``rows(first, last)``).
 STREAM_ATTR = "_lowmem_stream_rows"
-#: The most bytes of fp32 logits one block holds (the block's rows = this / (4 x tokens), at least 128).
+#: The most bytes of fp32 logits, and of fp32 weight rows, one block holds (at least 128 rows).
 BLOCK_BYTES = 32 << 20
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def block_rows(tokens: int) -> int:
-    """Vocabulary rows per block for ``tokens`` tokens: ``BLOCK_BYTES`` of fp32 logits, at least 128 rows."""
-    return max(128, BLOCK_BYTES // (4 * max(tokens, 1)))
+def block_rows(tokens: int, hidden: int) -> int:
+    """Vocabulary rows per block for ``tokens`` tokens of ``hidden`` features: at most ``BLOCK_BYTES`` of fp32
+    logits (``tokens x rows``) and of the rows' fp32 copy for the hidden gradient (``rows x hidden``); at least 128."""
+    return max(128, BLOCK_BYTES // (4 * max(tokens, hidden, 1)))
 
 
-def _blocks(vocab: int, tokens: int):
-    rows = block_rows(tokens)
+def _blocks(vocab: int, tokens: int, hidden: int):
+    rows = block_rows(tokens, hidden)
     return [(start, min(start + rows, vocab)) for start in range(0, vocab, rows)]
 
 
@@ -84,7 +86,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         tokens, vocab = x.shape[0], weight.shape[0]
         lse = torch.full((tokens,), -torch.inf, dtype=torch.float32, device=x.device)
         target = torch.zeros(tokens, dtype=torch.float32, device=x.device)
-        for start, end in _blocks(vocab, tokens):
+        for start, end in _blocks(vocab, tokens, x.shape[1]):
             ops.forward_block(_logits(x, weight, start, end), start, y, ignore_index, lse, target)
         valid = y != ignore_index
         losses = torch.where(valid, lse - target, 0.0)
@@ -107,7 +109,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # only the weight's gradient reads it (a frozen head: none)
         x32 = x.float() if grad_w is not None or streams else None
         with _without_autocast(x.device.type):  # the forward's products again, not autocast's
-            for start, end in _blocks(weight.shape[0], x.shape[0]):
+            for start, end in _blocks(weight.shape[0], x.shape[0], x.shape[1]):
                 g = ctx.ops.backward_block(_logits(x, weight, start, end), start, y, ctx.ignore_index, lse, share)
                 if grad_w is not None and grad_w.dtype == torch.float32:  # straight into the gradient's rows
                     torch.mm(g.t(), x32, out=grad_w[start:end])

@@ -108,6 +108,18 @@ def check_supported(model: nn.Module) -> None:
                          "transformers' ForCausalLMLoss only. Set linear_cross_entropy=False to keep yours.")
 
 
+def can_patch(model: nn.Module) -> bool:
+    """Whether ``patch_linear_cross_entropy(model)`` would reproduce ``model``'s loss without a warning at each step:
+    a supported causal LM (``check_supported``) whose head nothing hooks yet (what the default of lowmem's Trainer
+    asks before patching)."""
+    lm = find_causal_lm(model)
+    try:
+        check_supported(lm)
+    except ValueError:
+        return False
+    return not _hooked(lm.get_output_embeddings()) and "forward" not in lm.__dict__
+
+
 def is_patched(model: nn.Module) -> bool:
     """Whether ``model``'s causal LM runs the patched forward."""
     forward = find_causal_lm(model).__dict__.get("forward")

@@ -25,6 +25,7 @@ Group keys (all optional; defaults in ``GROUP_DEFAULTS``):
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -309,14 +310,20 @@ class LowMemOptimizer(torch.optim.Optimizer):
         flat_p = p.view(-1)
         flat_grad = None if callable(grad) else grad.view(-1)
         grad_range = grad if callable(grad) else (lambda start, end: flat_grad[start:end])
-        for start in range(0, flat_p.numel(), CHUNK):
-            end = min(start + CHUNK, flat_p.numel())
-            part = parts.store.chunk(state, parts.rule.moments, start, end)
+        per_row = parts.rule.row_moments
+        shaped = tuple(key for key in parts.rule.moments if key not in per_row)
+        width = p.shape[-1] if parts.rule.row_local else 1
+        for start, end in chunk_ranges(parts, p.shape):
+            part = parts.store.chunk(state, shaped, start, end)
+            if per_row:  # the ranges hold whole rows (on 8-bit block boundaries too): those rows' statistics
+                part.update(parts.store.chunk(state, per_row, start // width, end // width))
             working = to_device(part, p.device) if offload else part
             self._update(flat_p[start:end], grad_range(start, end), working, group, parts, None, (p, start))
             if offload:
                 back_to_host(part, working, wait=True)  # the host reads it next (8-bit: write_chunk)
-            parts.store.write_chunk(state, part, parts.rule.moments, start, end)
+            parts.store.write_chunk(state, part, shaped, start, end)
+            if per_row:
+                parts.store.write_chunk(state, part, per_row, start // width, end // width)
         state["step"] += 1
 
     def _ordinal(self, p: torch.Tensor) -> int:
@@ -418,13 +425,25 @@ def check_hyperparameters(group: dict) -> None:
             raise ValueError(f"{flag}=True is not supported by lowmem optimizers (it would be ignored): {fix}.")
 
 
-def updates_in_chunks(parts: Parts, numel: int) -> bool:
-    """Whether a tensor of ``numel`` elements in a group with these parts is updated ``CHUNK`` elements at a time:
-    over ``CHUNK`` elements, not projected, under an elementwise rule and the plain lift."""
-    return numel > CHUNK and type(parts.projector) is Projector and type(parts.lift) is Lift and parts.rule.elementwise
+def updates_in_chunks(parts: Parts, shape: torch.Size) -> bool:
+    """Whether a tensor of ``shape`` in a group with these parts is updated a range of elements at a time
+    (``chunk_ranges``): over ``CHUNK`` elements, not projected, the plain lift, and an elementwise rule (or one whose
+    rows are independent, on a matrix)."""
+    local = parts.rule.elementwise or (parts.rule.row_local and len(shape) == 2)
+    return math.prod(shape) > CHUNK and type(parts.projector) is Projector and type(parts.lift) is Lift and local
+
+
+def chunk_ranges(parts: Parts, shape: torch.Size) -> list[tuple[int, int]]:
+    """The flat ``(start, end)`` ranges a tensor of ``shape`` is updated in (``updates_in_chunks``): ``CHUNK``
+    elements, or for a row-local rule about ``CHUNK`` elements of whole rows, their count a multiple of the state
+    store's block (8-bit blocks then never straddle two ranges, in the row-shaped moments nor in the per-row ones)."""
+    numel = math.prod(shape)
+    unit = shape[-1] * getattr(parts.store, "blocksize", 1) if parts.rule.row_local else 1
+    span = max(1, CHUNK // unit) * unit
+    return [(start, min(start + span, numel)) for start in range(0, numel, span)]
 
 
 def _in_chunks(p: torch.Tensor, grad: torch.Tensor, parts: Parts) -> bool:
     """``updates_in_chunks`` for ``p``, whose weight and gradient must also be contiguous (flat views)."""
-    return (updates_in_chunks(parts, grad.numel()) and p.is_contiguous() and grad.is_contiguous()
+    return (updates_in_chunks(parts, grad.shape) and p.is_contiguous() and grad.is_contiguous()
             and not is_sharded(p))  # a sharded tensor's flat view is not this rank's rows

@@ -54,10 +54,14 @@ from .zo import MeZO
 #: ``weight_dtype="int8"`` (low-rank names): the projected linears' weights stored in int8 (``int8_weights``).
 #: ``dense_state_dtype`` (low-rank names): the state precision of the tensors not projected (embedding, head, norms),
 #: when it should differ from ``state_dtype``; embeddings are never 8-bit (see ``create_optimizer``).
+#: ``dense_rule`` (low-rank names): the rule of those tensors when it should not be the name's AdamW: ``"adam_mini"``
+#: gives them Adam-mini's partition (one second moment per token of the embedding and the head, per norm tensor):
+#: half their state, and the head and embedding still update a range of rows at a time.
 #: ``offload_states``: a GPU parameter's states kept in CPU memory between its updates (``offload_states``).
 COMMON_OPTIONS = dict(lr=1e-3, weight_decay=0.0, state_dtype=None, layerwise=False, layerwise_accumulation="projected",
                       bf16_stochastic_round=False, skip_nonfinite=True, offload_states=False)
 WEIGHT_DTYPES = (None, "int8")
+DENSE_RULES = (None, "adam_mini")
 _ADAM = dict(betas=(0.9, 0.999))
 #: ``<name>_layerwise`` is ``<name>`` with ``layerwise=True``.
 LAYERWISE_SUFFIX = "_layerwise"
@@ -88,7 +92,8 @@ class OptimizerSpec:
     def options(self) -> dict:
         if self.zeroth_order:
             return {"lr": COMMON_OPTIONS["lr"], "weight_decay": 0.0, "skip_nonfinite": True, **self.ctor}
-        targets = {"target_modules": None, "weight_dtype": None, "dense_state_dtype": None} if self.low_rank else {}
+        targets = {"target_modules": None, "weight_dtype": None, "dense_state_dtype": None, "dense_rule": None} \
+            if self.low_rank else {}
         return {**COMMON_OPTIONS, **targets, **self.ctor, **self.group, **self.every_group}
 
 
@@ -296,6 +301,10 @@ def check_options(name: str, options: dict) -> dict:
                          "leave it unset (the model's own dtype).")
     if opts.get("dense_state_dtype") is not None:
         make_store(opts["dense_state_dtype"])  # an unknown precision is an error now, naming the valid ones
+    if opts.get("dense_rule") not in DENSE_RULES:
+        raise ValueError(f"dense_rule={opts['dense_rule']!r} is not a rule lowmem gives the tensors it does not "
+                         "project: use dense_rule='adam_mini' (one second moment per token of the embedding and "
+                         "head) or leave it unset (the name's AdamW).")
     opts["layerwise"] = bool(opts["layerwise"] or spec.layerwise)  # a ``<name>_layerwise`` name sets it
     check_accumulation(opts["layerwise_accumulation"])
     if spec.rule:
@@ -332,10 +341,10 @@ def _group(pairs, **keys) -> dict:
     return {"params": [p for _, p in pairs], "param_names": [n for n, _ in pairs], **keys}
 
 
-def _other_groups(spec: OptimizerSpec, model: nn.Module, split, weight_decay) -> list[dict]:
+def _other_groups(rule: str | None, model: nn.Module, split, weight_decay) -> list[dict]:
     """Groups for the parameters that are not projected: Adam-mini's partition for the adam_mini rule,
     else one group with weight decay and one (biases, norms) without."""
-    if spec.rule == "adam_mini":
+    if rule == "adam_mini":
         rest = {id(p) for _, p in split.decay + split.no_decay}
         named = [(n, p) for n, p in model.named_parameters() if id(p) in rest]
         return adam_mini_groups(named, *model_dims(getattr(model, "config", None)), weight_decay)
@@ -408,7 +417,9 @@ def _build(name: str, spec: OptimizerSpec, model: nn.Module, opts: dict) -> LowM
             target_keys = {**target_keys, "mini_block": "rows"}
         groups.append(_group(split.targets, **target_keys, **shared))
     dense = {"state_dtype": opts.pop("dense_state_dtype")} if opts.get("dense_state_dtype") is not None else {}
-    groups += [{**g, **shared, **dense} for g in _other_groups(spec, model, split, ctor["weight_decay"])]
+    dense_rule = opts.pop("dense_rule", None)
+    others = _other_groups(dense_rule or spec.rule, model, split, ctor["weight_decay"])
+    groups += [{**shared, **g, **dense} for g in others]  # a group's own rule (Adam-mini's) wins
     return spec.cls(groups, **ctor)
 
 

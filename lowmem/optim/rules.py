@@ -44,6 +44,10 @@ class Rule:
     #: Whether each element's direction depends only on that element's gradient and moments (then the optimizer
     #: may update a large unprojected tensor a chunk of elements at a time: ``init_state`` first, on the whole).
     elementwise = False
+    #: Whether each row's does (a 2-D tensor then goes a range of whole rows at a time); ``row_moments``: the state
+    #: keys holding one value per row (the others are shaped like the gradient).
+    row_local = False
+    row_moments: tuple[str, ...] = ()
 
     def direction(self, grad: torch.Tensor, state: dict, store: StateStore, lr: float, param: torch.Tensor):
         return grad, lr, lr
@@ -291,19 +295,30 @@ class AdamMini(Rule):
             raise ValueError(f"unknown Adam-mini block {block!r}; use one of {self.BLOCKS}")
         self.beta1, self.beta2 = betas
         self.eps, self.block, self.head_numel = eps, block, head_numel
+        self.elementwise = block == "elementwise"
+        #: ``rows``: each row's direction depends only on that row's gradient and moments, so the optimizer may
+        #: update a large tensor a range of whole rows at a time; ``row_moments`` hold one value per row.
+        self.row_local = block == "rows"
+        self.row_moments = ("exp_avg_sq",) if block == "rows" else ()
+
+    def init_state(self, state, store, grad):
+        if "exp_avg" in state:
+            return
+        g = grad.view(-1, self.head_numel) if self.block == "heads" else grad
+        store.init(state, "exp_avg", g, signed=True)
+        if self.block == "elementwise":
+            second = g
+        elif self.block == "tensor":
+            second = g.new_zeros(())
+        else:  # one mean per row (neuron) or per head
+            second = g[:, :1]
+        store.init(state, "exp_avg_sq", second, signed=False)
 
     def direction(self, grad, state, store, lr, param):
+        """Also on a range of whole rows of a ``rows`` tensor, flat (``row_local``): its moments' matching parts."""
         b1, b2, t = self.beta1, self.beta2, state["step"]
+        self.init_state(state, store, grad)
         g = grad.view(-1, self.head_numel) if self.block == "heads" else grad
-        if "exp_avg" not in state:
-            store.init(state, "exp_avg", g, signed=True)
-            if self.block == "elementwise":
-                second = g
-            elif self.block == "tensor":
-                second = g.new_zeros(())
-            else:  # one mean per row (neuron) or per head
-                second = g[:, :1]
-            store.init(state, "exp_avg_sq", second, signed=False)
         v = store.load(state, "exp_avg_sq")
         square = None
         if self.block == "elementwise":
@@ -312,8 +327,8 @@ class AdamMini(Rule):
             square = g * g  # the step's one full-size temporary; its buffer then takes the direction
             if self.block == "tensor":
                 v.mul_(b2).add_(torch.sum(square) / g.numel(), alpha=1 - b2)
-            else:
-                v.mul_(b2).add_(torch.mean(square, dim=1, keepdim=True), alpha=1 - b2)
+            else:  # one mean per row: ``v`` holds one value per row of the (flat or 2-D) gradient
+                v.mul_(b2).add_(torch.mean(square.view(v.shape[0], -1), dim=1).view(v.shape), alpha=1 - b2)
         store.save(state, "exp_avg_sq", v, signed=False)
         m = store.load(state, "exp_avg")
         m.lerp_(g if g.dtype == m.dtype else g.to(m.dtype), 1 - b1)  # states may differ from the grad's dtype
@@ -323,7 +338,10 @@ class AdamMini(Rule):
         if self.block == "elementwise":
             return torch.div(m, h, out=_reusable(h, torch.result_type(m, h))), lr / bias_correction1, lr
         scale = (1 / bias_correction1) / h
-        return torch.mul(m, scale, out=_reusable(square, torch.result_type(m, scale))).view(grad.shape), lr, lr
+        if self.block != "tensor":
+            m, scale = m.view(v.shape[0], -1), scale.view(v.shape[0], 1)
+        out = _reusable(square.view(m.shape), torch.result_type(m, scale))
+        return torch.mul(m, scale, out=out).view(grad.shape), lr, lr
 
 
 RULES = ("adamw_hf", "adamw_torch", "adafactor", "came", "adam_mini", "sign_sgd", "sgd")

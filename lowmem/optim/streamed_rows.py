@@ -57,7 +57,7 @@ def can_stream(updates, module: nn.Module | None, tied_to: torch.Tensor | None =
             or int8_linear_of(p) is not None or not p.is_contiguous() or p.dim() != 2:
         return False
     parts = updates.optimizer.parts_for_step(updates._group_index[p], choose_blocks=False)
-    return updates_in_chunks(parts, p.numel())
+    return updates_in_chunks(parts, p.shape)
 
 
 def stream(updates, module: nn.Module) -> None:

@@ -90,7 +90,9 @@ class TrainingArguments(transformers.TrainingArguments):
     ``linear_cross_entropy=True`` has the lowmem ``Trainer`` patch a LLaMA / Qwen2 / Mistral model (peft-wrapped or
     not) so that its loss comes from the last hidden states and the head's weight a block of vocabulary at a time,
     never the ``tokens x vocab`` logits (``lowmem.kernels.model_patch``); MeZO refuses it (it perturbs the head
-    through its forward, so the logits would be computed anyway).
+    through its forward, so the logits would be computed anyway). Left unset (None), the Trainer turns it on where
+    it is exact and nothing else needs the training logits (``trainers.trainer.linear_ce_by_default``), as
+    ``lowmem plan`` prices it; ``False`` keeps the model's own loss.
     """
 
     optim: str = field(default=transformers.TrainingArguments.__dataclass_fields__["optim"].default, metadata={
@@ -98,10 +100,11 @@ class TrainingArguments(transformers.TrainingArguments):
                 "'<name>_layerwise') or a transformers OptimizerNames value."})
     max_grad_norm: float | None = field(default=None, metadata={
         "help": "Max gradient norm (default 1.0; 0 for layer-wise lowmem optimizers, which cannot clip)."})
-    linear_cross_entropy: bool = field(default=False, metadata={
+    linear_cross_entropy: bool | None = field(default=None, metadata={
         "help": "Compute a LLaMA / Qwen2 / Mistral causal LM's loss without materializing its logits (linear + "
                 "cross-entropy a block of vocabulary at a time; Triton kernels on CUDA). The model then returns "
-                "logits=None when given labels."})
+                "logits=None when given labels in training. Default (unset): on for those models in one process "
+                "with the Trainer's own loss and a gradient-based optimizer; False keeps the logits."})
 
     def __post_init__(self):
         if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():

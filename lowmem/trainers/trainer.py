@@ -1,5 +1,6 @@
 """``Trainer`` that builds lowmem optimizers by name, through the Trainer's own ``create_optimizer`` override point,
-and patches the model's loss to skip the logits when ``args.linear_cross_entropy`` asks (at init, before any step).
+and patches the model's loss to skip the logits when ``args.linear_cross_entropy`` asks, or by default where that is
+exact (``linear_ce_by_default``; at init, before any step).
 
 ``Trainer(model, args, optim="galore_adamw", optim_args="rank=64", optim_target_modules=["attn", "mlp"])`` works
 as well as putting those three in ``TrainingArguments``. The training loop, scheduler, checkpointing and
@@ -15,15 +16,16 @@ import torch
 import transformers
 
 from ..allocator import release_freed_memory
-from ..kernels.model_patch import patch_linear_cross_entropy
+from ..kernels.model_patch import can_patch, patch_linear_cross_entropy
 from ..optim.compose import LowMemOptimizer
 from ..optim.int8_weights import quantize_linears
-from ..optim.registry import create_optimizer
+from ..optim.registry import create_optimizer, get_spec
 from ..optim.sharded_checkpoint import prepare_to_load
 from ..optim.zo import MeZO, pair_loss
 from .arguments import TrainingArguments
 from .fsdp import shard_cpu_processes, sharded_optimizer_dir
 
+logger = transformers.utils.logging.get_logger(__name__)
 _OPTIM_FIELDS = ("optim", "optim_args", "optim_target_modules")
 
 
@@ -37,8 +39,10 @@ class Trainer(transformers.Trainer):
                      if v is not None}
         if overrides:
             args = _with_optimizer(args, overrides)
-        if model is not None:
-            _prepare_model(model, args)  # before the Trainer inspects the model or loads a checkpoint into it
+        self._own_loss = type(self).compute_loss is transformers.Trainer.compute_loss \
+            and kwargs.get("compute_loss_func") is None  # nothing else might read the training logits
+        if model is not None:  # before the Trainer inspects the model or loads a checkpoint into it
+            _prepare_model(model, args, self._own_loss)
         super().__init__(model, args, *positional, **kwargs)
 
     def create_accelerator_and_postprocess(self):
@@ -61,7 +65,7 @@ class Trainer(transformers.Trainer):
     def call_model_init(self, *args, **kwargs):
         """transformers' ``model_init`` call, its model patched like one given directly."""
         model = super().call_model_init(*args, **kwargs)
-        _prepare_model(model, self.args)
+        _prepare_model(model, self.args, self._own_loss)
         return model
 
     def create_optimizer(self, *args, **kwargs):
@@ -157,16 +161,33 @@ class Trainer(transformers.Trainer):
         super().log(logs, *args, **kwargs)
 
 
-def _prepare_model(model, args) -> None:
-    """What the run's options change in the model itself: the loss without logits (``linear_cross_entropy``) and
-    int8 weights (``optim_args="weight_dtype=int8"``: the target linears converted now, so a checkpoint's int8
-    weights load into the same structure on resume)."""
-    if getattr(args, "linear_cross_entropy", False):
+def _prepare_model(model, args, own_loss: bool) -> None:
+    """What the run's options change in the model itself: the loss without logits (``linear_cross_entropy``, or its
+    default) and int8 weights (``optim_args="weight_dtype=int8"``: the target linears converted now, so a
+    checkpoint's int8 weights load into the same structure on resume)."""
+    wanted = getattr(args, "linear_cross_entropy", False)
+    if wanted is None and linear_ce_by_default(model, args, own_loss):
+        logger.info("linear_cross_entropy: on by default for this model (its training loss without the logits); "
+                    "linear_cross_entropy=False keeps them")
+        wanted = True
+    if wanted:
         patch_linear_cross_entropy(model)
     if getattr(args, "lowmem_optim", None) is not None:
         options = args.lowmem_options()
         if options.get("weight_dtype") == "int8":
             quantize_linears(model, options.get("target_modules"))
+
+
+def linear_ce_by_default(model, args, own_loss: bool) -> bool:
+    """Whether an unset ``linear_cross_entropy`` turns on: the model's loss is one the patch reproduces exactly
+    (``model_patch.can_patch``: a LLaMA / Qwen2 / Mistral causal LM with a plain head), the Trainer computes the
+    loss itself (``own_loss``: no ``compute_loss`` override or ``compute_loss_func`` that might read the training
+    logits), the optimizer takes gradients (MeZO perturbs the head through its forward) and one process runs (the
+    patch is not tested under DDP / FSDP2 yet). The planner prices the same default."""
+    name = getattr(args, "lowmem_optim", None)
+    if name is not None and get_spec(name).zeroth_order:
+        return False
+    return own_loss and args.world_size == 1 and can_patch(model)
 
 
 def _with_optimizer(args, overrides: dict) -> TrainingArguments:
