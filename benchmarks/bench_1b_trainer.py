@@ -2,13 +2,14 @@
 process's peak RSS against the bf16 weight bytes.
 
 LLaMA-1.1B (TinyLlama's shape, ``bench_1b_cpu.TINYLLAMA``) built directly in bf16, batch 1 x 256 random tokens,
-gradient checkpointing, ``lowmem.Trainer`` with the given optimizer names, a few steps; each name in its own process,
+gradient checkpointing, ``lowmem.Trainer`` with the given optimizer names and its defaults (the loss without logits
+included: ``--logits`` computes them, as before that default), a few steps; each name in its own process,
 so each peak RSS is its own (it includes Python, torch and transformers themselves: about 0.5 GB). bf16 matrix
 products run natively (this needs a CPU with AVX-512 BF16; without it see ``bench_1b_cpu.py``).
 
 Run: ``PYTHONPATH=. .venv/bin/python benchmarks/bench_1b_trainer.py [--optim apollo_mini_layerwise ...] [--steps 3]
-[--optim-args weight_dtype=int8] [--out results.jsonl]`` (``LOWMEM_MALLOC=default`` keeps glibc's own malloc policy,
-see ``lowmem.allocator``).
+[--optim-args weight_dtype=int8] [--logits] [--out results.jsonl]`` (``LOWMEM_MALLOC=default`` keeps glibc's own
+malloc policy, see ``lowmem.allocator``).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _reset_high_water_mark() -> None:
         refs.write("5")
 
 
-def run(optim: str, steps: int, seq: int, optim_args: str | None = None) -> dict:
+def run(optim: str, steps: int, seq: int, optim_args: str | None = None, logits: bool = False) -> dict:
     """Train ``steps`` steps in this process; its peak RSS over the whole run and over the training steps alone
     (from the first step on: after the model was built and, with int8 weights, converted), the bf16 weight bytes
     and the seconds per step."""
@@ -72,7 +73,7 @@ def run(optim: str, steps: int, seq: int, optim_args: str | None = None) -> dict
         args = TrainingArguments(output_dir=out, per_device_train_batch_size=1, max_steps=steps, learning_rate=1e-4,
                                  gradient_checkpointing=True, optim=optim, logging_steps=1, save_strategy="no",
                                  report_to=[], use_cpu=True, disable_tqdm=True, dataloader_pin_memory=False,
-                                 optim_args=optim_args)
+                                 optim_args=optim_args, linear_cross_entropy=False if logits else None)
         start = time.time()
         trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(steps, seq, config.vocab_size),
                           callbacks=[StepPeak()])
@@ -85,7 +86,7 @@ def run(optim: str, steps: int, seq: int, optim_args: str | None = None) -> dict
             "stored_weight_bytes": weight_bytes(model), "peak_rss": rss, "ratio": rss / weights,
             "step_peak_rss": step_rss, "step_ratio": step_rss / weights,
             "state_bytes": trainer._unwrapped_optimizer().state_bytes(), "seconds_per_step": seconds / steps,
-            "losses": losses,
+            "losses": losses, "logits": logits,
             "malloc": os.environ.get("LOWMEM_MALLOC", "lowmem")}
 
 
@@ -95,14 +96,15 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--optim-args", default=None, help="optim_args for every name, e.g. weight_dtype=int8")
+    parser.add_argument("--logits", action="store_true", help="linear_cross_entropy=False: the model's own loss")
     parser.add_argument("--out", default=None, help="append each result as a JSON line to this file")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(run(args.optim[0], args.steps, args.seq, args.optim_args)))
+        print(json.dumps(run(args.optim[0], args.steps, args.seq, args.optim_args, args.logits)))
         return
     for optim in args.optim:
-        extra = ["--optim-args", args.optim_args] if args.optim_args else []
+        extra = (["--optim-args", args.optim_args] if args.optim_args else []) + (["--logits"] if args.logits else [])
         child = subprocess.run([sys.executable, __file__, "--child", "--optim", optim, "--steps", str(args.steps),
                                 "--seq", str(args.seq), *extra], capture_output=True, text=True, check=True)
         result = json.loads(child.stdout.strip().splitlines()[-1])

@@ -169,7 +169,7 @@ def _moment_shapes(low: tuple, rule, float_dtype: torch.dtype) -> list[tuple[tup
     """(shape, dtype the store is handed, whether its rows are ``low``'s rows) of each moment a rule keeps for a
     gradient of shape ``low`` (``lowmem.optim.rules``: Adafactor/CAME work in fp32, the others in the gradient's
     dtype). Row-following moments are split with the parameter's rows under FSDP2; the others are kept whole."""
-    from .optim.rules import CAME, Adafactor, AdamMini, AdamW
+    from .optim.rules import CAME, Adafactor, AdamMini, AdamW, Muon
 
     def factored(shape):
         return [(shape[:-1], torch.float32, True), (shape[:-2] + shape[-1:], torch.float32, False)] \
@@ -177,6 +177,8 @@ def _moment_shapes(low: tuple, rule, float_dtype: torch.dtype) -> list[tuple[tup
 
     if isinstance(rule, AdamW):
         return [(low, float_dtype, True)] * 2
+    if isinstance(rule, Muon):
+        return [(low, float_dtype, True)]
     if isinstance(rule, CAME):
         res = factored(low) if len(low) >= 2 else []
         return [(low, torch.float32, True)] + factored(low) + res
@@ -422,7 +424,7 @@ def update_temp_bytes(shape: tuple, dtype: torch.dtype, parts) -> int:
     from .optim.compose import chunk_ranges, updates_in_chunks
     from .optim.projectors import GaussianProjector
     from .optim.quantized import BlockwiseQuantStore
-    from .optim.rules import CAME, CHUNK_8BIT, Adafactor, AdamMini, AdamW
+    from .optim.rules import CAME, CHUNK_8BIT, Adafactor, AdamMini, AdamW, Muon
 
     shape, e = tuple(shape), nbytes(1, dtype)
     low, _ = _projected(shape, parts.projector) if len(shape) == 2 else (shape, 0)
@@ -443,9 +445,12 @@ def update_temp_bytes(shape: tuple, dtype: torch.dtype, parts) -> int:
         direction = n_low * (4 + (4 if e != 4 else 0))
     elif isinstance(rule, AdamMini):
         direction = n_low * e
+    elif isinstance(rule, Muon):  # Nesterov's mix; Newton-Schulz's two bf16 iterates and three k x k Gram products
+        k = min(low) if len(low) == 2 else 1
+        direction = n_low * e + 4 * n_low + 6 * k * k
     else:
         direction = 0
-    if quantized and not isinstance(rule, AdamW) and getattr(rule, "beta1", None) is not None:
+    if quantized and (isinstance(rule, Muon) or (not isinstance(rule, AdamW) and getattr(rule, "beta1", None))):
         # the first moment, dequantized whole to fp32, plus one (de)quantizer chunk's temporaries (measured)
         direction += 4 * n_low + 38 * min(n_low, QUANT_CHUNK)
     if low == shape:

@@ -7,10 +7,10 @@ from test_registry import tiny_llama
 
 import lowmem
 from lowmem.optim import composition_parts
-from lowmem.optim.registry import METHODS, RULES, check_options, get_spec
+from lowmem.optim.registry import METHODS, RULES, TARGET_RULES, check_options, get_spec
 
 #: lr per rule for the training test: SGD needs a far larger step than the adaptive rules.
-LR = {"adamw": 3e-3, "adafactor": 3e-3, "came": 1e-3, "adam_mini": 3e-3, "sgd": 0.3, "sign_sgd": 1e-3}
+LR = {"adamw": 3e-3, "adafactor": 3e-3, "came": 1e-3, "adam_mini": 3e-3, "muon": 3e-3, "sgd": 0.3, "sign_sgd": 1e-3}
 #: Each method's parts as its target group should hold them after construction.
 EXPECTED_PARTS = {
     "none": dict(projector="identity", lift="project_back"),
@@ -56,8 +56,12 @@ def test_every_combination_trains_and_builds_its_parts(method, rule):
     model = tiny_llama()
     opt = lowmem.create_optimizer(f"{method}+{rule}", model, lr=LR[rule], **rank_option(method))
     core = METHODS[method][1]
-    expected_rule = core if rule == "adamw" else rule
-    assert {g["rule"] for g in opt.param_groups} == {expected_rule}
+    if rule in TARGET_RULES:  # Muon: the target matrices; the method's own AdamW keeps the rest
+        assert target_group(opt)["rule"] == rule
+        assert {g.get("rule") for g in opt.param_groups[1:]} <= {None, core}
+    else:
+        expected_rule = core if rule == "adamw" else rule
+        assert {g["rule"] for g in opt.param_groups} == {expected_rule}
     group, unset = target_group(opt), {"projector": "identity", "lift": "project_back"}
     for key, value in EXPECTED_PARTS[method].items():
         assert group.get(key, unset.get(key)) == value, key
@@ -165,7 +169,7 @@ def test_composition_parts_lists_every_position():
     parts = composition_parts()
     assert set(parts) == {"method", "rule", "precision"}
     assert {"none", "dense", "galore", "frugal_svd", "apollo_mini"} <= set(parts["method"])
-    assert set(parts["rule"]) == {"adamw", "adafactor", "came", "adam_mini", "sgd", "sign_sgd"}
+    assert set(parts["rule"]) == {"adamw", "adafactor", "came", "adam_mini", "muon", "sgd", "sign_sgd"}
     assert {"fp32", "bf16", "8bit"} <= set(parts["precision"])
 
 

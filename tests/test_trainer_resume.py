@@ -37,6 +37,8 @@ CASES = [(name, {}) for name in available_optimizers()] + [
     ("apollo_mini_layerwise", dict(gradient_accumulation_steps=2)),
     ("frugal_layerwise", {}),
     ("adam_mini_8bit_layerwise", {}),
+    ("muon_layerwise", dict(gradient_accumulation_steps=2)),  # one matrix's Newton-Schulz inside backward
+    ("galore+muon", {}),  # Newton-Schulz on the projected r x n momentum
     # the int8 1.1B configuration: per-row second moments of the embedding and head (head's m in 8 bits)
     ("apollo_mini_layerwise",
      dict(options=dict(dense_rule="adam_mini", dense_state_dtype="8bit", weight_dtype="int8"))),

@@ -19,6 +19,7 @@ from .presets import (
     GaLoreAdafactor,
     GaLoreAdamW,
     GaLoreAdamW8bit,
+    Muon,
 )
 from .registry import available_optimizers, composition_parts, create_optimizer, zeroth_order_optimizers
 from .targets import split_parameters
@@ -26,6 +27,6 @@ from .zo import MeZO
 
 __all__ = [
     "LowMemOptimizer", "GaLoreAdamW", "APOLLOAdamW", "FiraAdamW", "FRUGAL", "Adafactor", "CAME", "GaLoreAdafactor",
-    "AdamW8bit", "GaLoreAdamW8bit", "AdamMini", "MeZO",
+    "AdamW8bit", "GaLoreAdamW8bit", "AdamMini", "Muon", "MeZO",
     "create_optimizer", "available_optimizers", "composition_parts", "zeroth_order_optimizers", "split_parameters",
 ]

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from ..kernels import newton_schulz
 from .adam_mini_blocks import adam_mini_groups, model_dims
 from .compose import LowMemOptimizer, check_hyperparameters
+from .rules import make_rule
 
 _HF_CORE = dict(rule="adamw_hf")
 
@@ -204,6 +206,30 @@ class CAME(LowMemOptimizer):
             raise ValueError(f"CAME takes three betas (b1, b2, b3), e.g. (0.9, 0.999, 0.9999); got {betas!r}")
         super().__init__(params, lr=lr, eps=_eps_pair("CAME", eps), clip_threshold=clip_threshold, betas=tuple(betas),
                          weight_decay=weight_decay, state_dtype=state_dtype, rule="came", skip_nonfinite=skip_nonfinite)
+
+
+class Muon(LowMemOptimizer):
+    """Muon with ``torch.optim.Muon``'s constructor and numbers (every parameter a matrix; ``eps`` is the
+    Newton-Schulz normalization's floor). lowmem's ``muon`` name builds the usual split instead: Muon on the hidden
+    matrices, AdamW on the rest.
+
+    Memory: one momentum per weight, ``4mn`` bytes fp32 (``state_dtype`` may make it bf16 or 8-bit).
+    """
+
+    def __init__(self, params: Iterable, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
+                 ns_coefficients=newton_schulz.COEFFICIENTS, eps=newton_schulz.EPS, ns_steps=newton_schulz.STEPS,
+                 adjust_lr_fn=None, state_dtype=None, skip_nonfinite=True):
+        check_hyperparameters(dict(lr=lr, weight_decay=weight_decay))
+        super().__init__(params, lr=lr, weight_decay=weight_decay, rule="muon", momentum=momentum, nesterov=nesterov,
+                         ns_coefficients=tuple(ns_coefficients), ns_eps=eps, ns_steps=ns_steps,
+                         adjust_lr_fn=adjust_lr_fn, state_dtype=state_dtype, skip_nonfinite=skip_nonfinite)
+        make_rule(self.param_groups[0])  # the options' errors now, not at the first step
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dim() != 2:
+                    raise ValueError(f"Muon updates matrices only; got a parameter of shape {tuple(p.shape)}. Give "
+                                     "vectors, embeddings and the head to AdamW, or use create_optimizer('muon', "
+                                     "model), which splits them so.")
 
 
 def _check_8bit_args(amsgrad: bool, percentile_clipping: int = 100) -> None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from ..kernels import newton_schulz
 from .adam_mini_blocks import adam_mini_groups, model_dims
 from .compose import LowMemOptimizer, check_hyperparameters
 from .int8_weights import quantize_linears
@@ -84,6 +85,8 @@ class OptimizerSpec:
     every_group: dict = field(default_factory=dict)
     #: Generic names: the state precision the name fixes (a different ``state_dtype`` is an error).
     precision: str | None = None
+    #: The rule of the target group only (Muon: the matrices), the others keeping the name's AdamW.
+    target_rule: str | None = None
     #: ``<name>_layerwise``: updates run inside backward.
     layerwise: bool = False
     #: Estimates the gradient from forwards only (``cls(model, **options)``; no states, no layer-wise form).
@@ -98,6 +101,10 @@ class OptimizerSpec:
 
 
 _SVD = dict(update_proj_gap=200, proj_type="std", svd_method="exact")
+# Muon's options (torch.optim.Muon's, ``eps`` named ``ns_eps``); one lr fits the matrices and AdamW's tensors with
+# Moonshot's adjustment, so the name defaults to it (the drop-in ``Muon`` class keeps torch's default).
+_MUON = dict(momentum=0.95, nesterov=True, ns_coefficients=newton_schulz.COEFFICIENTS, ns_steps=newton_schulz.STEPS,
+             ns_eps=newton_schulz.EPS, adjust_lr_fn="match_rms_adamw")
 # Adafactor with an external lr, as the HF Trainer's optim="adafactor" and the GaLore baselines run it.
 _ADAFACTOR = dict(eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8, beta1=None, scale_parameter=False,
                   relative_step=False, warmup_init=False)
@@ -123,6 +130,10 @@ REGISTRY: dict[str, OptimizerSpec] = {
     "fira_adamw": OptimizerSpec(
         FiraAdamW, "Fira: GaLore plus the norm-scaled out-of-subspace residual with a growth limiter",
         ctor=dict(**_ADAM, eps=1e-6), group=dict(rank=128, alpha=0.25, **_SVD)),
+    "muon": OptimizerSpec(
+        LowMemOptimizer, "Muon: Nesterov momentum orthogonalized by Newton-Schulz on the hidden matrices (target "
+        "modules); AdamW on embeddings, head and norms", ctor=dict(**_ADAM, eps=1e-8), group=dict(_MUON),
+        target_rule="muon"),
     "adamw_8bit": OptimizerSpec(
         AdamW8bit, "AdamW with blockwise 8-bit moments (bitsandbytes' scheme, pure torch); embeddings and tensors "
         "under 4096 elements keep fp32 moments",
@@ -155,7 +166,7 @@ REGISTRY: dict[str, OptimizerSpec] = {
 
 
 # "<name>_8bit": the same optimizer with blockwise 8-bit moments (tensors under 4096 elements stay fp32).
-for _base in ("adam_mini", "came", "apollo_adamw", "frugal", "frugal_svd", "fira_adamw", "galore_adafactor"):
+for _base in ("adam_mini", "came", "apollo_adamw", "frugal", "frugal_svd", "fira_adamw", "galore_adafactor", "muon"):
     _spec = REGISTRY[_base]
     REGISTRY[_base + "_8bit"] = replace(
         _spec, summary=_spec.summary + "; moments in blockwise 8-bit", ctor={**_spec.ctor, "state_dtype": "8bit"})
@@ -174,8 +185,10 @@ METHODS = {
 }
 METHOD_ALIASES = {"dense": "none", "identity": "none"}
 #: rule -> the registered name whose defaults it takes (None: the method's AdamW, or no options).
-RULES = {"adamw": None, "adafactor": "adafactor", "came": "came", "adam_mini": "adam_mini", "sgd": None,
-         "sign_sgd": None}
+RULES = {"adamw": None, "adafactor": "adafactor", "came": "came", "adam_mini": "adam_mini", "muon": "muon",
+         "sgd": None, "sign_sgd": None}
+#: Rules for the target matrices only (the method's AdamW keeps the embeddings, head and norms).
+TARGET_RULES = ("muon",)
 #: precision -> ``state_dtype``.
 PRECISIONS = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16", "8bit": "8bit"}
 _ADAMW_OPTIONS = ("betas", "eps")
@@ -213,6 +226,17 @@ def compose_spec(name: str) -> OptimizerSpec:
     base_name, core = METHODS[method]
     base = REGISTRY[base_name]
     ctor = {k: v for k, v in base.ctor.items() if k not in _ADAMW_OPTIONS}
+    if rule in TARGET_RULES:  # e.g. galore+muon: Newton-Schulz on the projected momentum, AdamW elsewhere
+        if method == "none":  # the rule's own name: its targets unprojected (e.g. none+muon+8bit is muon_8bit)
+            base = REGISTRY[RULES[rule]]
+            ctor = dict(base.ctor)
+        if precision:
+            ctor["state_dtype"] = precision
+        summary = (f"{method} projection and lift, {parts[1]} on the target matrices (the method's AdamW elsewhere), "
+                   f"states in {precision or 'the gradient dtype'}")
+        extra = {"min_8bit_size": 4096} if precision == "8bit" else {}
+        return replace(base, summary=summary, ctor={**base.ctor, **ctor, **extra},
+                       group={**base.group, **REGISTRY[RULES[rule]].group}, target_rule=rule, precision=precision)
     if rule == "adamw":
         rule, every_group = core, {k: base.ctor[k] for k in _ADAMW_OPTIONS}
     else:
@@ -413,6 +437,8 @@ def _build(name: str, spec: OptimizerSpec, model: nn.Module, opts: dict) -> LowM
     groups = []
     if split.targets:
         target_keys = {"is_proj_params": True} if spec.cls is FRUGAL else group_opts
+        if spec.target_rule:
+            target_keys = {**target_keys, "rule": spec.target_rule}
         if spec.rule == "adam_mini":
             target_keys = {**target_keys, "mini_block": "rows"}
         groups.append(_group(split.targets, **target_keys, **shared))

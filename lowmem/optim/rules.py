@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from ..kernels import adam_8bit, blockwise_8bit
+from ..kernels import adam_8bit, blockwise_8bit, newton_schulz
 from ..kernels.codes_8bit import CHUNK
 from ..kernels.common import adam_moments_
 from ..kernels.dispatch import use_triton
@@ -344,7 +344,55 @@ class AdamMini(Rule):
         return torch.mul(m, scale, out=out).view(grad.shape), lr, lr
 
 
-RULES = ("adamw_hf", "adamw_torch", "adafactor", "came", "adam_mini", "sign_sgd", "sgd")
+class Muon(Rule):
+    """Muon (Keller Jordan 2024; ``torch.optim.Muon``): a momentum ``B <- mu B + (1 - mu) g`` (torch's lerp form),
+    Nesterov's ``g + mu (B - g)`` or ``B`` itself orthogonalized by Newton-Schulz (``kernels.newton_schulz``), the
+    step scaled for the matrix's shape by ``adjust_lr_fn`` (None / ``original``: ``sqrt(max(1, rows / cols))``;
+    ``match_rms_adamw``: ``0.2 sqrt(max(rows, cols))``, Moonshot's, so AdamW's lr fits), weight decay ``W *= 1 - lr
+    wd`` before. Matrices only; on a projected gradient the iteration runs on the ``r x n`` momentum.
+
+    Memory: one momentum tensor shaped like its input (``4mn`` bytes fp32).
+    """
+
+    moments = ("momentum_buffer",)
+    ADJUST_LR = (None, "original", "match_rms_adamw")
+
+    def __init__(self, momentum=0.95, nesterov=True, coefficients=newton_schulz.COEFFICIENTS,
+                 steps=newton_schulz.STEPS, eps=newton_schulz.EPS, adjust_lr_fn=None):
+        if adjust_lr_fn not in self.ADJUST_LR:
+            raise ValueError(f"adjust_lr_fn={adjust_lr_fn!r}; use 'original' (the default), 'match_rms_adamw' or None")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"Muon's momentum={momentum}: give a value in [0, 1) (0.95 is Muon's)")
+        if len(tuple(coefficients)) != 3:
+            raise ValueError(f"ns_coefficients={coefficients!r}: give three values (a, b, c), e.g. "
+                             f"{newton_schulz.COEFFICIENTS}")
+        self.momentum, self.nesterov, self.coefficients = momentum, nesterov, tuple(coefficients)
+        self.steps, self.eps, self.adjust_lr_fn = steps, eps, adjust_lr_fn
+
+    def init_state(self, state, store, grad):
+        if "momentum_buffer" not in state:
+            store.init(state, "momentum_buffer", grad, signed=True)
+
+    def direction(self, grad, state, store, lr, param):
+        if grad.dim() != 2:
+            raise ValueError(f"Muon updates matrices only; got a gradient of shape {tuple(grad.shape)}. Leave "
+                             "vectors, embeddings and the head to AdamW (the muon name does).")
+        self.init_state(state, store, grad)
+        buf = store.load(state, "momentum_buffer")
+        buf.lerp_(grad if grad.dtype == buf.dtype else grad.to(buf.dtype), 1 - self.momentum)
+        update = grad.lerp(buf.to(grad.dtype), self.momentum) if self.nesterov else buf
+        direction = newton_schulz.orthogonalize(update, self.coefficients, self.steps, self.eps)
+        store.save(state, "momentum_buffer", buf, signed=True)
+        return direction, lr * self.lr_ratio(param.shape), lr
+
+    def lr_ratio(self, shape) -> float:
+        rows, cols = shape[:2]
+        if self.adjust_lr_fn == "match_rms_adamw":
+            return 0.2 * math.sqrt(max(rows, cols))
+        return math.sqrt(max(1, rows / cols))
+
+
+RULES = ("adamw_hf", "adamw_torch", "adafactor", "came", "adam_mini", "muon", "sign_sgd", "sgd")
 
 
 #: The AdamW defaults every param group starts with (``compose.GROUP_DEFAULTS``); the factored rules replace them
@@ -392,6 +440,11 @@ def make_rule(group: dict) -> Rule:
         return AdamW(betas, eps, correct_bias, core="hf")
     if name == "adamw_torch":
         return AdamW(betas, eps, correct_bias, core="torch")
+    if name == "muon":
+        return Muon(group.get("momentum", 0.95), group.get("nesterov", True),
+                    group.get("ns_coefficients", newton_schulz.COEFFICIENTS),
+                    group.get("ns_steps", newton_schulz.STEPS), group.get("ns_eps", newton_schulz.EPS),
+                    group.get("adjust_lr_fn"))
     if name == "sign_sgd":
         return SignSGD()
     if name == "sgd":
