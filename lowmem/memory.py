@@ -424,7 +424,7 @@ def update_temp_bytes(shape: tuple, dtype: torch.dtype, parts) -> int:
     from .optim.compose import chunk_ranges, updates_in_chunks
     from .optim.projectors import GaussianProjector
     from .optim.quantized import BlockwiseQuantStore
-    from .optim.rules import CAME, CHUNK_8BIT, Adafactor, AdamMini, AdamW, Muon
+    from .optim.rules import CAME, CHUNK_8BIT, Adafactor, AdamMini, AdamW, Muon, SinkGD
 
     shape, e = tuple(shape), nbytes(1, dtype)
     low, _ = _projected(shape, parts.projector) if len(shape) == 2 else (shape, 0)
@@ -448,6 +448,8 @@ def update_temp_bytes(shape: tuple, dtype: torch.dtype, parts) -> int:
     elif isinstance(rule, Muon):  # Nesterov's mix; Newton-Schulz's two bf16 iterates and three k x k Gram products
         k = min(low) if len(low) == 2 else 1
         direction = n_low * e + 4 * n_low + 6 * k * k
+    elif isinstance(rule, SinkGD):  # the fp32 copy it normalizes in place
+        direction = 4 * n_low
     else:
         direction = 0
     if quantized and (isinstance(rule, Muon) or (not isinstance(rule, AdamW) and getattr(rule, "beta1", None))):
@@ -832,7 +834,8 @@ def _quant_state_bytes(model: nn.Module) -> int:
 #: trains), "lora" or "qlora" (LoRA on 4-bit base weights).
 DEFAULT_MODES = [(name, ckpt, None) for name in (
     "adamw", "adamw_8bit", "adam_mini", "came_8bit", "galore_adamw", "galore_adamw_8bit",
-    "galore_adamw_8bit_layerwise", "apollo_mini", "apollo_mini_layerwise") for ckpt in (False, True)]
+    "galore_adamw_8bit_layerwise", "apollo_mini", "apollo_mini_layerwise", "muon", "muon_8bit_layerwise",
+    "sinkgd_layerwise") for ckpt in (False, True)]
 DEFAULT_MODES += [("adamw", ckpt, adapters) for adapters in ("lora", "qlora") for ckpt in (False, True)]
 #: Zeroth-order rows (recommended only when nothing with gradients fits): MeZO, and MeZO with the blocks offloaded.
 DEFAULT_MODES += [("mezo", False, None), ("mezo", False, "offload")]

@@ -30,7 +30,9 @@ def _pair():
 def test_reference_steps_like_lowmem(key):
     """Built from lowmem's resolved param groups, the reference makes the same updates (to float rounding; the 8-bit
     quantizers round near-ties differently (tests/test_parity_8bit.py), so there the mean difference is within 5%
-    of the mean change)."""
+    of the mean change). Muon's Newton-Schulz runs in bf16: AdamW's last-bit differences from torch's reach the
+    matrices' gradients through the model and flip bf16 roundings, so it takes the same check (alone, on fixed
+    gradients, it is bit-identical: tests/test_parity_muon.py)."""
     name = key.split(":")[0]
     model, ref_model = _pair()
     start = [p.detach().clone() for p in model.parameters()]
@@ -43,7 +45,7 @@ def test_reference_steps_like_lowmem(key):
             opt.step()
             opt.zero_grad()
     for p0, p, q in zip(start, model.parameters(), ref_model.parameters(), strict=True):
-        if "8bit" in name:
+        if "8bit" in name or name == "muon":
             assert (p - q).abs().mean() <= 0.05 * (p - p0).abs().mean(), key
         else:
             assert (p - q).abs().max() <= 1e-5 * p0.abs().max() + 1e-7, key

@@ -10,7 +10,8 @@ from lowmem.optim import composition_parts
 from lowmem.optim.registry import METHODS, RULES, TARGET_RULES, check_options, get_spec
 
 #: lr per rule for the training test: SGD needs a far larger step than the adaptive rules.
-LR = {"adamw": 3e-3, "adafactor": 3e-3, "came": 1e-3, "adam_mini": 3e-3, "muon": 3e-3, "sgd": 0.3, "sign_sgd": 1e-3}
+LR = {"adamw": 3e-3, "adafactor": 3e-3, "came": 1e-3, "adam_mini": 3e-3, "muon": 3e-3, "sinkgd": 1e-3, "sgd": 0.3,
+      "sign_sgd": 1e-3}
 #: Each method's parts as its target group should hold them after construction.
 EXPECTED_PARTS = {
     "none": dict(projector="identity", lift="project_back"),
@@ -169,7 +170,7 @@ def test_composition_parts_lists_every_position():
     parts = composition_parts()
     assert set(parts) == {"method", "rule", "precision"}
     assert {"none", "dense", "galore", "frugal_svd", "apollo_mini"} <= set(parts["method"])
-    assert set(parts["rule"]) == {"adamw", "adafactor", "came", "adam_mini", "muon", "sgd", "sign_sgd"}
+    assert set(parts["rule"]) == {"adamw", "adafactor", "came", "adam_mini", "muon", "sinkgd", "sgd", "sign_sgd"}
     assert {"fp32", "bf16", "8bit"} <= set(parts["precision"])
 
 

@@ -112,6 +112,41 @@ def _hf_adafactor(groups, d, model):
                      warmup_init=d["warmup_init"])
 
 
+class _Together:
+    """Several torch optimizers stepped as one (torch.optim.Muon on the matrices, AdamW on the rest), as Muon's users
+    run them: ``step``, ``zero_grad``, ``state`` and ``param_groups`` over all."""
+
+    def __init__(self, *optimizers):
+        self.optimizers = optimizers
+
+    def step(self, closure=None):
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    @property
+    def state(self) -> dict:
+        return {p: s for optimizer in self.optimizers for p, s in optimizer.state.items()}
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for optimizer in self.optimizers for g in optimizer.param_groups]
+
+
+def _torch_muon(groups, d, model):
+    """lowmem's first group (the matrices) under torch.optim.Muon with the same options, the rest under AdamW."""
+    import torch
+
+    matrices, rest = groups[0], groups[1:]
+    muon = torch.optim.Muon(matrices["params"], lr=d["lr"], weight_decay=d["weight_decay"], momentum=d["momentum"],
+                            nesterov=d["nesterov"], ns_coefficients=d["ns_coefficients"], eps=d["ns_eps"],
+                            ns_steps=d["ns_steps"], adjust_lr_fn=d["adjust_lr_fn"])
+    return _Together(muon, _torch_adamw(rest, d, model))
+
+
 REFERENCES: dict[str, Reference] = {
     "adamw": Reference("torch.optim.AdamW", _torch_adamw),
     "adamw_8bit": Reference("bitsandbytes.optim.AdamW8bit", _bnb_adamw8bit),
@@ -125,6 +160,7 @@ REFERENCES: dict[str, Reference] = {
     "adam_mini": Reference("adam_mini.Adam_mini", _adam_mini),
     "came": Reference("came_pytorch.CAME", _came),
     "adafactor": Reference("transformers Adafactor", _hf_adafactor),
+    "muon": Reference("torch.optim.Muon + AdamW", _torch_muon),
 }
 
 

@@ -22,7 +22,7 @@ LLAMA_130M = dict(model_type="llama", hidden_size=768, intermediate_size=2048, n
 _METHODS = ("apollo_mini", "frugal_svd", "galore", "fira", "apollo", "frugal")
 _RULES = {"adamw": ("AdamW", "m, v"), "adam_mini": ("Adam-mini", "m + one v per block"),
           "adafactor": ("Adafactor", "row + column v"), "came": ("CAME", "m + row/column v + row/column residual"),
-          "muon": ("Muon", "a momentum")}
+          "muon": ("Muon", "a momentum"), "sinkgd": ("SinkGD", "nothing")}
 _METHOD_TEXT = {
     "none": "{moments} on every weight",
     "galore": "P (min(m,n) x r) + {moments} on r x max(m,n) per projected weight; {rule} elsewhere",
@@ -48,7 +48,7 @@ def formula_text(name: str) -> str:
     method, rule, precision = split_name(name)
     size = "8-bit: 1 B + 4 B per 256 elements (tensors of 4096+), else 4 B" if precision == "8bit" else "4 B"
     rule_name, moments = _RULES[rule]
-    if rule == "muon":  # the target matrices only
+    if rule in ("muon", "sinkgd"):  # the target matrices only
         return f"{moments} on each target matrix; AdamW (m, v) elsewhere; {size}"
     return _METHOD_TEXT[method].format(rule=rule_name, moments=moments) + f"; {size}"
 

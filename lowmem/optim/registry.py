@@ -134,6 +134,10 @@ REGISTRY: dict[str, OptimizerSpec] = {
         LowMemOptimizer, "Muon: Nesterov momentum orthogonalized by Newton-Schulz on the hidden matrices (target "
         "modules); AdamW on embeddings, head and norms", ctor=dict(**_ADAM, eps=1e-8), group=dict(_MUON),
         target_rule="muon"),
+    "sinkgd": OptimizerSpec(
+        LowMemOptimizer, "SinkGD: stateless, the hidden matrices' gradients row/column-normalized (SR-Sinkhorn); AdamW "
+        "on embeddings, head and norms", ctor=dict(**_ADAM, eps=1e-8), group=dict(sinkgd_iterations=5, sinkgd_eps=1e-8),
+        target_rule="sinkgd"),
     "adamw_8bit": OptimizerSpec(
         AdamW8bit, "AdamW with blockwise 8-bit moments (bitsandbytes' scheme, pure torch); embeddings and tensors "
         "under 4096 elements keep fp32 moments",
@@ -186,9 +190,9 @@ METHODS = {
 METHOD_ALIASES = {"dense": "none", "identity": "none"}
 #: rule -> the registered name whose defaults it takes (None: the method's AdamW, or no options).
 RULES = {"adamw": None, "adafactor": "adafactor", "came": "came", "adam_mini": "adam_mini", "muon": "muon",
-         "sgd": None, "sign_sgd": None}
+         "sinkgd": "sinkgd", "sgd": None, "sign_sgd": None}
 #: Rules for the target matrices only (the method's AdamW keeps the embeddings, head and norms).
-TARGET_RULES = ("muon",)
+TARGET_RULES = ("muon", "sinkgd")
 #: precision -> ``state_dtype``.
 PRECISIONS = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16", "8bit": "8bit"}
 _ADAMW_OPTIONS = ("betas", "eps")

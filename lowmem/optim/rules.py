@@ -27,7 +27,7 @@ from ..kernels import adam_8bit, blockwise_8bit, newton_schulz
 from ..kernels.codes_8bit import CHUNK
 from ..kernels.common import adam_moments_
 from ..kernels.dispatch import use_triton
-from .sharded import is_sharded
+from .sharded import is_sharded, placed_like, whole
 from .states import StateStore
 
 #: 8-bit Adam updates tensors larger than this a chunk at a time: the quantizer's chunk (whole blocks).
@@ -381,7 +381,8 @@ class Muon(Rule):
         buf = store.load(state, "momentum_buffer")
         buf.lerp_(grad if grad.dtype == buf.dtype else grad.to(buf.dtype), 1 - self.momentum)
         update = grad.lerp(buf.to(grad.dtype), self.momentum) if self.nesterov else buf
-        direction = newton_schulz.orthogonalize(update, self.coefficients, self.steps, self.eps)
+        direction = placed_like(newton_schulz.orthogonalize(whole(update), self.coefficients, self.steps, self.eps),
+                                update)  # sharded (FSDP2): one process's products on every rank, each its rows
         store.save(state, "momentum_buffer", buf, signed=True)
         return direction, lr * self.lr_ratio(param.shape), lr
 
@@ -392,7 +393,33 @@ class Muon(Rule):
         return math.sqrt(max(1, rows / cols))
 
 
-RULES = ("adamw_hf", "adamw_torch", "adafactor", "came", "adam_mini", "muon", "sign_sgd", "sgd")
+class SinkGD(Rule):
+    """SinkGD (Scetbon et al. 2025, "Gradient Multi-Normalization for Stateless and Scalable LLM Training"): the
+    gradient of a matrix normalized by SR-Sinkhorn, ``iterations`` alternations of scaling every row to l2 norm
+    ``sqrt(n)`` and every column to ``sqrt(m)`` (so the update's RMS is about 1, as Adam's), then ``W -= lr X``;
+    decoupled weight decay before. Stateless: no moments at all.
+
+    Memory: nothing kept; one fp32 copy of the (projected) gradient while it runs.
+    """
+
+    def __init__(self, iterations: int = 5, eps: float = 1e-8):
+        if not (isinstance(iterations, int) and iterations >= 1):
+            raise ValueError(f"sinkgd_iterations={iterations!r}: give a whole number of at least 1 (5 is the paper's)")
+        self.iterations, self.eps = iterations, eps
+
+    def direction(self, grad, state, store, lr, param):
+        if grad.dim() != 2:
+            raise ValueError(f"SinkGD normalizes matrices only; got a gradient of shape {tuple(grad.shape)}. Leave "
+                             "vectors, embeddings and the head to AdamW (the sinkgd name does).")
+        x = grad.to(torch.float32, copy=True)
+        rows, cols = x.shape
+        for _ in range(self.iterations):
+            x.div_(torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp(min=self.eps)).mul_(math.sqrt(cols))
+            x.div_(torch.linalg.vector_norm(x, dim=0, keepdim=True).clamp(min=self.eps)).mul_(math.sqrt(rows))
+        return x, lr, lr
+
+
+RULES = ("adamw_hf", "adamw_torch", "adafactor", "came", "adam_mini", "muon", "sinkgd", "sign_sgd", "sgd")
 
 
 #: The AdamW defaults every param group starts with (``compose.GROUP_DEFAULTS``); the factored rules replace them
@@ -445,6 +472,8 @@ def make_rule(group: dict) -> Rule:
                     group.get("ns_coefficients", newton_schulz.COEFFICIENTS),
                     group.get("ns_steps", newton_schulz.STEPS), group.get("ns_eps", newton_schulz.EPS),
                     group.get("adjust_lr_fn"))
+    if name == "sinkgd":
+        return SinkGD(group.get("sinkgd_iterations", 5), group.get("sinkgd_eps", 1e-8))
     if name == "sign_sgd":
         return SignSGD()
     if name == "sgd":

@@ -25,6 +25,9 @@ What each part does with an m x n weight whose rows are split over the ranks (m_
 * APOLLO: as GaLore's sides, with P redrawn from its seed on every rank (nothing kept or sent); channel norms local,
   tensor-wise norms all-reduced (one number).
 * Fira's and APOLLO's limiter, the non-finite test: one norm or flag per tensor.
+* Muon: the momentum local; Newton-Schulz gathers the whole (projected) momentum on every rank and each keeps its
+  rows of the result (``whole`` / ``placed_like``), so its bf16 products are one process's, not a sharded matmul's
+  other summation order (which bf16 rounding would carry into a different update).
 
 So a step sends at most the projected size (r x n) per weight, and the m x n gather happens only at a GaLore-type
 refresh. tests/test_fsdp.py checks the math; benchmarks/bench_fsdp.py measures the state per rank and the bytes sent.
@@ -33,7 +36,7 @@ refresh. tests/test_fsdp.py checks the math; benchmarks/bench_fsdp.py measures t
 from __future__ import annotations
 
 import torch
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
 
 def is_sharded(t: torch.Tensor) -> bool:
@@ -64,6 +67,19 @@ def settled(t: torch.Tensor) -> torch.Tensor:
     if not isinstance(t, DTensor) or not any(p.is_partial() for p in t.placements):
         return t
     return t.redistribute(t.device_mesh, [Replicate() if p.is_partial() else p for p in t.placements])
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """``t`` gathered whole on every rank (``t`` itself when it is a plain tensor)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def placed_like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """A tensor every rank computed whole and identically, placed like ``ref`` (each rank keeps its part; nothing is
+    sent); ``full`` itself when ``ref`` is a plain tensor."""
+    if not isinstance(ref, DTensor):
+        return full
+    return distribute_tensor(full, ref.device_mesh, ref.placements, src_data_rank=None)
 
 
 def replicated_like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
