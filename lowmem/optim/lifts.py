@@ -23,7 +23,6 @@ import math
 
 import torch
 
-from .layerwise import squared_norm
 from .projectors import Projector
 from .sharded import settled
 
@@ -55,8 +54,8 @@ def limit_norm_growth(update: torch.Tensor, state: dict, gamma: float = LIMITER_
 
 def scaled_norm(grad: torch.Tensor, coef: torch.Tensor, side: str, scale_type: str) -> torch.Tensor:
     """``||grad * coef||`` without forming the product: the norms of the rows/columns coef scales."""
-    if scale_type == "tensor":  # a 16-bit gradient reduced a chunk at a time: no whole fp32 copy
-        return squared_norm(grad).sqrt() * coef
+    if scale_type == "tensor":
+        return torch.linalg.vector_norm(grad, dtype=torch.float32) * coef
     dim = 1 if side == "right" else 0
     return torch.linalg.vector_norm(coef.reshape(-1) * torch.linalg.vector_norm(grad, dim=dim, dtype=torch.float32))
 
@@ -155,16 +154,16 @@ class ApolloLift(Lift):
 
     def apply(self, p, grad, low, direction, step_size, state, projector, lr):
         side = projector.side(grad.shape)
-        if p.dtype == torch.float32:  # fp32 weights, or an int8 weight's fp32 working copy (16-bit gradient)
+        if grad.dtype == torch.float32:
             self._apply_fused(p, grad, low, direction, step_size, state, side)
         else:
             self._apply_in_reference_order(p, grad, low, direction, step_size, state, side)
 
     def _apply_fused(self, p, grad, low, direction, step_size, state, side):
-        """fp32 weights: S = sqrt(alpha) * limit(phi * G) is never formed, only its per-channel coefficient (an m- or
+        """fp32: S = sqrt(alpha) * limit(phi * G) is never formed, only its per-channel coefficient (an m- or
         n-vector, or a scalar); the limiter reads ||phi * G|| from G's row/column norms and the weight takes
         the update in one addcmul_. Saves the m x n temporary and four passes over it; equal to the
-        reference to fp32 rounding (~1e-7 relative). A 16-bit G (an int8 weight's update) is read as it is."""
+        reference to fp32 rounding (~1e-7 relative)."""
         root = math.sqrt(self.scale)
         coef = channel_ratio(direction, low, side, self.scale_type)
         if self.scale_front:
