@@ -18,8 +18,11 @@ LAYERWISE = ["galore_adamw_layerwise", "adamw_8bit_layerwise", "frugal_layerwise
              "galore_adamw_layerwise@accumulate", "adamw_layerwise@accumulate", "galore_adamw@accumulate"]
 NAMES = [*lowmem.available_optimizers(), *LAYERWISE]
 #: Relative loss difference allowed against one process (the gradients are summed in another order): FRUGAL-SVD's
-#: sign-SGD residual turns a last-bit difference of an element near zero into a whole step of that element.
-TOLERANCE = {name: 1e-4 if name.startswith("frugal_svd") else 1e-5 for name in NAMES}
+#: sign-SGD residual turns a last-bit difference of an element near zero into a whole step of that element, and Muon's
+#: bf16 Newton-Schulz turns one into a bf16 rounding of the update (measured 3e-5; alone, on the same gradients,
+#: sharded Muon is one process's to 1e-5: test_fsdp).
+LOOSE = ("frugal_svd", "muon")
+TOLERANCE = {name: 1e-4 if name.startswith(LOOSE) else 1e-5 for name in NAMES}
 #: Names whose every state tensor is elementwise (split exactly in two).
 HALVED = {f"{name}{suffix}" for name in ("adamw", "adamw_8bit", "adam_mini", "adam_mini_8bit", "frugal", "frugal_8bit")
           for suffix in ("", "_layerwise", "_layerwise@accumulate")}
@@ -43,7 +46,7 @@ def test_two_sharded_processes_train_like_one(runs, name):
     assert worst <= TOLERANCE[name], (worst, one["losses"], two["losses"])
     # the logged grad_norm (layer-wise ones count each shard inside backward): measured 5e-6 at most, FRUGAL-SVD 7e-4
     assert len(two["grad_norms"]) == 6
-    assert two["grad_norms"] == pytest.approx(one["grad_norms"], rel=1e-3 if name.startswith("frugal_svd") else 2e-5)
+    assert two["grad_norms"] == pytest.approx(one["grad_norms"], rel=1e-3 if name.startswith(LOOSE) else 2e-5)
     rank0, rank1 = two["state_bytes"]
     assert rank0 == rank1
     ratio = rank0 / one["state_bytes"][0]
