@@ -25,7 +25,8 @@ def eager_8bit():
     adam_8bit.set_enabled(True)
 
 
-@pytest.mark.parametrize("name", lowmem.available_optimizers())
+@pytest.mark.parametrize("name", [*lowmem.available_optimizers(), "galore+muon", "apollo+muon", "muon+8bit",
+                                  "galore+sinkgd"])
 def test_state_bytes_exact(name, eager_8bit):
     torch.manual_seed(0)
     model = LlamaForCausalLM(TINY)

@@ -82,6 +82,22 @@ def test_the_iteration_is_torchs_and_leaves_its_input_alone():
     assert 0.5 < singular.min() and singular.max() < 1.5  # about orthogonal, as Muon intends
 
 
+def test_muon_8bit_is_spelled_either_way():
+    """``muon+8bit`` (the precision after the rule, as the issue and users write it) is ``none+muon+8bit``, the
+    registered ``muon_8bit``: one byte of momentum per matrix weight plus a scale per 256."""
+    from lowmem.optim.registry import get_spec
+
+    short, registered = get_spec("muon+8bit"), get_spec("muon_8bit")
+    assert short.target_rule == registered.target_rule == "muon" and short.ctor["state_dtype"] == "8bit"
+    model = tiny_llama(hidden=64, layers=1)
+    optimizer = lowmem.create_optimizer("muon+8bit", model, lr=1e-3)
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    matrix = model.model.layers[0].mlp.up_proj.weight
+    assert optimizer.state[matrix]["momentum_buffer"].dtype == torch.uint8
+
+
 def test_mistakes_are_refused_before_a_step():
     with pytest.raises(ValueError, match="Muon updates matrices only"):
         Muon([torch.zeros(4, requires_grad=True)])

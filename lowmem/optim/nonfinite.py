@@ -6,9 +6,10 @@ for that step, as if it had no gradient: its weight, moments, projector and step
 skip adds one to ``optimizer.nonfinite_skips`` (the lowmem Trainer logs it as ``skipped_nonfinite``); the first one
 warns with the parameter's name. ``skip_nonfinite=False`` gives torch's behaviour (the update runs, NaN and all).
 
-The test is the max-norm (``vector_norm(ord=inf)``): one reduction, no temporary, NaN and inf propagate through it,
-and unlike a sum it cannot overflow on finite values. The flags of many tensors reach the host in one transfer per
-device.
+The test is the tensor's minimum and maximum (``aminmax``): one reduction, no temporary, NaN and inf reach them, and
+unlike a sum they cannot overflow on finite values (the max-norm, ``vector_norm(ord=inf)``, is the same test but
+25x slower on a CPU: 2.1 ms for a 2048 x 768 fp32 gradient against 0.09). The flags of many tensors reach the host
+in one transfer per device.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ import warnings
 
 import torch
 from torch.distributed.tensor import DTensor
-
-_INF = float("inf")
 
 
 def finite_flags(tensors: list[torch.Tensor]) -> list[bool]:
@@ -32,7 +31,7 @@ def finite_flags(tensors: list[torch.Tensor]) -> list[bool]:
         by_place.setdefault((t.device, mesh), []).append(i)
     for (_, mesh), indices in by_place.items():
         local = [tensors[i].to_local() if mesh is not None else tensors[i] for i in indices]
-        bad = torch.stack([(~torch.isfinite(_peak(t))).float() for t in local])
+        bad = torch.stack([_not_finite(t) for t in local])
         if mesh is not None:
             torch.distributed.all_reduce(bad, group=mesh.get_group())
         for i, count in zip(indices, bad.tolist(), strict=True):
@@ -40,9 +39,12 @@ def finite_flags(tensors: list[torch.Tensor]) -> list[bool]:
     return flags
 
 
-def _peak(t: torch.Tensor) -> torch.Tensor:
-    """The largest magnitude in ``t`` (NaN if any element is NaN); 0 for an empty tensor (or an empty shard)."""
-    return torch.linalg.vector_norm(t, ord=_INF) if t.numel() else t.new_zeros((), dtype=torch.float32)
+def _not_finite(t: torch.Tensor) -> torch.Tensor:
+    """1.0 when ``t`` holds a NaN or an inf (its minimum or maximum is then not finite), else 0.0; 0.0 for an empty
+    tensor (or an empty shard)."""
+    if not t.numel():
+        return t.new_zeros((), dtype=torch.float32)
+    return (~torch.isfinite(torch.stack(torch.aminmax(t)))).any().float()
 
 
 class SkipCounter:

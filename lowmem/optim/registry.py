@@ -220,6 +220,8 @@ def _part(position: str, word: str, name: str) -> str:
 def compose_spec(name: str) -> OptimizerSpec:
     """The spec of a generic name ``<method>+<rule>[+<precision>]`` (see the module docstring)."""
     parts = [part.strip() for part in name.split("+")]
+    if len(parts) == 2 and parts[0] in TARGET_RULES and parts[1] in PRECISIONS:  # "muon+8bit": none+muon+8bit
+        parts = ["none", *parts]
     if len(parts) not in (2, 3):
         raise ValueError(f"optimizer {name!r} has {len(parts)} parts; a generic name is {_GENERIC_FORM}, "
                          f"e.g. 'galore+came' or 'galore+came+8bit' ({_parts_help()}).")
