@@ -26,7 +26,7 @@ def eager_8bit():
 
 
 @pytest.mark.parametrize("name", [*lowmem.available_optimizers(), "galore+muon", "apollo+muon", "muon+8bit",
-                                  "galore+sinkgd"])
+                                  "galore+muon+8bit", "galore+sinkgd"])
 def test_state_bytes_exact(name, eager_8bit):
     torch.manual_seed(0)
     model = LlamaForCausalLM(TINY)

@@ -98,6 +98,17 @@ def test_muon_8bit_is_spelled_either_way():
     assert optimizer.state[matrix]["momentum_buffer"].dtype == torch.uint8
 
 
+@pytest.mark.parametrize("name", ["galore+muon+8bit", "apollo+muon+8bit"])
+def test_projected_muon_keeps_an_8bit_projected_momentum(name):
+    model = tiny_llama(hidden=64, layers=1)
+    optimizer = lowmem.create_optimizer(name, model, lr=1e-3, rank=8, min_8bit_size=0)
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    momentum = optimizer.state[model.model.layers[0].mlp.up_proj.weight]["momentum_buffer"]
+    assert momentum.dtype == torch.uint8 and 8 in momentum.shape  # r x n (or m x r) codes
+
+
 def test_mistakes_are_refused_before_a_step():
     with pytest.raises(ValueError, match="Muon updates matrices only"):
         Muon([torch.zeros(4, requires_grad=True)])

@@ -240,8 +240,8 @@ def compose_spec(name: str) -> OptimizerSpec:
             ctor["state_dtype"] = precision
         summary = (f"{method} projection and lift, {parts[1]} on the target matrices (the method's AdamW elsewhere), "
                    f"states in {precision or 'the gradient dtype'}")
-        extra = {"min_8bit_size": 4096} if precision == "8bit" else {}
-        return replace(base, summary=summary, ctor={**base.ctor, **ctor, **extra},
+        every_group = {"min_8bit_size": 4096} if precision == "8bit" else {}
+        return replace(base, summary=summary, ctor={**base.ctor, **ctor}, every_group=every_group,
                        group={**base.group, **REGISTRY[RULES[rule]].group}, target_rule=rule, precision=precision)
     if rule == "adamw":
         rule, every_group = core, {k: base.ctor[k] for k in _ADAMW_OPTIONS}
