@@ -85,7 +85,7 @@ def _train(name: str, overrides: list[str]) -> int:
     values = read_values(path, overrides)
     notes = adapt_overrides(read_values(path), values)
     recipe = parse_recipe(values)
-    for note in notes:
+    for note in notes + recipe.notes:
         print(f"lowmem: {note}", file=sys.stderr)
     report = run(recipe)
     if int(os.environ.get("RANK", "0")):

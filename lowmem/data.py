@@ -205,6 +205,46 @@ def load_records(dataset: str, *, config: str | None = None, streaming: bool = F
     return _concatenated(parts)
 
 
+def dataset_info_entries(dataset: str, dataset_dir: str | None) -> list[dict] | None:
+    """The ``dataset_info.json`` entries (in ``dataset_dir``) that ``dataset`` names, LLaMA-Factory's way; None when
+    there is no such file, or when every name is one of lowmem's own sources (paths, ``python-stdlib``)."""
+    from .dataset_info import INFO, entry, read_info
+
+    info = read_info(dataset_dir) if dataset_dir else None
+    if info is None:
+        return None
+    names = _items(dataset)
+    missing = [name for name in names if name not in info]
+    if not missing:
+        return [entry(info, name, dataset_dir) for name in names]
+    if len(missing) == len(names) and all(name == STDLIB or Path(name).expanduser().exists() for name in names):
+        return None
+    known = ", ".join(sorted(info)[:12]) + (" ..." if len(info) > 12 else "")
+    raise ValueError(f"dataset {', '.join(missing)} is not in {Path(dataset_dir) / INFO} (it has: {known})")
+
+
+def load_entries(entries: list[dict], max_samples: int | None, streaming: bool, text: bool = False):
+    """``dataset_info.json`` entries as one dataset: chat ``messages`` records (sft), or ``text`` (``text``: pt);
+    ``max_samples`` applies to each entry, as in LLaMA-Factory."""
+    from . import dataset_info
+
+    read = dataset_info.texts if text else dataset_info.conversations
+    return _concatenated([read(found, dataset_info.load(found, streaming), max_samples) for found in entries])
+
+
+def held_out(data, val_size: float, seed: int):
+    """(train, eval) of ``data``: ``val_size`` records (a count above 1, else a fraction) split off at random."""
+    if not val_size:
+        return data, None
+    if not hasattr(data, "__len__"):
+        raise ValueError("val_size with streaming: true is not supported; give eval_dataset instead")
+    size = int(val_size) if val_size > 1 else val_size
+    if (size if isinstance(size, int) else round(size * len(data))) >= len(data):
+        raise ValueError(f"val_size={val_size} leaves no training record of {len(data)}")
+    split = data.train_test_split(test_size=size, seed=seed)
+    return split["train"], split["test"]
+
+
 def to_messages(record: dict) -> list[dict]:
     """A record as chat messages: ``messages`` as is, or alpaca's instruction / input / output (+ system)."""
     if record.get("messages"):
@@ -233,17 +273,65 @@ def tokenize_chat(messages: list[dict], tokenizer, cutoff_len: int) -> dict:
     return {"input_ids": input_ids[:cutoff_len], "labels": labels[:cutoff_len]}
 
 
-def instruction_dataset(records, tokenizer, cutoff_len: int, max_samples: int | None = None):
-    """Tokenized chats with assistant-only labels (see ``tokenize_chat``)."""
-    if not getattr(tokenizer, "chat_template", None):
+def instruction_dataset(records, tokenizer, cutoff_len: int, max_samples: int | None = None, template=None,
+                        train_on_prompt: bool = False, mask_history: bool = False, num_proc: int | None = None):
+    """Tokenized chats with assistant-only labels: through a LLaMA-Factory ``template`` (``templates``), or the
+    tokenizer's own chat template (see ``tokenize_chat``)."""
+    from .templates import encode_example
+
+    if template is None and not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    if template is None and (train_on_prompt or mask_history):
+        raise ValueError("train_on_prompt and mask_history need a template (LLaMA-Factory's template key)")
     if max_samples:
         records = records.take(max_samples) if not hasattr(records, "__len__") else records.select(
             range(min(max_samples, len(records))))
     columns = records.column_names
-    data = records.map(lambda r: tokenize_chat(to_messages(r), tokenizer, cutoff_len), remove_columns=columns)
+
+    def encode(record):
+        if template is None:
+            return tokenize_chat(to_messages(record), tokenizer, cutoff_len)
+        return encode_example(template, to_messages(record), tokenizer, cutoff_len, train_on_prompt, mask_history)
+
+    kwargs = {"num_proc": num_proc} if num_proc and hasattr(records, "__len__") else {}
+    data = records.map(encode, remove_columns=columns, **kwargs)
     if hasattr(data, "__len__"):
         data = data.filter(lambda r: any(label != IGNORE for label in r["labels"]))
         if len(data) == 0:
             raise ValueError(f"no instruction record has an assistant answer within cutoff_len={cutoff_len} tokens")
     return data
+
+
+def pack_examples(data, cutoff_len: int, pad_token_id: int):
+    """LLaMA-Factory's ``packing`` of tokenized chats: examples (each at most ``cutoff_len - 1`` tokens) are put in
+    packs of at most ``cutoff_len - 1`` tokens by its greedy knapsack (the shortest examples first, each pack then
+    filled with the longest example that still fits), each pack padded to ``cutoff_len`` (label -100); positions
+    restart at every example. Attention is not isolated between the examples of a pack, as in LLaMA-Factory without
+    ``neat_packing``."""
+    from bisect import bisect_right
+
+    from datasets import Dataset
+
+    rows = list(data)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    lengths = [len(rows[i]["input_ids"]) for i in order]
+    packs = []
+    while order:
+        pack, room = [], cutoff_len - 1
+        while (fit := bisect_right(lengths, room) - 1) >= 0:  # the longest example that still fits
+            room -= lengths.pop(fit)
+            pack.append(order.pop(fit))
+        if not pack:
+            raise ValueError(f"an example of {lengths[0]} tokens does not fit a pack of cutoff_len={cutoff_len}")
+        packs.append(pack)
+    columns = {"input_ids": [], "labels": [], "position_ids": [], "attention_mask": []}
+    for pack in packs:
+        ids = [token for i in pack for token in rows[i]["input_ids"]]
+        labels = [label for i in pack for label in rows[i]["labels"]]
+        positions = [p for i in pack for p in range(len(rows[i]["input_ids"]))]
+        pad = cutoff_len - len(ids)
+        columns["input_ids"].append(ids + [pad_token_id] * pad)
+        columns["labels"].append(labels + [IGNORE] * pad)
+        columns["position_ids"].append(positions + [0] * pad)
+        columns["attention_mask"].append([1] * cutoff_len)
+    return Dataset.from_dict(columns)

@@ -165,30 +165,31 @@ def _projected(shape: tuple, projector) -> tuple[tuple, int]:
     return tuple(shape), 0
 
 
-def _moment_shapes(low: tuple, rule, float_dtype: torch.dtype) -> list[tuple[tuple, torch.dtype, bool]]:
-    """(shape, dtype the store is handed, whether its rows are ``low``'s rows) of each moment a rule keeps for a
-    gradient of shape ``low`` (``lowmem.optim.rules``: Adafactor/CAME work in fp32, the others in the gradient's
-    dtype). Row-following moments are split with the parameter's rows under FSDP2; the others are kept whole."""
+def _moment_shapes(low: tuple, rule, float_dtype: torch.dtype) -> list[tuple[tuple, torch.dtype, bool, bool]]:
+    """(shape, dtype the store is handed, whether its rows are ``low``'s rows, whether it is signed: a first moment)
+    of each moment a rule keeps for a gradient of shape ``low`` (``lowmem.optim.rules``: Adafactor/CAME work in fp32,
+    the others in the gradient's dtype). Row-following moments are split with the parameter's rows under FSDP2; the
+    others are kept whole."""
     from .optim.rules import CAME, Adafactor, AdamMini, AdamW, Muon
 
     def factored(shape):
-        return [(shape[:-1], torch.float32, True), (shape[:-2] + shape[-1:], torch.float32, False)] \
-            if len(shape) >= 2 else [(shape, torch.float32, True)]
+        return [(shape[:-1], torch.float32, True, False), (shape[:-2] + shape[-1:], torch.float32, False, False)] \
+            if len(shape) >= 2 else [(shape, torch.float32, True, False)]
 
     if isinstance(rule, AdamW):
-        return [(low, float_dtype, True)] * 2
+        return [(low, float_dtype, True, True), (low, float_dtype, True, False)]
     if isinstance(rule, Muon):
-        return [(low, float_dtype, True)]
+        return [(low, float_dtype, True, True)]
     if isinstance(rule, CAME):
         res = factored(low) if len(low) >= 2 else []
-        return [(low, torch.float32, True)] + factored(low) + res
+        return [(low, torch.float32, True, True)] + factored(low) + res
     if isinstance(rule, Adafactor):
-        return factored(low) + ([(low, torch.float32, True)] if rule.beta1 is not None else [])
+        return factored(low) + ([(low, torch.float32, True, True)] if rule.beta1 is not None else [])
     if isinstance(rule, AdamMini):
         numel = math.prod(low)
         second = {"elementwise": low, "tensor": (), "rows": (low[0], 1),
                   "heads": (numel // (rule.head_numel or 1), 1)}[rule.block]
-        return [(low, float_dtype, True), (second, float_dtype, rule.block != "tensor")]
+        return [(low, float_dtype, True, True), (second, float_dtype, rule.block != "tensor", False)]
     return []  # SGD, sign-SGD: no state
 
 
@@ -212,7 +213,9 @@ def _state_tensors(shape: tuple, dtype: torch.dtype, parts) -> list[tuple[tuple,
             stored -= shape[0] * r
         if stored:
             tensors.append(((stored,), index_dtype, False, False))
-    tensors += [(s, d, True, by_rows and rows) for s, d, rows in _moment_shapes(low, parts.rule, dtype)]
+    unsigned = getattr(parts.store, "unsigned_dtype", None)  # 8-bit first moments, second ones in this dtype
+    tensors += [(s, d, True, by_rows and rows) if signed or unsigned is None else (s, unsigned, False, by_rows and rows)
+                for s, d, rows, signed in _moment_shapes(low, parts.rule, dtype)]
     if isinstance(parts.lift, FiraLift) or isinstance(parts.lift, ApolloLift) and parts.lift.limiter:
         tensors.append(((), dtype, False, False))
     return tensors
@@ -352,8 +355,11 @@ def _priced_states(optimizer, model: nn.Module, world: int = 1) -> dict[str, int
     for index, group in enumerate(optimizer.param_groups):
         parts = build_parts(group)
         active = _active_blocks(optimizer, index, parts)
+        master = parts.projector.chooses_ahead  # BAdam: a low-precision weight trains through an fp32 master copy
         for i, p in enumerate(group["params"]):
-            if p.requires_grad:
+            if p.requires_grad and master and p.dtype != torch.float32:
+                out[names[id(p)]] = 4 * p.numel() + param_state_bytes(tuple(p.shape), torch.float32, parts, True, world)
+            elif p.requires_grad:
                 out[names[id(p)]] = param_state_bytes(tuple(p.shape), p.dtype, parts, i in active, world)
     return out
 

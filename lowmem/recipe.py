@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
+from . import llamafactory
 from .optim.registry import get_spec, without_layerwise
 from .trainers import TrainingArguments, parse_optim_args
 
@@ -62,6 +63,21 @@ class DataArguments:
     cutoff_len: int = field(default=1024, metadata={"help": "Tokens per packed training sequence."})
     max_samples: int | None = field(default=None, metadata={"help": "Use at most this many packed sequences."})
     max_bytes: int | None = field(default=None, metadata={"help": "Read only the leading files up to this size."})
+    dataset_dir: str = field(default="data", metadata={
+        "help": "LLaMA-Factory's: the folder whose dataset_info.json names the datasets (used when it exists)."})
+    template: str | None = field(default=None, metadata={
+        "help": "LLaMA-Factory's chat template (llama3, qwen, qwen3, mistral, gemma, chatml, alpaca, default, empty, "
+                "llama2); default: the tokenizer's own chat template."})
+    val_size: float = field(default=0.0, metadata={
+        "help": "Hold out this many records (above 1) or this fraction of them for evaluation."})
+    eval_dataset: str | None = field(default=None, metadata={"help": "Evaluation datasets, as dataset."})
+    train_on_prompt: bool = field(default=False, metadata={"help": "Train on the prompt tokens too (template)."})
+    mask_history: bool = field(default=False, metadata={"help": "Train on the last turn only (template)."})
+    packing: bool | None = field(default=None, metadata={
+        "help": "sft: pack several chats per sequence (LLaMA-Factory's greedy knapsack); pt always packs."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes that tokenize."})
+    overwrite_cache: bool = field(default=False, metadata={
+        "help": "Accepted for LLaMA-Factory recipes: lowmem tokenizes in memory, with no cache to overwrite."})
 
 
 @dataclass
@@ -74,11 +90,17 @@ class MethodArguments:
         "help": "'full': every weight trains; 'lora': peft LoRA adapters (use a dense optimizer); 'prefix': peft "
                 "prefix tuning (num_virtual_tokens trained key/value prefixes per layer; MeZO's third variant)."})
     lora_rank: int = 8
-    lora_alpha: int = 16
+    lora_alpha: int | None = field(default=None, metadata={"help": "Default: 2 x lora_rank (LLaMA-Factory's)."})
     lora_dropout: float = 0.0
     lora_target: str = field(default="all", metadata={
         "help": "'all' (every linear but the head) or module names, comma-separated."})
     num_virtual_tokens: int = field(default=5, metadata={"help": "Prefix tuning: trained prefix tokens."})
+    freeze_trainable_layers: int = field(default=2, metadata={
+        "help": "finetuning_type: freeze: train the last N layers (N > 0) or the first -N (N <= 0)."})
+    freeze_trainable_modules: str = field(default="all", metadata={
+        "help": "freeze: the modules of those layers that train ('all', or e.g. 'self_attn,mlp')."})
+    freeze_extra_modules: str | None = field(default=None, metadata={
+        "help": "freeze: modules outside the layers that train too (e.g. 'embed_tokens,norm')."})
     plot_loss: bool = field(default=True, metadata={"help": "Save the loss curve as loss.png in output_dir."})
 
 
@@ -88,11 +110,13 @@ class Recipe:
     data: DataArguments
     method: MethodArguments
     train: TrainingArguments
+    #: What the parse translated (LLaMA-Factory keys), one line each, for the run's first lines.
+    notes: list = field(default_factory=list)
 
 
 SECTIONS = (ModelArguments, DataArguments, MethodArguments, TrainingArguments)
 STAGES = ("pt", "sft")
-FINETUNING_TYPES = ("full", "lora", "prefix")
+FINETUNING_TYPES = ("full", "lora", "prefix", "freeze")
 QUANTIZATION_BITS = (4, 8)
 QUANTIZATION_TYPES = ("nf4", "fp4")
 
@@ -168,8 +192,15 @@ def _zeroth_order(name) -> bool:
 
 def parse_recipe(values: dict) -> Recipe:
     """Check every key and value, translate version-specific keys, and build the argument objects."""
-    values = _translate(dict(values))
     known = {f.name: (section, f) for section in SECTIONS for f in dataclasses.fields(section) if f.init}
+    values = dict(values)
+    notes = llamafactory.translate(values, set(known))
+    if values.get("template") and "finetuning_type" not in values:
+        notes.append("finetuning_type not given: full weights train (LLaMA-Factory's default is lora; set it)")
+    values = _translate(values)
+    if values.get("bf16") and not values.get("use_cpu") and not has_accelerator():
+        values["use_cpu"] = True  # transformers refuses bf16 on a machine without a GPU unless told use_cpu
+        notes.append("bf16: true on a machine without a GPU: training on the CPU in bf16 autocast (use_cpu)")
     for key in values:
         if key not in known:
             match = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
@@ -183,7 +214,14 @@ def parse_recipe(values: dict) -> Recipe:
     flat = {key: value for section in SECTIONS for key, value in parts[section].items()}
     model, data, method, train = HfArgumentParser(SECTIONS).parse_dict(flat, allow_extra_keys=False)
     _check(model, data, method, train)
-    return Recipe(model, data, method, train)
+    return Recipe(model, data, method, train, notes)
+
+
+def has_accelerator() -> bool:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, ROCm, XPU, MPS...
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
 
 
 def _translate(values: dict) -> dict:
@@ -257,6 +295,22 @@ def _check(model: ModelArguments, data: DataArguments, method: MethodArguments, 
         raise ValueError(f"finetuning_type={method.finetuning_type!r} is not available; use one of "
                          f"{FINETUNING_TYPES}")
     _check_quantization(model, method)
+    if data.template is not None:
+        from .templates import get_template
+
+        get_template(data.template)
+        if method.stage != "sft":
+            raise ValueError(f"template: {data.template} renders chats: it needs stage: sft")
+    if data.packing and method.stage == "sft" and data.streaming:
+        raise ValueError("packing: true with streaming: true is not supported for stage sft; drop one")
+    if data.packing is False and method.stage == "pt":
+        raise ValueError("packing: false with stage: pt: lowmem always packs pretraining text; remove packing")
+    if not 0 <= data.val_size or (data.val_size > 1 and data.val_size != int(data.val_size)):
+        raise ValueError(f"val_size={data.val_size}: give a fraction in [0, 1) or a whole count of records")
+    if data.val_size and data.eval_dataset:
+        raise ValueError("give val_size or eval_dataset, not both (as in LLaMA-Factory)")
+    if data.train_on_prompt and data.mask_history:
+        raise ValueError("train_on_prompt and mask_history contradict each other; give one")
     if not data.dataset:
         raise ValueError("the recipe needs a dataset: text files or folders, comma-separated, 'python-stdlib', or a "
                          "Hugging Face dataset name")

@@ -17,10 +17,14 @@ import torch
 
 from .data import (
     IGNORE,
+    dataset_info_entries,
+    held_out,
     instruction_dataset,
+    load_entries,
     load_records,
     load_text,
     pack,
+    pack_examples,
     sample_texts,
     to_messages,
     train_bpe_tokenizer,
@@ -28,7 +32,8 @@ from .data import (
 from .optim.sharded import local
 from .optim.states import state_bytes
 from .quiet import lora_without_bitsandbytes
-from .recipe import Recipe
+from .recipe import Recipe, has_accelerator
+from .templates import fix_tokenizer, get_template
 
 #: The model ``stand_in: tiny`` trains instead of the recipe's (any recipe runs in seconds on a CPU, offline).
 TINY_CONFIG = dict(model_type="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=2,
@@ -120,22 +125,53 @@ def _load(auto_class, source: str, **kwargs):
 
 
 def prepare(recipe: Recipe):
-    """Tokenizer, dataset and model for ``recipe``; raises on bad input before anything is written."""
+    """Tokenizer, datasets (training, and evaluation or None) and model for ``recipe``; raises on bad input before
+    anything is written."""
     data_args = recipe.data
+    train, held, capped = _raw_data(recipe, data_args.dataset)
+    evaluation = _raw_data(recipe, data_args.eval_dataset)[0] if data_args.eval_dataset else held
+    cap = None if capped else data_args.max_samples  # lowmem's sources: at most max_samples examples in all
     if recipe.method.stage == "sft":
-        records = load_records(data_args.dataset, config=data_args.dataset_config, streaming=data_args.streaming)
-        texts = ({"text": m["content"]} for r in records for m in to_messages(r))
-        tokenizer = load_tokenizer(recipe, texts)
-        dataset = instruction_dataset(records, tokenizer, data_args.cutoff_len, data_args.max_samples)
+        tokenizer = load_tokenizer(recipe, ({"text": m["content"]} for r in train for m in to_messages(r)))
+        template = get_template(data_args.template) if data_args.template else None
+        if template is not None:
+            fix_tokenizer(template, tokenizer)
+
+        def tokenized(data, limit):
+            cutoff = data_args.cutoff_len - 1 if data_args.packing else data_args.cutoff_len  # as LLaMA-Factory
+            examples = instruction_dataset(data, tokenizer, cutoff, limit, template, data_args.train_on_prompt,
+                                           data_args.mask_history, data_args.preprocessing_num_workers)
+            return pack_examples(examples, data_args.cutoff_len, tokenizer.pad_token_id) if data_args.packing \
+                else examples
     else:
-        limit = data_args.max_bytes or (STAND_IN_BYTES if recipe.model.stand_in else None)
-        text = load_text(data_args.dataset, config=data_args.dataset_config, text_column=data_args.text_column,
-                         streaming=data_args.streaming, limit_bytes=limit)
-        tokenizer = load_tokenizer(recipe, text)
-        dataset = pack(text, tokenizer, data_args.cutoff_len, data_args.max_samples)
+        tokenizer = load_tokenizer(recipe, train)
+
+        def tokenized(data, limit):
+            return pack(data, tokenizer, data_args.cutoff_len, limit)
+    dataset = tokenized(train, cap)
+    evaluation = None if evaluation is None else tokenized(evaluation, None)
     seed_everything(recipe.train)
     model = load_model(recipe, tokenizer)
-    return tokenizer, dataset, with_adapters(model, recipe.method)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # a template's end-of-turn token was added
+        model.resize_token_embeddings(len(tokenizer))
+    return tokenizer, (dataset, evaluation), with_adapters(model, recipe.method)
+
+
+def _raw_data(recipe: Recipe, dataset: str):
+    """(training records, held-out records or None, whether ``max_samples`` was applied) of ``dataset``:
+    LLaMA-Factory's ``dataset_info.json`` entries (in ``dataset_dir``; ``max_samples`` per entry) or lowmem's own
+    sources; ``val_size`` split off."""
+    data_args, sft = recipe.data, recipe.method.stage == "sft"
+    entries = dataset_info_entries(dataset, data_args.dataset_dir)
+    if entries is not None:
+        data = load_entries(entries, data_args.max_samples, data_args.streaming, text=not sft)
+    elif sft:
+        data = load_records(dataset, config=data_args.dataset_config, streaming=data_args.streaming)
+    else:
+        limit = data_args.max_bytes or (STAND_IN_BYTES if recipe.model.stand_in else None)
+        data = load_text(dataset, config=data_args.dataset_config, text_column=data_args.text_column,
+                         streaming=data_args.streaming, limit_bytes=limit)
+    return (*held_out(data, data_args.val_size, recipe.train.seed), entries is not None)
 
 
 def seed_everything(args) -> None:
@@ -157,14 +193,40 @@ def with_adapters(model, method):
 
     if method.finetuning_type == "full":
         return model
+    if method.finetuning_type == "freeze":
+        return freeze_layers(model, method)
     if method.finetuning_type == "prefix":
         return get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM",
                                                         num_virtual_tokens=method.num_virtual_tokens))
     target = "all-linear" if method.lora_target == "all" else [t.strip() for t in method.lora_target.split(",")]
-    config = LoraConfig(task_type="CAUSAL_LM", r=method.lora_rank, lora_alpha=method.lora_alpha,
+    config = LoraConfig(task_type="CAUSAL_LM", r=method.lora_rank, lora_alpha=method.lora_alpha or 2 * method.lora_rank,
                         lora_dropout=method.lora_dropout, target_modules=target)
     with lora_without_bitsandbytes(model):  # bitsandbytes is imported for a quantized (QLoRA) model only
         return get_peft_model(model, config)
+
+
+def freeze_layers(model, method):
+    """LLaMA-Factory's ``finetuning_type: freeze``: only the last ``freeze_trainable_layers`` layers (the first
+    ``-freeze_trainable_layers`` when it is not positive) train, their ``freeze_trainable_modules``, plus the
+    ``freeze_extra_modules`` outside the layers; every other weight is frozen."""
+    layers = model.config.num_hidden_layers
+    n = method.freeze_trainable_layers
+    chosen = range(max(0, layers - n), layers) if n > 0 else range(min(-n, layers))
+    modules = [m.strip() for m in method.freeze_trainable_modules.split(",") if m.strip()]
+    patterns = [f".{i}." if modules == ["all"] else f".{i}.{m}" for i in chosen for m in modules]
+    extra = [m.strip() for m in (method.freeze_extra_modules or "").split(",") if m.strip()]
+    names = [name for name, _ in model.named_parameters()]
+    for wanted in (modules if modules != ["all"] else []) + extra:
+        if not any(f".{wanted}" in name or name.startswith(f"{wanted}.") for name in names):
+            raise ValueError(f"freeze: module {wanted!r} is not in the model (its parameters: {names[0]}, ...)")
+    trained = 0
+    for name, param in model.named_parameters():
+        train = any(p in name for p in patterns) or any(f".{m}." in f".{name}" for m in extra)
+        param.requires_grad_(train)
+        trained += train
+    if not trained:
+        raise ValueError(f"freeze_trainable_layers={n} trains nothing in a model of {layers} layers")
+    return model
 
 
 def run(recipe: Recipe) -> dict:
@@ -173,18 +235,18 @@ def run(recipe: Recipe) -> dict:
 
     from .trainers import Trainer
 
-    tokenizer, dataset, model = prepare(recipe)
+    tokenizer, (dataset, evaluation), model = prepare(recipe)
     if recipe.model.stand_in:
         _fit_rank_to_stand_in(recipe.train)
-    if not _has_accelerator():
+    if not has_accelerator():
         recipe.train.dataloader_pin_memory = False  # nothing to pin for; torch would warn at every epoch
     collator = (DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE) if recipe.method.stage == "sft"
                 else DataCollatorForLanguageModeling(tokenizer, mlm=False))
     out = Path(recipe.train.output_dir)
     existed = out.exists()
     try:
-        trainer = Trainer(model=model, args=recipe.train, train_dataset=dataset, processing_class=tokenizer,
-                          data_collator=collator)
+        trainer = Trainer(model=model, args=recipe.train, train_dataset=dataset, eval_dataset=evaluation,
+                          processing_class=tokenizer, data_collator=collator)
         trainer.create_optimizer()  # optimizer mistakes (options, targets, LoRA) surface before the first step
     except Exception:
         if not existed and out.is_dir():  # the Trainer made it; nothing has been trained or saved yet
@@ -199,11 +261,6 @@ def run(recipe: Recipe) -> dict:
         if recipe.method.plot_loss:
             plot_loss(trainer.state.log_history, out / "loss.png")
     return report
-
-
-def _has_accelerator() -> bool:
-    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, ROCm, XPU, MPS...
-    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
 
 
 def _fit_rank_to_stand_in(args) -> None:

@@ -117,6 +117,58 @@ def test_every_projected_name_trains_int8_weights(name, layerwise):
     assert all(m.weight.untyped_storage().nbytes() <= 4 for m in layers)
 
 
+def _whole_update_(layer, apply, seed):
+    """``Int8Linear.update_`` done on the whole fp32 weight at once (what the pieces must reproduce)."""
+    values = layer.dequantized(torch.float32)
+    apply(values.view(-1), 0, values.numel())
+    layer.store_(values, seed)
+
+
+def _int8_codes_after_steps(name, dtype, monkeypatch, whole):
+    torch.manual_seed(0)
+    model = tiny_llama(hidden=80, layers=2).to(dtype)  # rows of 80 and 208: pieces end mid-row
+    optimizer = lowmem.create_optimizer(name, model, weight_dtype="int8", lr=1e-2, weight_decay=0.1,
+                                        **small_options(name))
+    if whole:
+        monkeypatch.setattr(Int8Linear, "update_", _whole_update_)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    for _ in range(4):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    monkeypatch.undo()
+    return [(m.weight_codes, m.weight_scales) for m in model.modules() if isinstance(m, Int8Linear)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", ["apollo_mini", "apollo_adamw_layerwise", "galore_adamw", "galore_adamw_8bit",
+                                  "frugal", "fira_adamw"])
+def test_the_update_a_piece_at_a_time_is_bit_identical_to_the_whole(name, dtype, monkeypatch):
+    """The update is recorded and replayed on pieces of the weight that end mid-row (the per-row APOLLO scales and
+    the bf16 update's fp32 promotion sliced to them); codes and scales equal those of the whole fp32 update."""
+    monkeypatch.setattr(codes_int8, "CHUNK", 1000)  # pieces of 768 elements
+    pieces = _int8_codes_after_steps(name, dtype, monkeypatch, whole=False)
+    monkeypatch.setattr(codes_int8, "CHUNK", 1000)
+    whole = _int8_codes_after_steps(name, dtype, monkeypatch, whole=True)
+    for (codes, scales), (codes_whole, scales_whole) in zip(pieces, whole, strict=True):
+        assert torch.equal(codes, codes_whole) and torch.equal(scales, scales_whole)
+
+
+def test_the_optimizer_never_dequantizes_a_whole_weight(monkeypatch):
+    """The step holds one piece of an int8 weight in fp32 at a time, not the matrix (4 bytes per weight more)."""
+    monkeypatch.setattr(codes_int8, "CHUNK", 1000)
+    model = tiny_llama(hidden=80, layers=2).to(torch.bfloat16)
+    optimizer = lowmem.create_optimizer("apollo_mini", model, weight_dtype="int8", lr=1e-2)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    sizes = []
+    dequantize = codes_int8.dequantize
+    monkeypatch.setattr(codes_int8, "dequantize", lambda codes, *a, **k: sizes.append(codes.numel()) or
+                        dequantize(codes, *a, **k))
+    optimizer.step()
+    assert len(sizes) > 14 and max(sizes) == 768
+
+
 def test_refusals_name_the_problem():
     with pytest.raises(ValueError, match="weight_dtype='int8'"):
         lowmem.create_optimizer("galore_adamw", _model(), weight_dtype="int4")

@@ -174,28 +174,46 @@ def test_8bit_names_keep_embedding_states_in_fp32(name):
     assert (embedding - before).abs().max() < 0.05  # 4 steps of lr 1e-3; an exploded step moves it by ~1
 
 
+def _embedding_move(name: str, default: str, precision: str) -> tuple[float, dict]:
+    """30 steps of ``name`` on a bf16 LLaMA whose batches see an eighth of the vocabulary (hidden 256: each 256-element
+    block within one token's row), the embedding's group first checked to hold state ``default``, then set to
+    ``precision``: the largest move of an embedding weight, and its state."""
+    torch.manual_seed(0)
+    model = example_llama(hidden=256).to(torch.bfloat16)
+    embedding = model.get_input_embeddings().weight
+    before = embedding.detach().float()
+    opt = lowmem.create_optimizer(name, model, lr=1e-3)
+    group = next(g for g in opt.param_groups if any(p is embedding for p in g["params"]))
+    assert group["state_dtype"] == default
+    group["state_dtype"] = precision
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        ids = torch.randint(0, 32, (2, 16), generator=gen)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return (embedding.float() - before).abs().max().item(), opt.state[embedding]
+
+
 def test_8bit_names_keep_a_bf16_embedding_in_bf16_states_and_it_stays_stable():
     """bf16 has fp32's range, so a bf16 embedding's states hold tiny second moments too, in half fp32's bytes; in
     8 bits the same run explodes even where each 256-element block lies within one token's row (hidden 256)."""
-    moves = {}
-    for precision in ("bf16", "8bit"):
-        torch.manual_seed(0)
-        model = example_llama(hidden=256).to(torch.bfloat16)
-        embedding = model.get_input_embeddings().weight
-        before = embedding.detach().float()
-        opt = lowmem.create_optimizer("adamw_8bit", model, lr=1e-3)
-        group = next(g for g in opt.param_groups if any(p is embedding for p in g["params"]))
-        assert group["state_dtype"] == "bfloat16"
-        if precision == "8bit":
-            group["state_dtype"] = "8bit"
-        gen = torch.Generator().manual_seed(0)
-        for _ in range(30):
-            ids = torch.randint(0, 32, (2, 16), generator=gen)
-            model(input_ids=ids, labels=ids).loss.backward()
-            opt.step()
-            opt.zero_grad()
-        moves[precision] = (embedding.float() - before).abs().max().item()
-    assert moves["bf16"] < 0.05 < moves["8bit"]
+    assert _embedding_move("adamw_8bit", "bfloat16", "bfloat16")[0] < 0.05 < \
+        _embedding_move("adamw_8bit", "bfloat16", "8bit")[0]
+
+
+def test_adam_mini_embeddings_keep_an_8bit_first_moment_and_stay_stable():
+    """Under Adam-mini's rows partition an 8-bit group keeps an embedding's first moment in 8 bits (each block within
+    one token's row) and its per-token second moment in bf16: the run that explodes with 8-bit AdamW states
+    (``test_8bit_names_keep_a_bf16_embedding_in_bf16_states_and_it_stays_stable``) moves the embedding as bf16
+    states do. Rows that blocks would straddle keep full-precision states."""
+    mixed, state = _embedding_move("adam_mini_8bit", "8bit+bfloat16", "8bit+bfloat16")
+    full, _ = _embedding_move("adam_mini_8bit", "8bit+bfloat16", "bfloat16")
+    assert state["exp_avg"].dtype == torch.uint8 and state["exp_avg_sq"].dtype == torch.bfloat16
+    assert mixed < 0.05 and mixed == pytest.approx(full, rel=0.1)
+    model = example_llama(hidden=128)  # rows of 128: half a block
+    odd, embedding = lowmem.create_optimizer("adam_mini_8bit", model, lr=1e-3), model.get_input_embeddings().weight
+    assert [g["state_dtype"] for g in odd.param_groups if any(p is embedding for p in g["params"])] == ["float32"]
 
 
 def test_dense_rule_gives_the_unprojected_tensors_adam_minis_partition():
@@ -215,8 +233,10 @@ def test_dense_rule_gives_the_unprojected_tensors_adam_minis_partition():
     model(input_ids=ids, labels=ids).loss.backward()
     opt.step()
     assert opt.state[head]["exp_avg_sq"].shape == (head.shape[0], 1)
-    assert opt.state[head]["exp_avg"].dtype == torch.uint8  # 8-bit m; the embedding's stays bf16 (never 8-bit)
-    assert opt.state[embedding]["exp_avg"].dtype == torch.bfloat16
+    assert opt.state[head]["exp_avg"].dtype == torch.uint8  # 8-bit m
+    # the embedding's per-token second moment stays bf16 (a rare token's would round to zero in 8 bits), its m 8-bit
+    assert opt.state[embedding]["exp_avg"].dtype == torch.uint8
+    assert opt.state[embedding]["exp_avg_sq"].dtype == torch.bfloat16
     planned = optimizer_state_bytes("apollo_mini", meta_model(model.config, torch.bfloat16), dense_rule="adam_mini",
                                     dense_state_dtype="8bit")
     names = {id(p): n for n, p in model.named_parameters()}
@@ -235,7 +255,7 @@ def test_dense_state_dtype_sets_the_unprojected_tensors_precision():
     opt = lowmem.create_optimizer("apollo_mini", model, dense_state_dtype="8bit")
     head, embedding = model.lm_head.weight, model.get_input_embeddings().weight
     dtypes = {id(p): g["state_dtype"] for g in opt.param_groups for p in g["params"]}
-    assert dtypes[id(head)] == "8bit" and dtypes[id(embedding)] == "bfloat16"  # embeddings never 8-bit
+    assert dtypes[id(head)] == "8bit" and dtypes[id(embedding)] == "bfloat16"  # an AdamW embedding: never 8-bit
     assert dtypes[id(model.model.layers[0].self_attn.q_proj.weight)] is None  # the projected ones keep state_dtype
     from lowmem.memory import meta_model, optimizer_state_bytes
 

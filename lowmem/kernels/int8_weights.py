@@ -13,6 +13,8 @@ zero is exact and no zero point is stored: 1 byte per weight plus 4 bytes per bl
   uniforms come from a seeded ``torch.Generator`` (drawn ``CHUNK`` elements at a time, in order), so a resumed run
   draws the same bits; torch's generator, not a Triton kernel, because it is the same on every device and fast on a
   CPU (Triton's Philox in torch costs about 1.7 us per element here).
+* ``update_(codes, scales, apply, generator)``: ``requantize_`` of ``apply(dequantize(...))`` for an elementwise
+  ``apply``, a piece at a time, so the float weight never exists whole; the same bits as the whole.
 """
 
 from __future__ import annotations
@@ -90,6 +92,21 @@ def requantize_(codes: torch.Tensor, scales: torch.Tensor, values: torch.Tensor,
     each element rounded down or up to a neighbouring code at random, unbiased. In place, ``CHUNK`` at a time."""
     _check(codes, scales, block)
     _store(codes, scales, values, generator, block)
+
+
+def update_(codes: torch.Tensor, scales: torch.Tensor, apply, generator: torch.Generator,
+            block: int = BLOCK) -> None:
+    """``requantize_(codes, scales, values, generator)`` where ``values`` is the fp32 weight changed in place by an
+    elementwise ``apply(values, start, end)`` (``values``: the flat elements ``[start, end)``), done a piece at a time
+    in the pieces ``requantize_`` draws its uniforms in: the same bits, without the fp32 weight ever existing whole
+    (4 bytes per weight at the peak of an update inside backward)."""
+    _check(codes, scales, block)
+    flat_codes = codes.view(-1)
+    for start, end in _pieces(codes.numel(), block):
+        piece_codes, piece_scales = flat_codes[start:end], scales[start // block:n_blocks(end, block)]
+        values = dequantize(piece_codes, piece_scales, torch.float32, block)
+        apply(values, start, end)
+        _store(piece_codes, piece_scales, values, generator, block)
 
 
 def _store(codes: torch.Tensor, scales: torch.Tensor, values: torch.Tensor, generator: torch.Generator | None,

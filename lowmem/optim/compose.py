@@ -34,7 +34,7 @@ import torch
 
 from ..kernels.codes_8bit import CHUNK
 from . import fused
-from .int8_weights import int8_linear_of
+from .int8_weights import RecordedUpdate, int8_linear_of
 from .lifts import Lift, make_lift
 from .nonfinite import SkipCounter, finite_flags
 from .offload_states import back_to_host, host_copy, offloads, to_device, wait_for_device
@@ -130,6 +130,22 @@ class LowMemOptimizer(torch.optim.Optimizer):
                     full_rank.append(f"{name} {tuple(p.shape)}")
         if full_rank:
             warnings.warn(parts.projector.full_rank_warning(full_rank), UserWarning, stacklevel=3)
+        if parts.projector.chooses_ahead:
+            self.activate_block(group, parts.projector.start(group))
+
+    def activate_block(self, group: dict, indices: list[int], reset: bool = True) -> None:
+        """Train only ``group``'s parameters at ``indices`` (BAdam's block): ``requires_grad`` and ``.grad`` follow;
+        with ``reset`` every state of the group is dropped and the block's low-precision weights get an fp32 master
+        copy (``master``) to update."""
+        active = set(indices)
+        for i, p in enumerate(group["params"]):
+            p.requires_grad_(i in active)
+            if i not in active:
+                p.grad = None
+            if reset:
+                self.state.pop(p, None)
+                if i in active and p.dtype != torch.float32:
+                    self.state[p]["master"] = p.detach().float()
 
     def normalize_group(self, group: dict) -> None:
         """Hook for named presets: translate reference group keys into the compose keys."""
@@ -199,6 +215,10 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 if self.layerwise is not None:
                     self.layerwise.count_norm(p.grad)
                 self.update_param(p, group, parts)
+        for index, group in enumerate(self.param_groups):
+            projector = self.parts_for_step(index, choose_blocks=False).projector
+            if projector.chooses_ahead and projector.advance(group):
+                self.activate_block(group, projector.switch(group))
         if self.layerwise is not None:
             self.layerwise.end_step()
         self._step_parts.clear()
@@ -272,15 +292,30 @@ class LowMemOptimizer(torch.optim.Optimizer):
             # the first update, not at construction, so a parameter swapped in later (accelerate's FSDP2 preparation
             # replaces each one with its sharded DTensor, leaving state keyed by the old one behind) gets it too.
             state["seed"] = self._ordinal(p) + 1
+        master = state.get("master")
+        if master is not None:  # BAdam's fp32 copy of a low-precision weight in the active block
+            self._update_tensor(master, grad.float(), state, group, parts, low)
+            p.copy_(master)
+            return
         int8 = int8_linear_of(p)
-        if int8 is not None:  # int8 weights: update an fp32 copy, store it back with stochastic rounding
-            updated = int8.dequantized(torch.float32)
-            self._update_tensor(updated, grad, state, group, parts, low)
-            int8.store_(updated, fused.round_seed(self._ordinal(p), state["step"]))
+        if int8 is not None:  # int8 weights: update in fp32, store back with stochastic rounding
+            self._update_int8(int8, p, grad, state, group, parts, low)
             return
         if low is None and fused.fused_adamw_8bit(p, grad, state, group, parts, self._ordinal(p)):
             return
         self._update_tensor(p, grad, state, group, parts, low)
+
+    def _update_int8(self, int8, p, grad, state: dict, group: dict, parts: Parts, low: torch.Tensor | None) -> None:
+        """The update of an int8 weight: recorded, then replayed on its fp32 values a piece at a time
+        (``RecordedUpdate``); on a whole fp32 copy where the rule reads the weight or updates in chunks itself."""
+        if parts.rule.reads_weight or (low is None and updates_in_chunks(parts, grad.shape)):
+            updated = int8.dequantized(torch.float32)
+            self._update_tensor(updated, grad, state, group, parts, low)
+            int8.store_(updated, fused.round_seed(self._ordinal(p), state["step"]))
+            return
+        recorded = RecordedUpdate(grad)
+        self._update(recorded, grad, state, group, parts, low)
+        int8.update_(recorded.replay, fused.round_seed(self._ordinal(p), state["step"]))
 
     def _update_tensor(self, p, grad, state: dict, group: dict, parts: Parts, low: torch.Tensor | None) -> None:
         if low is None and _in_chunks(p, grad, parts):
@@ -371,6 +406,10 @@ class LowMemOptimizer(torch.optim.Optimizer):
         """
         saved_state = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})
+        for group in self.param_groups:  # BAdam: the saved block trains again
+            projector = build_parts(group).projector
+            if projector.chooses_ahead:
+                self.activate_block(group, projector.active(group), reset=False)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         by_id = dict(zip(saved_ids, params, strict=True))

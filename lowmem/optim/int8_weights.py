@@ -7,10 +7,11 @@ as int8 codes with one fp32 scale per block of 256 (``kernels.int8_weights``), 1
   the ordinary float gradient, so gradient accumulation, clipping, hooks and the layer-wise updates work unchanged,
   and the optimizer's projectors see an m x n weight. ``state_dict`` holds ``weight_codes`` and ``weight_scales``
   (never the stand-in); loading a float ``weight`` into it quantizes that.
-* The optimizer (``LowMemOptimizer.update_param``) dequantizes the weight to fp32, runs its ordinary update on that
-  copy, and stores it back with **stochastic rounding** onto the int8 grid, unbiased (``E[stored] = updated``), so
-  updates far below one code step survive on average; the rounding bits come from a generator keyed by the
-  parameter's place and step (``fused.round_seed``), so a resumed run rounds the same way.
+* The optimizer (``LowMemOptimizer.update_param``) runs its ordinary update on the fp32 weight and stores it back
+  with **stochastic rounding** onto the int8 grid, unbiased (``E[stored] = updated``), so updates far below one code
+  step survive on average; the rounding bits come from a generator keyed by the parameter's place and step
+  (``fused.round_seed``), so a resumed run rounds the same way. The update is recorded on a ``RecordedUpdate`` and
+  replayed a piece of the weight at a time (``Int8Linear.update_``): the fp32 weight never exists whole.
 * ``quantize_linears(model, targets)`` converts the target linears in place (what ``create_optimizer(...,
   weight_dtype="int8")`` and lowmem's Trainer do); ``dequantize_linears(model, dtype)`` turns them back into
   ``nn.Linear`` for use, e.g. before ``save_pretrained``.
@@ -88,6 +89,12 @@ class Int8Linear(nn.Module):
         generator = torch.Generator(device=self.weight_codes.device).manual_seed(seed)
         codes_int8.requantize_(self.weight_codes, self.weight_scales, values, generator, self.block)
 
+    def update_(self, apply, seed: int) -> None:
+        """``store_`` of the fp32 weight changed in place by the elementwise ``apply(values, start, end)``, a piece
+        of flat elements ``[start, end)`` at a time (the same bits as whole)."""
+        generator = torch.Generator(device=self.weight_codes.device).manual_seed(seed)
+        codes_int8.update_(self.weight_codes, self.weight_scales, apply, generator, self.block)
+
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """An ``nn.Linear`` with the dequantized weight (and this layer's bias)."""
         dtype = dtype or self.weight.dtype
@@ -133,6 +140,48 @@ class Int8Linear(nn.Module):
             stand_in.grad = fn(stand_in.grad)
         self._buffers["weight_scales"] = scales.to(device=self.weight_codes.device)
         return self
+
+
+class RecordedUpdate:
+    """Stands in for an int8 weight's fp32 values while the optimizer computes its update: the in-place elementwise
+    ops the update applies to the weight (``mul_``, ``add_``, ``addcmul_``, what the rules and lifts use) are
+    recorded, then ``replay`` applies them to a piece of the weight (``Int8Linear.update_``). The fp32 weight, and
+    the fp32 copy a CPU makes of a bf16 update it adds, then never exist whole. A rule that reads the weight's values
+    (``Rule.reads_weight``) needs the whole weight instead."""
+
+    dtype = torch.float32
+
+    def __init__(self, like: torch.Tensor):
+        self.shape, self.device = like.shape, like.device
+        self.ops: list[tuple[str, tuple, dict]] = []
+
+    def mul_(self, other):
+        self.ops.append(("mul_", (other,), {}))
+        return self
+
+    def add_(self, other, *, alpha=1):
+        self.ops.append(("add_", (other,), {"alpha": alpha}))
+        return self
+
+    def addcmul_(self, tensor1, tensor2, *, value=1):
+        self.ops.append(("addcmul_", (tensor1, tensor2), {"value": value}))
+        return self
+
+    def replay(self, values: torch.Tensor, start: int, end: int) -> None:
+        """Apply the recorded ops to ``values``, the weight's flat elements ``[start, end)``, in place."""
+        for name, operands, kwargs in self.ops:
+            pieces = [values if t is self else self._piece(t, start, end) for t in operands]
+            getattr(values, name)(*pieces, **kwargs)
+
+    def _piece(self, operand, start: int, end: int):
+        """The flat elements ``[start, end)`` of ``operand`` broadcast to the weight's shape: a view of a contiguous
+        full-size operand, else a copy of only the rows the range touches."""
+        if not torch.is_tensor(operand) or operand.dim() == 0:
+            return operand
+        row = self.shape[-1]
+        first, last = start // row, -(-end // row)
+        rows = operand.broadcast_to(self.shape)[first:last].reshape(-1)
+        return rows[start - first * row:end - first * row]
 
 
 def int8_linear_of(p: torch.Tensor) -> Int8Linear | None:

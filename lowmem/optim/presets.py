@@ -274,6 +274,27 @@ class GaLoreAdamW8bit(AdamW8bit):
     normalize_group = GaLoreAdamW.normalize_group
 
 
+class BAdam(LowMemOptimizer):
+    """BAdam (Luo et al. 2024): AdamW on one transformer layer at a time, the other parameters frozen; the block
+    switches every ``switch_interval`` steps (``switch_mode``: ascending, descending, random, fixed; see
+    ``projectors.LayerBlockProjector``). Takes ``(name, parameter)`` pairs: blocks are found from the names.
+    Embeddings, the final norm and the head do not train, as in the reference's defaults.
+
+    Memory: AdamW states (and an fp32 master copy of a low-precision weight) for one layer only, and gradients for
+    that layer only. ``weight_decay`` applies to every tensor of the block (the reference's behaviour: its groups take
+    the base optimizer's own weight decay).
+    """
+
+    def __init__(self, named_params: Iterable, model=None, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 switch_interval=50, switch_mode="descending", start_block=None, state_dtype=None,
+                 skip_nonfinite=True):
+        named = list(named_params)
+        group = {"params": [p for _, p in named], "param_names": [n for n, _ in named]}
+        super().__init__([group], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rule="adamw_torch",
+                         projector="layer_blocks", switch_interval=switch_interval, switch_mode=switch_mode,
+                         start_block=start_block, state_dtype=state_dtype, skip_nonfinite=skip_nonfinite)
+
+
 class AdamMini(LowMemOptimizer):
     """Adam-mini with adam-mini 1.1.1's ``Adam_mini`` arguments (``named_parameters``, ``dim``, ``n_heads``,
     ``n_kv_heads``...); pass ``model=`` instead of ``dim``/``n_heads`` to read them from ``model.config``.

@@ -20,6 +20,7 @@ Shapes use ``nn.Linear`` layout: a gradient is ``m x n`` (out x in).
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
@@ -53,6 +54,8 @@ class Projector:
 
     #: True for projectors that choose among a group's tensors (blocks) rather than per tensor.
     group_level = False
+    #: Chooses which parameters train before their backward (BAdam: ``LayerBlockProjector``).
+    chooses_ahead = False
 
     def check_shape(self, shape: torch.Size, name: str) -> None:
         """Raise a clear error before any step when this projector cannot handle ``shape``."""
@@ -405,7 +408,95 @@ class BlockProjector(Projector):
         return grad if state.get("active") else None
 
 
-PROJECTORS = ("identity", "svd", "random_orth", "gaussian", "coordinates", "permutation", "blocks")
+class LayerBlockProjector(Projector):
+    """BAdam's block coordinate descent (Luo et al. 2024; the ``badam`` package's ``BlockOptimizer``): one block of
+    parameters trains at a time, the others are frozen, so neither their gradients nor their optimizer states exist.
+
+    A block is one transformer layer: the parameters whose names share a ``layers.<i>.`` prefix, in the order they
+    first appear; parameters in no layer (embeddings, final norm, head) never train, as in the reference's default.
+    The first block trains from construction on; after step ``t`` (counted from 1) the next block takes over when
+    ``(t + 1) % switch_interval == 0`` (so the first block gets one step fewer, as in the reference). ``switch_mode``:
+    ``ascending`` / ``descending`` (from ``start_block``, or the first / last block), ``random`` (each round of blocks
+    in a fresh ``torch.randperm`` order, global RNG) or ``fixed`` (``start_block`` only). Every switch drops every
+    optimizer state, the reference's restart of Adam; low-precision weights of the new block get an fp32 master copy
+    (``master``) for the time they train, as the reference keeps.
+
+    The optimizer applies the choices (``LowMemOptimizer.activate_block``): ``requires_grad`` follows the block. The
+    group keeps the schedule in plain keys (``badam_steps``, ``badam_block``, ``badam_next``, ``badam_order``), so a
+    checkpoint resumes it.
+    """
+
+    chooses_ahead = True
+    MODES = ("ascending", "descending", "random", "fixed")
+    LAYER = re.compile(r".*layers.[^.]*\.")
+
+    def __init__(self, switch_interval: int, switch_mode: str, start_block: int | None):
+        if switch_mode not in self.MODES:
+            raise ValueError(f"unknown switch_mode {switch_mode!r}; use one of {self.MODES}")
+        if int(switch_interval) < 1:
+            raise ValueError(f"switch_interval={switch_interval}: BAdam switches blocks every switch_interval >= 1 "
+                             "steps (switch_mode='fixed' keeps one block)")
+        if switch_mode == "fixed" and start_block is None:
+            raise ValueError("switch_mode='fixed' trains one block: give start_block (its index)")
+        if switch_mode == "random" and start_block is not None:
+            raise ValueError("switch_mode='random' draws the blocks' order; start_block applies to ascending, "
+                             "descending and fixed")
+        self.gap, self.mode, self.start_block = int(switch_interval), switch_mode, start_block
+
+    def blocks(self, names: list[str]) -> list[list[int]]:
+        """The indices of ``names`` in each block, blocks in order of first appearance."""
+        prefixes: list[str] = []
+        for name in names:
+            found = self.LAYER.match(name)
+            if found and found.group(0) not in prefixes:
+                prefixes.append(found.group(0))
+        return [[i for i, name in enumerate(names) if prefix in name] for prefix in prefixes]
+
+    def check_names(self, names: list[str] | None) -> int:
+        if not names or not self.blocks(names):
+            raise ValueError("BAdam trains one transformer layer at a time and found no 'layers.<i>.' parameters: "
+                             "give it named parameters (create_optimizer('badam', model) does)")
+        count = len(self.blocks(names))
+        if self.start_block is not None and not 0 <= self.start_block < count:
+            raise ValueError(f"start_block={self.start_block}: the model has blocks 0 to {count - 1}")
+        return count
+
+    def start(self, group: dict) -> list[int]:
+        """Schedule the first block of a new group (``badam_next``, the reference's cursor) and switch to it."""
+        count = self.check_names(group.get("param_names"))
+        group["badam_steps"] = 0
+        if self.start_block is not None:
+            group["badam_next"] = self.start_block
+        elif self.mode == "random":
+            group["badam_order"] = torch.randperm(count).tolist()
+            group["badam_next"] = group["badam_order"].pop()
+        else:
+            group["badam_next"] = count - 1 if self.mode == "descending" else 0
+        return self.switch(group)
+
+    def advance(self, group: dict) -> bool:
+        """Count a step of the group; whether the next block takes over now."""
+        group["badam_steps"] += 1
+        return (group["badam_steps"] + 1) % self.gap == 0
+
+    def switch(self, group: dict) -> list[int]:
+        """Make the scheduled block the active one, schedule the next; the active block's parameter indices."""
+        blocks = self.blocks(group["param_names"])
+        active = group["badam_block"] = group["badam_next"]
+        if self.mode == "random":
+            if not group["badam_order"]:
+                group["badam_order"] = torch.randperm(len(blocks)).tolist()
+            group["badam_next"] = group["badam_order"].pop()
+        elif self.mode != "fixed":
+            group["badam_next"] = (active + (1 if self.mode == "ascending" else -1)) % len(blocks)
+        return blocks[active]
+
+    def active(self, group: dict) -> list[int]:
+        """The active block's parameter indices (after a resume: what ``requires_grad`` must say again)."""
+        return self.blocks(group["param_names"])[group["badam_block"]]
+
+
+PROJECTORS = ("identity", "svd", "random_orth", "gaussian", "coordinates", "permutation", "blocks", "layer_blocks")
 
 
 def make_projector(group: dict) -> Projector:
@@ -427,4 +518,7 @@ def make_projector(group: dict) -> Projector:
         return CoordinateProjector("permutation", density, gap, permutation_side=proj_type)
     if name == "blocks":
         return BlockProjector(density, gap, group.get("block_order", "random"))
+    if name == "layer_blocks":
+        return LayerBlockProjector(group.get("switch_interval", 50), group.get("switch_mode", "descending"),
+                                   group.get("start_block"))
     raise ValueError(f"unknown projector {name!r}; use one of {PROJECTORS}")

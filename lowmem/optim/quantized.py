@@ -24,7 +24,9 @@ class BlockwiseQuantStore:
     Per quantized key: ``state[key]`` uint8 codes shaped like the moment, ``state[key + "_absmax"]``
     fp32 block maxima and ``state[key + "_signed"]`` a plain bool naming the map (``load`` is not
     told the signedness, and a plain bool costs no tensor bytes and survives ``weights_only``).
-    Tensors with fewer than ``min_8bit_size`` elements are kept as plain fp32 in ``state[key]``.
+    Tensors with fewer than ``min_8bit_size`` elements are kept as plain fp32 in ``state[key]``; with
+    ``unsigned_dtype``, second moments (``signed=False``) are kept as plain tensors of that dtype (see
+    ``states.make_store``'s ``"8bit+bfloat16"``).
     ``load`` returns a fresh dequantized fp32 tensor; ``save`` requantizes it.
 
     Sharded moments (FSDP2 DTensors, sharded by rows): each rank quantizes its own rows. Its blocks are one
@@ -34,11 +36,15 @@ class BlockwiseQuantStore:
     split in halves); a sharded moment where it does not is kept in fp32, with one warning naming it.
     """
 
-    def __init__(self, min_8bit_size: int = 4096, blocksize: int = 256):
+    def __init__(self, min_8bit_size: int = 4096, blocksize: int = 256, unsigned_dtype: torch.dtype | None = None):
         self.min_8bit_size, self.blocksize = min_8bit_size, blocksize
+        self.unsigned_dtype = unsigned_dtype
         self._warned_unaligned = False
 
     def init(self, state: dict, key: str, like: torch.Tensor, signed: bool = True) -> None:
+        if not signed and self.unsigned_dtype is not None:  # second moments kept in full precision
+            state[key] = torch.zeros_like(like, dtype=self.unsigned_dtype)
+            return
         if like.numel() < self.min_8bit_size or (sharded.is_sharded(like) and not self._blocks_align(like)):
             state[key] = torch.zeros_like(like, dtype=torch.float32)  # the whole tensor's size, sharded or not
             return

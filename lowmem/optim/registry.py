@@ -38,6 +38,7 @@ from .presets import (
     AdamMini,
     AdamW8bit,
     APOLLOAdamW,
+    BAdam,
     FiraAdamW,
     GaLoreAdafactor,
     GaLoreAdamW,
@@ -54,7 +55,7 @@ from .zo import MeZO
 #: ``skip_nonfinite``: a tensor whose gradient has NaN / inf values skips that step's update (``nonfinite``).
 #: ``weight_dtype="int8"`` (low-rank names): the projected linears' weights stored in int8 (``int8_weights``).
 #: ``dense_state_dtype`` (low-rank names): the state precision of the tensors not projected (embedding, head, norms),
-#: when it should differ from ``state_dtype``; embeddings are never 8-bit (see ``create_optimizer``).
+#: when it should differ from ``state_dtype``; an embedding's second moment is never 8-bit (see ``create_optimizer``).
 #: ``dense_rule`` (low-rank names): the rule of those tensors when it should not be the name's AdamW: ``"adam_mini"``
 #: gives them Adam-mini's partition (one second moment per token of the embedding and the head, per norm tensor):
 #: half their state, and the head and embedding still update a range of rows at a time.
@@ -91,6 +92,8 @@ class OptimizerSpec:
     layerwise: bool = False
     #: Estimates the gradient from forwards only (``cls(model, **options)``; no states, no layer-wise form).
     zeroth_order: bool = False
+    #: Runs in one process only (BAdam: it freezes layers by ``requires_grad``, which DDP and FSDP fix when they wrap).
+    single_process: bool = False
 
     def options(self) -> dict:
         if self.zeroth_order:
@@ -150,6 +153,11 @@ REGISTRY: dict[str, OptimizerSpec] = {
         AdamMini, "Adam-mini: a full first moment, one second moment per head / row / tensor (partition from names and "
         "config)",
         ctor=dict(**_ADAM, eps=1e-8), low_rank=False, from_model=True),
+    "badam": OptimizerSpec(
+        BAdam, "BAdam: AdamW on one transformer layer at a time (block coordinate descent), the rest frozen: "
+        "gradients and states of one layer", ctor=dict(**_ADAM, eps=1e-8, switch_interval=50, switch_mode="descending",
+                                                        start_block=None), low_rank=False, from_model=True,
+        single_process=True),
     "adafactor": OptimizerSpec(
         Adafactor, "Adafactor: factored second moment, update clipping; 4(m+n) bytes per m x n weight",
         ctor=_ADAFACTOR, low_rank=False),
@@ -395,6 +403,7 @@ def create_optimizer(name: str, model: nn.Module, **options) -> LowMemOptimizer 
     With 8-bit states, embedding weights keep unquantized states, as transformers does for bitsandbytes: a tiny second
     moment (a rare token's, or a small coordinate beside large ones in its block) rounds to zero in 8 bits and its step
     blows up. They are fp32, or bf16 for a bf16 embedding (fp32's range, so nothing underflows; half the bytes).
+    Under Adam-mini's per-token second moment only that moment is (``_first_moments_may_be_8bit``).
     """
     spec = get_spec(name)
     opts = check_options(name, options)
@@ -405,6 +414,8 @@ def create_optimizer(name: str, model: nn.Module, **options) -> LowMemOptimizer 
     if opts.pop("offload_states"):
         _check_offload(name, model)
         every_group["state_device"] = "cpu"
+    if spec.cls is BAdam:
+        _check_badam(name, model, layerwise)
     optimizer = _build(name, spec, model, opts)
     for group in optimizer.param_groups:
         group.update(every_group)
@@ -414,6 +425,23 @@ def create_optimizer(name: str, model: nn.Module, **options) -> LowMemOptimizer 
         optimizer.enable_layerwise(accumulation).stream_rows(model)
     optimizer.name = name  # its repr says "galore+came+8bit (", not the class it is built on
     return optimizer
+
+
+def _check_badam(name: str, model: nn.Module, layerwise: bool) -> None:
+    """BAdam freezes all but one layer by ``requires_grad``: refused where that is not how parameters train (layer-wise
+    updates, FSDP2 shards); a model that embeds its inputs gets inputs that require grad, so a checkpointed layer
+    behind frozen ones still passes gradients back (as the reference's callback does)."""
+    if layerwise:
+        raise ValueError(f"optimizer {name!r} with layerwise=True: BAdam already holds one layer's gradients only; "
+                         "drop layerwise")
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+    if distributed or any(is_sharded(p) for p in model.parameters()):
+        raise ValueError(f"optimizer {name!r} on several processes: not supported (BAdam freezes layers by "
+                         "requires_grad, which DDP and FSDP fix when they wrap the model); run it in one process, or "
+                         "use another optimizer")
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
 
 
 def _check_offload(name: str, model: nn.Module) -> None:
@@ -455,16 +483,29 @@ def _build(name: str, spec: OptimizerSpec, model: nn.Module, opts: dict) -> LowM
     return spec.cls(groups, **ctor)
 
 
+def _first_moments_may_be_8bit(group: dict) -> bool:
+    """Whether an 8-bit group may keep an embedding's first moment in 8 bits: under Adam-mini's rows partition (one
+    second moment per token, kept unquantized), where each block of the first moment lies within one token's row
+    (rows a multiple of the block). Rounding a first moment to zero drops a small step; it is the second moment's
+    that blows one up. Measured stable where 8-bit states are not
+    (``tests/test_registry.py::test_adam_mini_embeddings_keep_an_8bit_first_moment_and_stay_stable``)."""
+    store = make_store(group.get("state_dtype"))
+    rows = [p.shape[-1] for p in group["params"]]
+    return (group.get("rule") == "adam_mini" and group.get("mini_block") == "rows"
+            and isinstance(store, BlockwiseQuantStore) and all(row % store.blocksize == 0 for row in rows))
+
+
 def _embedding_states_unquantized(optimizer: LowMemOptimizer, model: nn.Module) -> None:
     """Move the embedding weights of every param group into a copy of that group with fp32 states (bf16 for bf16
-    embeddings)."""
+    embeddings); under Adam-mini's per-token second moment, only that moment (see ``_first_moments_may_be_8bit``)."""
     weights = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
     embeddings = {id(w) for w in weights}
-    dtype = "bfloat16" if weights and all(w.dtype == torch.bfloat16 for w in weights) else "float32"
+    full = "bfloat16" if weights and all(w.dtype == torch.bfloat16 for w in weights) else "float32"
     for group in list(optimizer.param_groups):
         keep = [i for i, p in enumerate(group["params"]) if id(p) not in embeddings]
         if len(keep) == len(group["params"]):
             continue
+        dtype = f"8bit+{full}" if _first_moments_may_be_8bit(group) else full
         if not keep:
             group["state_dtype"] = dtype
             continue

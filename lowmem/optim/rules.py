@@ -48,6 +48,9 @@ class Rule:
     #: keys holding one value per row (the others are shaped like the gradient).
     row_local = False
     row_moments: tuple[str, ...] = ()
+    #: Whether ``direction`` reads the weight's values (not only its shape): an int8 weight is then dequantized
+    #: whole for the update instead of a piece at a time (``int8_weights.RecordedUpdate``).
+    reads_weight = False
 
     def direction(self, grad: torch.Tensor, state: dict, store: StateStore, lr: float, param: torch.Tensor):
         return grad, lr, lr
@@ -207,6 +210,7 @@ class Adafactor(Rule):
         self.eps1, self.eps2 = eps
         self.clip, self.decay_rate, self.beta1 = clip_threshold, decay_rate, beta1
         self.scale_parameter, self.relative_step, self.warmup_init = scale_parameter, relative_step, warmup_init
+        self.reads_weight = scale_parameter  # the step is scaled by RMS(W)
 
     def step_size(self, t: int, lr, param: torch.Tensor):
         """The lr of step ``t``: relative (from ``t``) or the group's, times ``max(eps2, RMS(W))``."""

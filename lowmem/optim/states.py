@@ -72,18 +72,25 @@ def state_bytes(state: dict) -> int:
 
 _8BIT = ("8bit", "int8", "uint8", "blockwise_8bit")
 
+#: 8-bit first moments, second moments in full precision (what an embedding gets where an 8-bit second moment
+#: would not do: ``registry.create_optimizer``).
+FIRST_MOMENTS_8BIT = {"8bit+bfloat16": torch.bfloat16, "8bit+float32": torch.float32}
+
 #: The accepted values of the ``state_dtype`` option (``None`` follows the gradient's dtype).
 STATE_DTYPES = (None, "float32", "bfloat16", "8bit")
 
 
 def make_store(name: str | torch.dtype | None, min_8bit_size: int = 4096) -> StateStore:
     """The store for a ``state_dtype`` option: full precision (None = the gradient's dtype, float32,
-    bfloat16) or blockwise 8-bit (``"8bit"``; tensors under ``min_8bit_size`` elements stay fp32)."""
+    bfloat16) or blockwise 8-bit (``"8bit"``; tensors under ``min_8bit_size`` elements stay fp32), or 8-bit first
+    moments with second moments in bf16 / fp32 (``"8bit+bfloat16"``, ``"8bit+float32"``)."""
     if name is None or isinstance(name, torch.dtype):
         return StateStore(name)
     key = str(name).lower()
     if key in _8BIT:
         return BlockwiseQuantStore(min_8bit_size=min_8bit_size)
+    if key in FIRST_MOMENTS_8BIT:
+        return BlockwiseQuantStore(min_8bit_size=min_8bit_size, unsigned_dtype=FIRST_MOMENTS_8BIT[key])
     if key not in _DTYPES:
         raise ValueError(
             f"unknown state_dtype {name!r}; use one of {STATE_DTYPES} "
