@@ -206,30 +206,40 @@ def load_records(dataset: str, *, config: str | None = None, streaming: bool = F
 
 
 def dataset_info_entries(dataset: str, dataset_dir: str | None) -> list[dict] | None:
-    """The ``dataset_info.json`` entries (in ``dataset_dir``) that ``dataset`` names, LLaMA-Factory's way; None when
-    there is no such file, or when every name is one of lowmem's own sources (paths, ``python-stdlib``)."""
+    """The ``dataset_info.json`` entries that ``dataset`` names, LLaMA-Factory's way, from ``dataset_dir`` (default
+    ``data``); None when there is no such file, or when none of the names is in the default one, or every name is
+    one of lowmem's own local sources (paths, ``python-stdlib``): those load as before."""
     from .dataset_info import INFO, entry, read_info
 
-    info = read_info(dataset_dir) if dataset_dir else None
+    folder = dataset_dir or "data"
+    info = read_info(folder)
     if info is None:
         return None
     names = _items(dataset)
     missing = [name for name in names if name not in info]
     if not missing:
-        return [entry(info, name, dataset_dir) for name in names]
-    if len(missing) == len(names) and all(name == STDLIB or Path(name).expanduser().exists() for name in names):
+        return [entry(info, name, folder) for name in names]
+    if len(missing) == len(names) and (dataset_dir is None or all(
+            name == STDLIB or Path(name).expanduser().exists() for name in names)):
         return None
     known = ", ".join(sorted(info)[:12]) + (" ..." if len(info) > 12 else "")
-    raise ValueError(f"dataset {', '.join(missing)} is not in {Path(dataset_dir) / INFO} (it has: {known})")
+    raise ValueError(f"dataset {', '.join(missing)} is not in {Path(folder) / INFO} (it has: {known})")
 
 
-def load_entries(entries: list[dict], max_samples: int | None, streaming: bool, text: bool = False):
+def load_entries(entries: list[dict], max_samples: int | None, streaming: bool, text: bool = False,
+                 stopping: str | None = None, probabilities: list[float] | None = None, seed: int = 0):
     """``dataset_info.json`` entries as one dataset: chat ``messages`` records (sft), or ``text`` (``text``: pt);
-    ``max_samples`` applies to each entry, as in LLaMA-Factory."""
+    ``max_samples`` applies to each entry, as in LLaMA-Factory. ``stopping``: interleave them (``datasets``'
+    stopping strategy, with ``probabilities`` and ``seed``) instead of concatenating."""
+    from datasets import interleave_datasets
+
     from . import dataset_info
 
     read = dataset_info.texts if text else dataset_info.conversations
-    return _concatenated([read(found, dataset_info.load(found, streaming), max_samples) for found in entries])
+    parts = [read(found, dataset_info.load(found, streaming), max_samples) for found in entries]
+    if stopping is None or len(parts) == 1:
+        return _concatenated(parts)
+    return interleave_datasets(parts, probabilities=probabilities, seed=seed, stopping_strategy=stopping)
 
 
 def held_out(data, val_size: float, seed: int):

@@ -48,6 +48,9 @@ def entry(info: dict, name: str, dataset_dir: str | Path) -> dict:
     if found.get("ranking"):
         raise ValueError(f"dataset {name!r} has ranking: true (preference pairs for LLaMA-Factory's rm / dpo / kto "
                          "stages): lowmem trains stage pt and sft; use an sft dataset")
+    if found.get("num_samples") is not None:
+        raise ValueError(f"dataset {name!r} sets num_samples (LLaMA-Factory's random resampling): not supported; use "
+                         "max_samples (the first records of each dataset)")
     formatting = found.get("formatting", "alpaca")
     if formatting not in ("alpaca", "sharegpt", "openai"):
         raise ValueError(f"dataset {name!r} has formatting {formatting!r}; use alpaca, sharegpt or openai")
@@ -56,7 +59,7 @@ def entry(info: dict, name: str, dataset_dir: str | Path) -> dict:
     tags = {key: found["tags"].get(key) for key in tags} if "tags" in found else dict(tags)
     return {"name": name, "formatting": formatting, "columns": columns, "tags": tags,
             "files": _files(found, name, Path(dataset_dir).expanduser()), "hub": found.get("hf_hub_url"),
-            "subset": found.get("subset"), "split": found.get("split", "train")}
+            "subset": found.get("subset"), "split": found.get("split", "train"), "folder": found.get("folder")}
 
 
 def _files(found: dict, name: str, dataset_dir: Path) -> list[str] | None:
@@ -83,11 +86,15 @@ def load(found: dict, streaming: bool = False):
     from datasets import load_dataset
 
     if found["files"] is None:
-        from .data import _hub_dataset
-
-        return _hub_dataset(found["hub"], found["subset"], streaming)
+        try:
+            return load_dataset(found["hub"], found["subset"], data_dir=found["folder"], split=found["split"],
+                                streaming=streaming)
+        except Exception as err:  # offline, unknown name, gated: the message says which
+            raise FileNotFoundError(f"dataset {found['name']!r}: {found['hub']!r} could not be loaded from the "
+                                    f"Hugging Face Hub ({type(err).__name__}: {str(err).splitlines()[0][:200]})") \
+                from None
     builder = BUILDERS[Path(found["files"][0]).suffix]
-    return load_dataset(builder, data_files=found["files"], split="train", streaming=streaming)
+    return load_dataset(builder, data_files=found["files"], split=found["split"], streaming=streaming)
 
 
 def to_conversation(record: dict, found: dict) -> list[dict] | None:

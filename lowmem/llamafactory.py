@@ -35,7 +35,7 @@ UNSUPPORTED = {
     "LLaMA-Factory's own kernels and attention switches (lowmem uses transformers' defaults)": {
         "flash_attn": "auto", "use_unsloth": False, "use_unsloth_gc": False, "enable_liger_kernel": False,
         "shift_attn": False, "mixture_of_depths": None, "use_v1_kernels": False, "use_reentrant_gc": True,
-        "disable_gradient_checkpointing": False, "upcast_layernorm": False, "upcast_lmhead_output": False,
+        "upcast_layernorm": False, "upcast_lmhead_output": False,
         "moe_aux_loss_coef": None, "rope_scaling": None, "use_kv_cache": True, "low_cpu_mem_usage": True,
         "use_fast_tokenizer": True, "split_special_tokens": False, "model_revision": "main", "cache_dir": None,
         "offload_folder": "offload", "print_param_status": False, "infer_dtype": "auto", "use_mca": False,
@@ -53,9 +53,9 @@ UNSUPPORTED = {
         "pissa_iter": 16, "pissa_convert": False, "create_new_adapter": False, "module_dropout": 0.0, "oft_rank": 0,
         "oft_block_size": 32, "oft_target": "all", "use_llama_pro": False},
     "quantization methods other than bitsandbytes": {"quantization_method": "bnb", "quantization_device_map": None},
-    "data options lowmem does not have (it mixes datasets by concatenation, tokenizes in memory, trains plain "
-    "chats without tools)": {
-        "mix_strategy": "concat", "interleave_probs": None, "buffer_size": 16384, "neat_packing": False,
+    "data options lowmem does not have (it tokenizes in memory, trains plain chats without tools, isolates no packed "
+    "chats)": {
+        "buffer_size": 16384, "neat_packing": False,
         "tokenized_path": None, "media_dir": None, "tool_format": None, "default_system": None,
         "enable_thinking": True, "preserve_thinking": False, "eval_on_each_dataset": False,
         "ignore_pad_token_for_loss": True, "preprocessing_batch_size": 1000, "data_shared_file_system": False,
@@ -97,11 +97,17 @@ REPORTERS = {"wandb": "wandb", "tensorboard": "tensorboard", "swanlab": "swanlab
 REFUSED_STAGES = {"rm": "reward modelling", "ppo": "PPO", "dpo": "DPO", "kto": "KTO"}
 
 
+#: Keys only a LLaMA-Factory recipe has: a recipe with one of them gets LLaMA-Factory's defaults where lowmem's differ
+#: (``finetuning_type: lora``, gradient checkpointing on).
+MARKERS = ("template", "dataset_dir", "do_train", "overwrite_cache", "use_galore", "use_apollo", "use_badam",
+           "use_adam_mini", "use_muon", "disable_gradient_checkpointing")
+
+
 def translate(values: dict, fields: set) -> list[str]:
     """Rewrite LLaMA-Factory keys in ``values`` (a recipe's flat mapping) into lowmem's, in place; the lines that
     report each translation. ``fields``: lowmem's own recipe keys (a key both know keeps its meaning)."""
     _refuse(values)
-    notes = []
+    notes = _defaults(values) if any(key in values for key in MARKERS) else []
     for reason, keys in UNSUPPORTED.items():
         for key in [k for k in keys if k in values and k not in fields]:
             value = values.pop(key)
@@ -117,16 +123,32 @@ def translate(values: dict, fields: set) -> list[str]:
     notes += _method(values, "use_galore", GALORE, _galore)
     notes += _method(values, "use_apollo", APOLLO, _apollo)
     notes += _method(values, "use_badam", BADAM, _badam)
-    for flag, name in (("use_adam_mini", "adam_mini"), ("use_muon", "muon")):
-        if values.pop(flag, False):
-            if methods:
-                raise ValueError(f"{flag} with {methods[0]}: give one optimizer")
-            values["optim"] = name
-            notes.append(f"{flag} -> optim={name}")
+    dense = [flag for flag in ("use_adam_mini", "use_muon") if values.pop(flag, False)]
+    if len(methods) + len(dense) > 1:
+        raise ValueError(f"{' and '.join(methods + dense)}: give one optimizer")
+    for flag in dense:
+        values["optim"] = flag.removeprefix("use_")
+        notes.append(f"{flag} -> optim={values['optim']}")
+    return notes
+
+
+def _defaults(values: dict) -> list[str]:
+    """LLaMA-Factory's defaults where lowmem's differ, for a recipe written for it."""
+    notes = []
+    if "finetuning_type" not in values:
+        values["finetuning_type"] = "lora"
+        notes.append("finetuning_type not given: lora, LLaMA-Factory's default (lowmem's own is full)")
+    disabled = values.pop("disable_gradient_checkpointing", False)
+    if not any(key in values for key in ("gradient_checkpointing", "activation_checkpointing")):
+        values["gradient_checkpointing"] = not disabled  # LLaMA-Factory checkpoints unless told not to
     return notes
 
 
 def _refuse(values: dict) -> None:
+    where = str(values.get("dataset_dir") or "")
+    if where == "ONLINE" or where.startswith("REMOTE:"):
+        raise ValueError(f"dataset_dir: {where}: lowmem reads a local dataset_info.json; download the datasets or "
+                         "name Hub datasets directly in dataset (without dataset_dir)")
     if values.get("deepspeed"):
         raise ValueError("deepspeed: lowmem does not run DeepSpeed; on several GPUs its optimizers run on FSDP2 "
                          "(fsdp: full_shard, fsdp_config: {fsdp_version: 2}); remove the deepspeed key")
@@ -152,8 +174,9 @@ def _method(values: dict, flag: str, defaults: dict, build) -> list[str]:
 
 
 def _targets(values: dict, target: str) -> str:
-    if target != "all":
-        values["optim_target_modules"] = [t.strip() for t in str(target).split(",") if t.strip()]
+    """LLaMA-Factory's targets: ``all`` is every linear but the head; else module names, comma-separated."""
+    values["optim_target_modules"] = "all-linear" if target == "all" else \
+        [t.strip() for t in str(target).split(",") if t.strip()]
     return f"targets={target}"
 
 
@@ -180,17 +203,25 @@ def _apollo(values: dict, keys: dict) -> str:
     return _set(values, "use_apollo", name, options, keys["apollo_target"])
 
 
+#: LLaMA-Factory's optim values BAdam wraps, and the state precision lowmem's BAdam gives them.
+BADAM_OPTIM = {"adamw_torch": None, "adamw_torch_fused": None, "adamw_8bit": "8bit", "adamw_bnb_8bit": "8bit",
+               "paged_adamw_8bit": "8bit"}
+
+
 def _badam(values: dict, keys: dict) -> str:
+    optim = values.get("optim", "adamw_torch")
+    if optim not in BADAM_OPTIM:
+        raise ValueError(f"use_badam with optim: {optim}: lowmem's BAdam runs AdamW ({', '.join(BADAM_OPTIM)})")
     if keys["badam_mode"] != "layer":
         raise ValueError(f"badam_mode: {keys['badam_mode']}: lowmem's BAdam is the layer mode (one transformer layer "
                          "at a time); the ratio mode is not in lowmem")
     if keys["badam_switch_interval"] == -1:
         raise ValueError("badam_switch_interval: -1 (LLaMA-Factory documents it as 'never switch', but BAdam then "
                          "switches every step): for one block, set badam_switch_mode: fixed and badam_start_block")
-    if values.get("finetuning_type", "lora") != "full":
-        raise ValueError("use_badam trains full weights: set finetuning_type: full")
     options = {"switch_interval": keys["badam_switch_interval"], "switch_mode": keys["badam_switch_mode"],
                "start_block": keys["badam_start_block"]}
+    if BADAM_OPTIM[optim]:
+        options["state_dtype"] = BADAM_OPTIM[optim]
     unused = [k for k in ("badam_update_ratio", "badam_mask_mode") if keys[k] != BADAM[k]]
     note = f" ({', '.join(unused)}: the ratio mode's, not used)" if unused else ""
     return _set(values, "use_badam", "badam", options, None) + note

@@ -63,8 +63,9 @@ class DataArguments:
     cutoff_len: int = field(default=1024, metadata={"help": "Tokens per packed training sequence."})
     max_samples: int | None = field(default=None, metadata={"help": "Use at most this many packed sequences."})
     max_bytes: int | None = field(default=None, metadata={"help": "Read only the leading files up to this size."})
-    dataset_dir: str = field(default="data", metadata={
-        "help": "LLaMA-Factory's: the folder whose dataset_info.json names the datasets (used when it exists)."})
+    dataset_dir: str | None = field(default=None, metadata={
+        "help": "LLaMA-Factory's: the folder whose dataset_info.json names the datasets. Default: 'data' when it has "
+                "one, whose names then win over lowmem's own forms."})
     template: str | None = field(default=None, metadata={
         "help": "LLaMA-Factory's chat template (llama3, qwen, qwen3, mistral, gemma, chatml, alpaca, default, empty, "
                 "llama2); default: the tokenizer's own chat template."})
@@ -76,6 +77,11 @@ class DataArguments:
     packing: bool | None = field(default=None, metadata={
         "help": "sft: pack several chats per sequence (LLaMA-Factory's greedy knapsack); pt always packs."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes that tokenize."})
+    mix_strategy: str = field(default="concat", metadata={
+        "help": "Several datasets: 'concat', or interleaved: 'interleave_under' (until the first runs out), "
+                "'interleave_over' (until all have), 'interleave_once' (every record once)."})
+    interleave_probs: str | None = field(default=None, metadata={
+        "help": "Interleaving: each dataset's probability, comma-separated."})
     overwrite_cache: bool = field(default=False, metadata={
         "help": "Accepted for LLaMA-Factory recipes: lowmem tokenizes in memory, with no cache to overwrite."})
 
@@ -119,6 +125,9 @@ STAGES = ("pt", "sft")
 FINETUNING_TYPES = ("full", "lora", "prefix", "freeze")
 QUANTIZATION_BITS = (4, 8)
 QUANTIZATION_TYPES = ("nf4", "fp4")
+#: ``mix_strategy`` -> how ``datasets.interleave_datasets`` stops (None: concatenate), as in LLaMA-Factory.
+MIX_STRATEGIES = {"concat": None, "interleave_under": "first_exhausted", "interleave_over": "all_exhausted",
+                  "interleave_once": "all_exhausted_without_replacement"}
 
 
 def recipe_path(name: str) -> Path:
@@ -195,8 +204,6 @@ def parse_recipe(values: dict) -> Recipe:
     known = {f.name: (section, f) for section in SECTIONS for f in dataclasses.fields(section) if f.init}
     values = dict(values)
     notes = llamafactory.translate(values, set(known))
-    if values.get("template") and "finetuning_type" not in values:
-        notes.append("finetuning_type not given: full weights train (LLaMA-Factory's default is lora; set it)")
     values = _translate(values)
     if values.get("bf16") and not values.get("use_cpu") and not has_accelerator():
         values["use_cpu"] = True  # transformers refuses bf16 on a machine without a GPU unless told use_cpu
@@ -307,6 +314,18 @@ def _check(model: ModelArguments, data: DataArguments, method: MethodArguments, 
         raise ValueError("packing: false with stage: pt: lowmem always packs pretraining text; remove packing")
     if not 0 <= data.val_size or (data.val_size > 1 and data.val_size != int(data.val_size)):
         raise ValueError(f"val_size={data.val_size}: give a fraction in [0, 1) or a whole count of records")
+    if data.mix_strategy not in MIX_STRATEGIES:
+        raise ValueError(f"mix_strategy={data.mix_strategy!r} is not available; use one of {', '.join(MIX_STRATEGIES)}")
+    if data.interleave_probs is not None:
+        if data.mix_strategy == "concat":
+            raise ValueError("interleave_probs needs an interleave mix_strategy (it is concat)")
+        try:
+            probs = [float(p) for p in str(data.interleave_probs).split(",")]
+        except ValueError:
+            raise ValueError(f"interleave_probs={data.interleave_probs!r}: give probabilities, comma-separated") \
+                from None
+        if len(probs) != len(str(data.dataset or "").split(",")) or min(probs) < 0 or abs(sum(probs) - 1) > 1e-6:
+            raise ValueError(f"interleave_probs={data.interleave_probs!r}: one probability per dataset, summing to 1")
     if data.val_size and data.eval_dataset:
         raise ValueError("give val_size or eval_dataset, not both (as in LLaMA-Factory)")
     if data.train_on_prompt and data.mask_history:

@@ -10,6 +10,7 @@ their end-of-turn token the tokenizer's end-of-text.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 IGNORE = -100
@@ -106,12 +107,19 @@ def _has_thought(content: str) -> bool:
     return "<think>" in content or "</think>" in content
 
 
-def encode_turns(template: Template, messages: list[dict], tokenizer) -> list[tuple[list[int], list[int]]]:
+def _without_thought(content: str) -> str:
+    """``content`` with its ``<think>`` block removed (LLaMA-Factory's ``remove_thought``)."""
+    return re.sub(r"<think>\n(.*?)\n</think>\n\n", "", content, flags=re.DOTALL).lstrip("\n")
+
+
+def encode_turns(template: Template, messages: list[dict], tokenizer,
+                 mask_history: bool = False) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, response ids) per turn of ``messages`` (an optional leading system message, then user and
-    assistant messages alternating, ending with an assistant one)."""
+    assistant messages alternating, ending with an assistant one). A reasoning template with ``mask_history`` drops
+    the earlier answers' ``<think>`` blocks and gives only the last answer an empty one, as LLaMA-Factory does."""
     system = template.default_system
     if messages and messages[0]["role"] == "system":
-        system, messages = messages[0]["content"], messages[1:]
+        system, messages = messages[0]["content"] or template.default_system, messages[1:]
     roles = [m["role"] for m in messages]
     if len(roles) < 2 or len(roles) % 2 or roles[0::2] != ["user"] * (len(roles) // 2) \
             or roles[1::2] != ["assistant"] * (len(roles) // 2):
@@ -126,9 +134,11 @@ def encode_turns(template: Template, messages: list[dict], tokenizer) -> list[tu
             else:
                 prompt += _ids(template.system, system, tokenizer)
         prompt += _ids(template.user, user, tokenizer)
-        answer = messages[i + 1]["content"]
+        answer, last = messages[i + 1]["content"], i + 2 == len(messages)
+        if template.reasoning and mask_history and not last:
+            answer = _without_thought(answer)
         response = _ids(template.assistant, answer, tokenizer)
-        if template.reasoning and not _has_thought(answer):
+        if template.reasoning and not _has_thought(answer) and (last or not mask_history):
             response = tokenizer.encode(EMPTY_THOUGHT, add_special_tokens=False) + response
         turns.append((prompt, response))
     return turns
@@ -151,7 +161,7 @@ def encode_example(template: Template, messages: list[dict], tokenizer, cutoff_l
                    train_on_prompt: bool = False, mask_history: bool = False) -> dict:
     """``input_ids`` and ``labels`` of a conversation, truncated to ``cutoff_len`` turn by turn as LLaMA-Factory
     does (``mask_history``: only the last turn is trained, and it is kept first)."""
-    turns = encode_turns(template, messages, tokenizer)
+    turns = encode_turns(template, messages, tokenizer, mask_history)
     if mask_history:
         turns = turns[::-1]
     input_ids, labels, total = [], [], 0

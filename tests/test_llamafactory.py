@@ -179,6 +179,9 @@ def test_datasets_templates_lora_and_freeze_are_applied():
     assert trained and all(".layers.1." in n for n in trained)  # the last of the stand-in's 2 layers
     _, (train, _), _ = prepare(_recipe("qwen3_lora_pretrain", "cutoff_len=64"))
     assert len(train) > 10 and len(train[0]["input_ids"]) == 64
+    _, (train, _), _ = prepare(_recipe("llama3_full_sft", "mix_strategy=interleave_under", "val_size=0",
+                                       "max_samples=5", "eval_strategy=no"))
+    assert len(train) == 10  # alternating records of the two datasets until the first runs out
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in RECIPES.glob("*.yaml")))
@@ -204,6 +207,9 @@ def test_every_llamafactory_recipe_runs_two_steps(name, tmp_path, capsys):
     ("flash_attn=fa2", "flash_attn: 'fa2' is a LLaMA-Factory setting lowmem does not have: LLaMA-Factory's own"),
     ("stage=ppo pref_beta=0.2", "stage: ppo (PPO) is not a lowmem stage"),
     ("val_size=0.1 eval_dataset=alpaca_demo", "give val_size or eval_dataset, not both"),
+    ("use_adam_mini=true", "use_galore and use_adam_mini: give one optimizer"),
+    ("mix_strategy=interleave_over interleave_probs=0.5,0.6", "one probability per dataset, summing to 1"),
+    ("dataset_dir=ONLINE", "dataset_dir: ONLINE: lowmem reads a local dataset_info.json"),
 ])
 def test_what_lowmem_does_not_do_is_one_line(override, message, tmp_path, capsys):
     out = tmp_path / "out"
@@ -249,6 +255,76 @@ def test_sft_packing_puts_several_chats_in_a_sequence_and_keeps_every_label(tmp_
     assert cli.main(["train", str(RECIPES / "llama3_lora_sft.yaml"), "stand_in=tiny", f"dataset_dir={DATA}",
                      "max_steps=2", "packing=true", "cutoff_len=256", "preprocessing_num_workers=null",
                      f"output_dir={tmp_path / 'out'}"]) == 0
+
+
+def test_llamafactory_defaults_apply_to_its_recipes():
+    """Where LLaMA-Factory's defaults differ from lowmem's, a recipe written for it gets LLaMA-Factory's: LoRA when
+    finetuning_type is absent (said in a line), gradient checkpointing unless disable_gradient_checkpointing, GaLore on
+    every linear but the head; BAdam with optim: adamw_8bit keeps 8-bit states."""
+    recipe = _recipe("llama3_lora_sft")
+    assert recipe.train.gradient_checkpointing or getattr(recipe.train, "activation_checkpointing", False)
+    recipe = _recipe("llama3_lora_sft", "disable_gradient_checkpointing=true")
+    assert not (recipe.train.gradient_checkpointing or getattr(recipe.train, "activation_checkpointing", False))
+    values = read_values(RECIPES / "qwen3_lora_pretrain.yaml", ["stand_in=tiny", f"dataset_dir={DATA}"])
+    del values["finetuning_type"]
+    recipe = parse_recipe(values)
+    assert recipe.method.finetuning_type == "lora" and any("finetuning_type not given" in n for n in recipe.notes)
+    assert _recipe("llama3_galore_full_sft").train.optim_target_modules == "all-linear"
+    recipe = _recipe("llama3_badam_full_sft", "optim=adamw_8bit")
+    assert "state_dtype='8bit'" in recipe.train.optim_args
+    import lowmem
+    from lowmem.example import tiny_llama
+
+    model = tiny_llama(hidden=256, layers=2)
+    optimizer = lowmem.create_optimizer("badam", model, state_dtype="8bit", switch_interval=5)
+    ids = torch.randint(0, 256, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    assert any(s.get("exp_avg", torch.empty(0)).dtype == torch.uint8 for s in optimizer.state.values())
+
+
+def test_history_reasoning_the_default_system_and_extra_frozen_modules(base_tokenizer):
+    tokenizer = _tokenizer(base_tokenizer)
+    fix_tokenizer(TEMPLATES["qwen3"], tokenizer)
+    chat = [{"role": "user", "content": USER}, {"role": "assistant", "content": "<think>\nwhy\n</think>\n\nBecause."},
+            {"role": "user", "content": USER2}, {"role": "assistant", "content": ANSWER2}]
+    masked = tokenizer.decode(encode_example(TEMPLATES["qwen3"], chat, tokenizer, 4096, mask_history=True)["input_ids"])
+    assert "why" not in masked and masked.count("<think>") == 1  # history's reasoning dropped; the last answer's block
+    plain = tokenizer.decode(encode_example(TEMPLATES["qwen3"], chat, tokenizer, 4096)["input_ids"])
+    assert "why" in plain and plain.count("<think>") == 2
+    fix_tokenizer(TEMPLATES["qwen"], tokenizer)
+    empty_system = [{"role": "system", "content": ""}, *chat[:2]]
+    assert "You are Qwen" in tokenizer.decode(encode_example(TEMPLATES["qwen"], empty_system, tokenizer, 4096)
+                                              ["input_ids"])
+    from lowmem.train import prepare
+
+    _, _, model = prepare(_recipe("llama3_freeze_sft", "freeze_extra_modules=norm"))
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "model.norm.weight" in trained and "model.layers.0.input_layernorm.weight" in trained  # substrings
+
+
+def test_the_default_dataset_dir_does_not_hide_lowmem_sources(tmp_path, monkeypatch):
+    from lowmem.data import dataset_info_entries
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dataset_info.json").write_text('{"demo": {"file_name": "demo.json", "num_samples": 2}}')
+    monkeypatch.chdir(tmp_path)
+    assert dataset_info_entries("tatsu-lab/alpaca", None) is None  # not in the default data/: the Hub name as before
+    with pytest.raises(ValueError, match="is not in"):
+        dataset_info_entries("tatsu-lab/alpaca", "data")  # named explicitly: LLaMA-Factory's rule
+    with pytest.raises(ValueError, match="num_samples"):
+        dataset_info_entries("demo", None)
+
+
+def test_the_held_out_split_is_evaluated_and_datasets_stream(tmp_path):
+    import json
+
+    base = ["train", str(RECIPES / "llama3_full_sft.yaml"), "stand_in=tiny", f"dataset_dir={DATA}", "max_steps=2",
+            "preprocessing_num_workers=null", "dataloader_num_workers=0"]
+    assert cli.main([*base, "eval_steps=1", f"output_dir={tmp_path / 'eval'}"]) == 0
+    history = json.loads((tmp_path / "eval" / "trainer_state.json").read_text())["log_history"]
+    assert len([entry for entry in history if "eval_loss" in entry]) == 2  # val_size: 0.1, eval_strategy: steps
+    assert cli.main([*base, "streaming=true", "val_size=0", "eval_strategy=no", f"output_dir={tmp_path / 's'}"]) == 0
 
 
 def test_the_docs_list_every_llamafactory_key():

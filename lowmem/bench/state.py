@@ -19,7 +19,7 @@ LLAMA_130M = dict(model_type="llama", hidden_size=768, intermediate_size=2048, n
                   num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=1024, vocab_size=32000,
                   tie_word_embeddings=False)
 
-_METHODS = ("apollo_mini", "frugal_svd", "galore", "fira", "apollo", "frugal")
+_METHODS = ("apollo_mini", "frugal_svd", "galore", "fira", "apollo", "frugal", "badam")
 _RULES = {"adamw": ("AdamW", "m, v"), "adam_mini": ("Adam-mini", "m + one v per block"),
           "adafactor": ("Adafactor", "row + column v"), "came": ("CAME", "m + row/column v + row/column residual"),
           "muon": ("Muon", "a momentum"), "sinkgd": ("SinkGD", "nothing")}
@@ -31,6 +31,8 @@ _METHOD_TEXT = {
     "apollo_mini": "{moments} on 1 x max(m,n) per projected weight; {rule} elsewhere",
     "frugal": "{moments} on the active blocks (density) only; {rule} on embeddings, head, norms",
     "frugal_svd": "P (min(m,n) x density*min) + {moments} on the projection; {rule} elsewhere",
+    "badam": "{moments} on one transformer layer (+ an fp32 master copy of a bf16 weight); nothing on the rest "
+             "(frozen)",
 }
 
 

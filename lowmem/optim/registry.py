@@ -411,15 +411,17 @@ def create_optimizer(name: str, model: nn.Module, **options) -> LowMemOptimizer 
         return spec.cls(model, **opts)
     layerwise, accumulation = opts.pop("layerwise"), opts.pop("layerwise_accumulation")
     every_group = {key: bool(opts.pop(key)) for key in ("bf16_stochastic_round", "skip_nonfinite")}
-    if opts.pop("offload_states"):
+    offload = opts.pop("offload_states")
+    if spec.cls is BAdam:
+        _check_badam(name, model, layerwise, offload)
+    if offload:
         _check_offload(name, model)
         every_group["state_device"] = "cpu"
-    if spec.cls is BAdam:
-        _check_badam(name, model, layerwise)
     optimizer = _build(name, spec, model, opts)
     for group in optimizer.param_groups:
         group.update(every_group)
-    if any(isinstance(make_store(group["state_dtype"]), BlockwiseQuantStore) for group in optimizer.param_groups):
+    if spec.cls is not BAdam and any(isinstance(make_store(group["state_dtype"]), BlockwiseQuantStore)
+                                     for group in optimizer.param_groups):  # BAdam never trains the embeddings
         _embedding_states_unquantized(optimizer, model)
     if layerwise:
         optimizer.enable_layerwise(accumulation).stream_rows(model)
@@ -427,21 +429,21 @@ def create_optimizer(name: str, model: nn.Module, **options) -> LowMemOptimizer 
     return optimizer
 
 
-def _check_badam(name: str, model: nn.Module, layerwise: bool) -> None:
+def _check_badam(name: str, model: nn.Module, layerwise: bool, offload: bool) -> None:
     """BAdam freezes all but one layer by ``requires_grad``: refused where that is not how parameters train (layer-wise
-    updates, FSDP2 shards); a model that embeds its inputs gets inputs that require grad, so a checkpointed layer
-    behind frozen ones still passes gradients back (as the reference's callback does)."""
+    updates, several processes) and with offloaded states (its fp32 master copies stay with the weights)."""
     if layerwise:
         raise ValueError(f"optimizer {name!r} with layerwise=True: BAdam already holds one layer's gradients only; "
                          "drop layerwise")
+    if offload:
+        raise ValueError(f"optimizer {name!r} with offload_states=True: not supported (BAdam holds one layer's "
+                         "states, and its fp32 master copies stay with the weights); drop offload_states")
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
         and torch.distributed.get_world_size() > 1
     if distributed or any(is_sharded(p) for p in model.parameters()):
         raise ValueError(f"optimizer {name!r} on several processes: not supported (BAdam freezes layers by "
                          "requires_grad, which DDP and FSDP fix when they wrap the model); run it in one process, or "
                          "use another optimizer")
-    if hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()
 
 
 def _check_offload(name: str, model: nn.Module) -> None:
