@@ -255,6 +255,8 @@ def _coerce(key: str, value, annotation):
     kinds = _field_kinds(annotation)
     if key == "fsdp" and isinstance(value, bool):
         return value  # typed str, but transformers asks for fsdp=True (FSDP2 by default)
+    if key == "resume_from_checkpoint" and isinstance(value, bool):
+        return True if value else None  # true: the newest complete checkpoint in output_dir (train.resume_point)
     if isinstance(value, bool) and bool not in kinds and str in kinds:
         return "yes" if value else "no"  # save_strategy: no
     if isinstance(value, str) and str not in kinds:

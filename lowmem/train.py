@@ -242,6 +242,7 @@ def run(recipe: Recipe) -> dict:
 
     from .trainers import Trainer
 
+    resume = resume_point(recipe.train)
     tokenizer, (dataset, evaluation), model = prepare(recipe)
     if recipe.model.stand_in:
         _fit_rank_to_stand_in(recipe.train)
@@ -259,7 +260,7 @@ def run(recipe: Recipe) -> dict:
         if not existed and out.is_dir():  # the Trainer made it; nothing has been trained or saved yet
             shutil.rmtree(out)
         raise
-    trainer.train(resume_from_checkpoint=recipe.train.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()  # every process takes part (FSDP gathers the shards); the main one writes
     report = memory_report(trainer, model)
     if trainer.is_world_process_zero():
@@ -268,6 +269,30 @@ def run(recipe: Recipe) -> dict:
         if recipe.method.plot_loss:
             plot_loss(trainer.state.log_history, out / "loss.png")
     return report
+
+
+def resume_point(args) -> str | None:
+    """Where the run resumes: ``resume_from_checkpoint`` as given, or for ``true`` the newest *complete* checkpoint
+    in ``output_dir`` (its ``trainer_state.json`` written, which the Trainer does last, and its ``optimizer.pt``
+    unless ``save_only_model``), saying which one and which newer ones it skipped (a save cut short by a crash)."""
+    wanted = args.resume_from_checkpoint
+    if wanted is not True and str(wanted).lower() not in ("true", "yes"):
+        return wanted
+    out = Path(args.output_dir)
+    found = sorted((p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    needed = ["trainer_state.json"] + ([] if args.save_only_model else ["optimizer.pt"])
+    skipped = []
+    for path in found:
+        missing = [name for name in needed if not (path / name).is_file()]
+        if not missing:
+            note = f" (skipped {', '.join(skipped)}: an interrupted save)" if skipped else ""
+            print(f"lowmem: resuming from {path}{note}", file=sys.stderr)
+            return str(path)
+        skipped.append(f"{path.name} without {' and '.join(missing)}")
+    raise FileNotFoundError(f"resume_from_checkpoint: true found no complete checkpoint in {out}"
+                            + (f" ({'; '.join(skipped)})" if skipped else "") + "; give a checkpoint path, or drop "
+                            "resume_from_checkpoint to start afresh")
 
 
 def _fit_rank_to_stand_in(args) -> None:

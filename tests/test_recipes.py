@@ -294,6 +294,28 @@ def test_jsonl_records_stream_and_a_missing_column_is_named(tmp_path, capsys):
     assert "set max_steps" in capsys.readouterr().err
 
 
+def test_resume_from_checkpoint_true_takes_the_newest_complete_checkpoint(tmp_path, capsys):
+    """``resume_from_checkpoint: true`` in a recipe (once the string "yes") resumes from the newest checkpoint whose
+    save completed, naming it and the interrupted one it skipped; with none, one line before anything runs."""
+    out = tmp_path / "out"
+    base = ["train", "cpu-tiny", "stand_in=tiny", "cutoff_len=32", "max_bytes=100000", "save_strategy=steps",
+            "save_steps=1", f"output_dir={out}"]
+    assert cli.main([*base, "max_steps=2"]) == 0
+    partial = out / "checkpoint-9"  # a save killed after the weights, before the optimizer and the trainer state
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"")
+    capsys.readouterr()
+    assert cli.main([*base, "max_steps=3", "resume_from_checkpoint=true"]) == 0
+    err = capsys.readouterr().err
+    assert f"resuming from {out / 'checkpoint-2'} (skipped checkpoint-9 without trainer_state.json and optimizer.pt" \
+        in err
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
+    empty = tmp_path / "empty"
+    assert cli.main([*base, "max_steps=3", "resume_from_checkpoint=true", f"output_dir={empty}"]) == 2
+    assert "resume_from_checkpoint: true found no complete checkpoint" in capsys.readouterr().err
+    assert not empty.exists()
+
+
 def test_an_unreachable_hub_dataset_is_one_line(tmp_path, capsys, monkeypatch):
     import datasets
 
