@@ -155,6 +155,13 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, pad_token=EOS)
 
 
+def first_records(data, count: int | None):
+    """The first ``count`` records of ``data`` (a dataset, or a streaming one); all of them for None or 0."""
+    if not count:
+        return data
+    return data.select(range(min(count, len(data)))) if hasattr(data, "__len__") else data.take(count)
+
+
 def pack(data, tokenizer, cutoff_len: int, max_samples: int | None = None):
     """``input_ids`` blocks of exactly ``cutoff_len`` tokens from ``data``'s ``text`` documents."""
     if cutoff_len < 2:
@@ -174,11 +181,9 @@ def pack(data, tokenizer, cutoff_len: int, max_samples: int | None = None):
 
     tokens = data.map(tokenize, batched=True, remove_columns=["text"])
     packed = tokens.map(blocks, batched=True, batch_size=1000)
-    if not hasattr(packed, "__len__"):  # streaming
-        return packed.take(max_samples) if max_samples else packed
-    if len(packed) == 0:
+    if hasattr(packed, "__len__") and len(packed) == 0:
         raise ValueError(f"dataset has fewer than cutoff_len={cutoff_len} tokens; add text or lower cutoff_len")
-    return packed.select(range(min(max_samples, len(packed)))) if max_samples else packed
+    return first_records(packed, max_samples)
 
 
 #: Used when a tokenizer has no chat template (a base model, the BPE stand-in): role tags and end-of-text.
@@ -293,9 +298,7 @@ def instruction_dataset(records, tokenizer, cutoff_len: int, max_samples: int | 
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     if template is None and (train_on_prompt or mask_history):
         raise ValueError("train_on_prompt and mask_history need a template (LLaMA-Factory's template key)")
-    if max_samples:
-        records = records.take(max_samples) if not hasattr(records, "__len__") else records.select(
-            range(min(max_samples, len(records))))
+    records = first_records(records, max_samples)
     columns = records.column_names
 
     def encode(record):

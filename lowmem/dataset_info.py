@@ -14,6 +14,8 @@ import json
 import warnings
 from pathlib import Path
 
+from .data import first_records
+
 INFO = "dataset_info.json"
 #: The file types LLaMA-Factory reads, by suffix: the ``datasets`` builder.
 BUILDERS = {".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
@@ -135,8 +137,7 @@ def _sharegpt(record: dict, columns: dict, tags: dict) -> list[dict] | None:
 
 def conversations(found: dict, data, max_samples: int | None):
     """``data``'s records as ``messages`` (the first ``max_samples``), the dropped ones counted in one warning."""
-    if max_samples:
-        data = data.select(range(min(max_samples, len(data)))) if hasattr(data, "__len__") else data.take(max_samples)
+    data = first_records(data, max_samples)
     converted = data.map(lambda r: {"messages": to_conversation(r, found)}, remove_columns=data.column_names)
     if not hasattr(converted, "__len__"):
         return converted.filter(lambda r: r["messages"] is not None)
@@ -151,8 +152,7 @@ def conversations(found: dict, data, max_samples: int | None):
 def texts(found: dict, data, max_samples: int | None):
     """Pretraining text of an entry: its prompt column (LLaMA-Factory's ``pt`` stage), the first ``max_samples``."""
     column = found["columns"]["prompt"]
-    if max_samples:
-        data = data.select(range(min(max_samples, len(data)))) if hasattr(data, "__len__") else data.take(max_samples)
+    data = first_records(data, max_samples)
     if data.column_names is not None and column not in data.column_names:
         raise ValueError(f"dataset {found['name']!r} has no {column!r} column for pretraining text (columns: "
                          f"{', '.join(data.column_names)}); set its columns: {{prompt: ...}} in {INFO}")

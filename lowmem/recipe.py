@@ -224,6 +224,19 @@ def parse_recipe(values: dict) -> Recipe:
     return Recipe(model, data, method, train, notes)
 
 
+def interleave_probabilities(data: DataArguments) -> list[float] | None:
+    """``interleave_probs`` as floats, one per dataset and summing to 1 (a ``ValueError`` naming the key else)."""
+    if data.interleave_probs is None:
+        return None
+    try:
+        probs = [float(p) for p in str(data.interleave_probs).split(",")]
+    except ValueError:
+        raise ValueError(f"interleave_probs={data.interleave_probs!r}: give probabilities, comma-separated") from None
+    if len(probs) != len(str(data.dataset or "").split(",")) or min(probs) < 0 or abs(sum(probs) - 1) > 1e-6:
+        raise ValueError(f"interleave_probs={data.interleave_probs!r}: one probability per dataset, summing to 1")
+    return probs
+
+
 def has_accelerator() -> bool:
     import torch
 
@@ -318,16 +331,9 @@ def _check(model: ModelArguments, data: DataArguments, method: MethodArguments, 
         raise ValueError(f"val_size={data.val_size}: give a fraction in [0, 1) or a whole count of records")
     if data.mix_strategy not in MIX_STRATEGIES:
         raise ValueError(f"mix_strategy={data.mix_strategy!r} is not available; use one of {', '.join(MIX_STRATEGIES)}")
-    if data.interleave_probs is not None:
-        if data.mix_strategy == "concat":
-            raise ValueError("interleave_probs needs an interleave mix_strategy (it is concat)")
-        try:
-            probs = [float(p) for p in str(data.interleave_probs).split(",")]
-        except ValueError:
-            raise ValueError(f"interleave_probs={data.interleave_probs!r}: give probabilities, comma-separated") \
-                from None
-        if len(probs) != len(str(data.dataset or "").split(",")) or min(probs) < 0 or abs(sum(probs) - 1) > 1e-6:
-            raise ValueError(f"interleave_probs={data.interleave_probs!r}: one probability per dataset, summing to 1")
+    if data.interleave_probs is not None and data.mix_strategy == "concat":
+        raise ValueError("interleave_probs needs an interleave mix_strategy (it is concat)")
+    interleave_probabilities(data)
     if data.val_size and data.eval_dataset:
         raise ValueError("give val_size or eval_dataset, not both (as in LLaMA-Factory)")
     if data.train_on_prompt and data.mask_history:

@@ -74,11 +74,10 @@ def get_template(name: str) -> Template:
     return TEMPLATES[name]
 
 
-def fix_tokenizer(template: Template, tokenizer) -> int:
+def fix_tokenizer(template: Template, tokenizer) -> None:
     """As LLaMA-Factory: a ``replace_eos`` template's first stop word becomes the end-of-text token, the other stop
-    words special tokens, and a missing pad token the end-of-text one. Returns how many tokens were added (the model's
-    embeddings must then grow)."""
-    before = len(tokenizer)
+    words special tokens, and a missing pad token the end-of-text one (tokens it adds grow the model's embeddings:
+    ``train.prepare``)."""
     stop_words = list(template.stop_words)
     if template.replace_eos and stop_words:
         tokenizer.add_special_tokens({"eos_token": stop_words.pop(0)})
@@ -88,7 +87,6 @@ def fix_tokenizer(template: Template, tokenizer) -> int:
         tokenizer.pad_token = tokenizer.eos_token
     if stop_words:
         tokenizer.add_tokens(stop_words, special_tokens=True)
-    return len(tokenizer) - before
 
 
 def _ids(slots, content: str, tokenizer) -> list[int]:

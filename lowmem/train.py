@@ -18,6 +18,7 @@ import torch
 from .data import (
     IGNORE,
     dataset_info_entries,
+    first_records,
     held_out,
     instruction_dataset,
     load_entries,
@@ -32,7 +33,7 @@ from .data import (
 from .optim.sharded import local
 from .optim.states import state_bytes
 from .quiet import lora_without_bitsandbytes
-from .recipe import MIX_STRATEGIES, Recipe, has_accelerator
+from .recipe import MIX_STRATEGIES, Recipe, has_accelerator, interleave_probabilities
 from .templates import fix_tokenizer, get_template
 
 #: The model ``stand_in: tiny`` trains instead of the recipe's (any recipe runs in seconds on a CPU, offline).
@@ -164,16 +165,13 @@ def _raw_data(recipe: Recipe, dataset: str):
     data_args, sft = recipe.data, recipe.method.stage == "sft"
     entries = dataset_info_entries(dataset, data_args.dataset_dir)
     if entries is not None:
-        probabilities = [float(p) for p in data_args.interleave_probs.split(",")] if data_args.interleave_probs \
-            else None
         data = load_entries(entries, data_args.max_samples, data_args.streaming, not sft,
-                            MIX_STRATEGIES[data_args.mix_strategy], probabilities, recipe.train.seed)
+                            MIX_STRATEGIES[data_args.mix_strategy], interleave_probabilities(data_args),
+                            recipe.train.seed)
     elif sft:
         data = load_records(dataset, config=data_args.dataset_config, streaming=data_args.streaming)
         if data_args.max_samples and data_args.val_size:  # the cap first, so the held-out part is of the capped
-            data = data.select(range(min(data_args.max_samples, len(data)))) if hasattr(data, "__len__") \
-                else data.take(data_args.max_samples)
-            return (*held_out(data, data_args.val_size, recipe.train.seed), True)
+            return (*held_out(first_records(data, data_args.max_samples), data_args.val_size, recipe.train.seed), True)
     else:
         limit = data_args.max_bytes or (STAND_IN_BYTES if recipe.model.stand_in else None)
         data = load_text(dataset, config=data_args.dataset_config, text_column=data_args.text_column,
