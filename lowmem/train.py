@@ -35,6 +35,7 @@ from .optim.states import state_bytes
 from .quiet import lora_without_bitsandbytes
 from .recipe import MIX_STRATEGIES, Recipe, has_accelerator, interleave_probabilities
 from .templates import fix_tokenizer, get_template
+from .trainers.checkpoints import newest_complete
 
 #: The model ``stand_in: tiny`` trains instead of the recipe's (any recipe runs in seconds on a CPU, offline).
 TINY_CONFIG = dict(model_type="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=2,
@@ -271,26 +272,11 @@ def run(recipe: Recipe) -> dict:
 
 def resume_point(args) -> str | None:
     """Where the run resumes: ``resume_from_checkpoint`` as given, or for ``true`` the newest *complete* checkpoint
-    in ``output_dir`` (its ``trainer_state.json`` written, which the Trainer does last, and its ``optimizer.pt``
-    unless ``save_only_model``), saying which one and which newer ones it skipped (a save cut short by a crash)."""
+    in ``output_dir`` (``checkpoints.newest_complete``), found before the model loads."""
     wanted = args.resume_from_checkpoint
     if wanted is not True and str(wanted).lower() not in ("true", "yes"):
         return wanted
-    out = Path(args.output_dir)
-    found = sorted((p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
-                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
-    needed = ["trainer_state.json"] + ([] if args.save_only_model else ["optimizer.pt"])
-    skipped = []
-    for path in found:
-        missing = [name for name in needed if not (path / name).is_file()]
-        if not missing:
-            note = f" (skipped {', '.join(skipped)}: an interrupted save)" if skipped else ""
-            print(f"lowmem: resuming from {path}{note}", file=sys.stderr)
-            return str(path)
-        skipped.append(f"{path.name} without {' and '.join(missing)}")
-    raise FileNotFoundError(f"resume_from_checkpoint: true found no complete checkpoint in {out}"
-                            + (f" ({'; '.join(skipped)})" if skipped else "") + "; give a checkpoint path, or drop "
-                            "resume_from_checkpoint to start afresh")
+    return newest_complete(args.output_dir, not args.save_only_model)
 
 
 def _fit_rank_to_stand_in(args) -> None:

@@ -307,8 +307,8 @@ def test_resume_from_checkpoint_true_takes_the_newest_complete_checkpoint(tmp_pa
     capsys.readouterr()
     assert cli.main([*base, "max_steps=3", "resume_from_checkpoint=true"]) == 0
     err = capsys.readouterr().err
-    assert f"resuming from {out / 'checkpoint-2'} (skipped checkpoint-9 without trainer_state.json and optimizer.pt" \
-        in err
+    assert f"resuming from {out / 'checkpoint-2'}, the newest complete checkpoint (skipped checkpoint-9 without " \
+        "trainer_state.json and optimizer.pt: an interrupted save)" in err
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
     empty = tmp_path / "empty"
     assert cli.main([*base, "max_steps=3", "resume_from_checkpoint=true", f"output_dir={empty}"]) == 2

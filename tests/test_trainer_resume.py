@@ -54,10 +54,11 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, name, kw):
 
 
 def test_resume_without_the_optimizer_state_differs(tmp_path):
-    """The check above can fail: drop optimizer.pt and the resumed run goes elsewhere."""
+    """The check above can fail: drop optimizer.pt (past the manifest's check) and the resumed run goes elsewhere."""
     straight, _ = run(tmp_path / "a", "galore_adamw_layerwise")
     (tmp_path / "a" / f"checkpoint-{K}" / "optimizer.pt").unlink()
-    resumed, _ = run(tmp_path / "b", "galore_adamw_layerwise", resume=str(tmp_path / "a" / f"checkpoint-{K}"))
+    resumed, _ = run(tmp_path / "b", "galore_adamw_layerwise", resume=str(tmp_path / "a" / f"checkpoint-{K}"),
+                     ignore_checksums=True)
     assert any(not torch.equal(p, q) for p, q in zip(straight.parameters(), resumed.parameters(), strict=True))
 
 

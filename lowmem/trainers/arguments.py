@@ -19,6 +19,7 @@ import transformers
 from transformers.training_args import OptimizerNames
 
 from ..optim.registry import check_options, get_spec
+from .checkpoints import RESUME_OPTIMIZER
 
 #: TrainingArguments fields that become optimizer options, where the optimizer takes them in this form.
 _ADAM_FIELDS = ("adam_beta1", "adam_beta2", "adam_epsilon")
@@ -105,12 +106,21 @@ class TrainingArguments(transformers.TrainingArguments):
                 "cross-entropy a block of vocabulary at a time; Triton kernels on CUDA). The model then returns "
                 "logits=None when given labels in training. Default (unset): on for those models in one process "
                 "with the Trainer's own loss and a gradient-based optimizer; False keeps the logits."})
+    resume_optimizer: str = field(default="check", metadata={
+        "help": "On resume: 'check' (the checkpoint's optimizer and options must be this run's; only learning_rate "
+                "may change), 'reset' (fresh optimizer state from the saved weights; the step and schedule continue) "
+                "or 'keep' (load the saved optimizer state unchecked: a checkpoint that records no optimizer)."})
+    ignore_checksums: bool = field(default=False, metadata={
+        "help": "On resume, load the checkpoint's files without checking them against its manifest (sizes and "
+                "SHA-256), for checkpoints edited by hand."})
 
     def __post_init__(self):
         if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
             # launched by torchrun on a machine with no GPU: without use_cpu, accelerate starts the process group
             # yet runs each process alone (every one training on all the data); with it, gloo DDP or FSDP2
             self.use_cpu = True
+        if self.resume_optimizer not in RESUME_OPTIMIZER:
+            raise ValueError(f"resume_optimizer={self.resume_optimizer!r}: use one of {', '.join(RESUME_OPTIMIZER)}")
         self.max_grad_norm_given = self.max_grad_norm is not None
         if self.max_grad_norm is None:
             self.max_grad_norm = 1.0

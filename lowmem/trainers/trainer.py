@@ -11,6 +11,8 @@ resume are transformers' own; a lowmem optimizer's state is tensors and plain nu
 from __future__ import annotations
 
 import dataclasses
+import shutil
+from pathlib import Path
 
 import torch
 import transformers
@@ -23,6 +25,15 @@ from ..optim.registry import create_optimizer, get_spec
 from ..optim.sharded_checkpoint import prepare_to_load
 from ..optim.zo import MeZO, pair_loss
 from .arguments import TrainingArguments
+from .checkpoints import (
+    STAGING,
+    CheckpointError,
+    check_resume,
+    newest_complete,
+    optimizer_record,
+    say,
+    write_manifest,
+)
 from .fsdp import shard_cpu_processes, sharded_optimizer_dir
 
 logger = transformers.utils.logging.get_logger(__name__)
@@ -51,8 +62,69 @@ class Trainer(transformers.Trainer):
         if self.args.fsdp_plugin_args is not None and not self.is_fsdp_enabled:
             shard_cpu_processes(self)
 
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """transformers' ``train``; a resume first checks the checkpoint (``checkpoints.check_resume``: its files
+        against the manifest, its optimizer against this run's) and ``True`` takes the newest *complete* one."""
+        self._resume_changes, self._resume_saved = [], None
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = newest_complete(self.args.output_dir, not self.args.save_only_model)
+        if resume_from_checkpoint not in (None, False):
+            self._resume_changes, self._resume_saved = check_resume(resume_from_checkpoint, self.args)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _get_output_dir(self, trial):
+        """transformers' run folder; while a checkpoint is saved, the staging folder it is written in."""
+        staging = getattr(self, "_staging", None)
+        return str(staging) if staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        """transformers' checkpoint, written under ``.lowmem-saving/`` and renamed to ``checkpoint-N`` once every
+        process has written its files and the manifest (sizes, hashes, the optimizer's name and options) is there:
+        a ``checkpoint-N`` is always whole. With ``push_to_hub`` (its upload reads the folder after the save) the
+        checkpoint is written in place, its manifest last."""
+        run_dir = Path(self._get_output_dir(trial))
+        final = run_dir / f"checkpoint-{self.state.global_step}"
+        staging = None if self.args.push_to_hub else run_dir / STAGING
+        if staging is not None:
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)  # what a save cut short left
+            self.accelerator.wait_for_everyone()
+            self._staging = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = None
+        staged = final if staging is None else staging / final.name
+        moved_best = staging is not None and str(self.state.best_model_checkpoint or "").startswith(str(staging))
+        if moved_best:  # transformers named the best checkpoint where it was written
+            self.state.best_model_checkpoint = str(run_dir / Path(self.state.best_model_checkpoint).name)
+        self.accelerator.wait_for_everyone()  # every process's files are written
+        if self.args.should_save:
+            if moved_best and (staged / "trainer_state.json").is_file():
+                self.state.save_to_json(str(staged / "trainer_state.json"))
+            write_manifest(staged, optimizer_record(self.args))
+            if staged != final:
+                _publish(staged, final)
+                self._rotate(run_dir)
+        self.accelerator.wait_for_everyone()
+
+    def _rotate(self, run_dir: Path) -> None:
+        """transformers' checkpoint rotation (``save_total_limit``), on the run folder the checkpoint moved to."""
+        if hasattr(self, "_rotate_checkpoints"):  # transformers 4.x
+            self._rotate_checkpoints(use_mtime=True, output_dir=str(run_dir))
+            return
+        from transformers.trainer_utils import rotate_checkpoints
+
+        rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
     def _load_optimizer_and_scheduler(self, checkpoint):
-        """transformers' load; a lowmem optimizer's sharded state first takes the entries the checkpoint holds."""
+        """transformers' load; a lowmem optimizer's sharded state first takes the entries the checkpoint holds.
+        ``resume_optimizer="reset"`` loads the schedule only (fresh optimizer state); a changed ``learning_rate``
+        scales the loaded schedule to it."""
+        if checkpoint is not None and getattr(self.args, "resume_optimizer", "check") == "reset":
+            self._restore_schedule_only(checkpoint)
+            return None
         directory = sharded_optimizer_dir(self, checkpoint)
         optimizer = self._unwrapped_optimizer()
         updates = self.layerwise_updates()
@@ -60,7 +132,40 @@ class Trainer(transformers.Trainer):
             updates.follow_params()  # before the state is keyed by the sharded parameters
         if directory is not None and isinstance(optimizer, LowMemOptimizer):
             prepare_to_load(self.model, optimizer, directory)
-        return super()._load_optimizer_and_scheduler(checkpoint)
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and "lr" in getattr(self, "_resume_changes", ()):
+            self._scale_schedule(self._resume_saved["options"]["lr"], self.args.learning_rate)
+        return None
+
+    def _scale_schedule(self, old: float, new: float) -> None:
+        """The loaded schedule (its base rates, the groups' current and initial rates) times ``new / old``."""
+        ratio = new / old
+        scheduler, groups = self.lr_scheduler, self._unwrapped_optimizer().param_groups
+        scheduler.base_lrs = [lr * ratio for lr in scheduler.base_lrs]
+        for group in groups:
+            group["lr"] *= ratio
+            if "initial_lr" in group:
+                group["initial_lr"] *= ratio
+        scheduler._last_lr = [group["lr"] for group in groups]
+        say(f"learning_rate {old:g} -> {new:g} on resume: the schedule continues from step "
+            f"{scheduler.last_epoch} at the new peak")
+
+    def _restore_schedule_only(self, checkpoint) -> None:
+        """``resume_optimizer="reset"``: the schedule's step from ``checkpoint``, this run's rates and a fresh
+        optimizer state (transformers' schedules are ``LambdaLR``: rate = base x lambda(step))."""
+        scheduler = self.lr_scheduler
+        if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            raise CheckpointError(f"resume_optimizer=reset restarts transformers' step schedules; "
+                                  f"lr_scheduler_type={self.args.lr_scheduler_type!r} is not one")
+        saved = torch.load(Path(checkpoint) / "scheduler.pt", weights_only=True)
+        scheduler.last_epoch, scheduler._step_count = saved["last_epoch"], saved["_step_count"]
+        rates = [base * rate(scheduler.last_epoch) for base, rate in zip(scheduler.base_lrs, scheduler.lr_lambdas,
+                                                                        strict=True)]
+        for group, lr in zip(self._unwrapped_optimizer().param_groups, rates, strict=True):
+            group["lr"] = lr
+        scheduler._last_lr = rates
+        say(f"resume_optimizer=reset: fresh optimizer state from the weights of {checkpoint}, the schedule at step "
+            f"{scheduler.last_epoch}")
 
     def call_model_init(self, *args, **kwargs):
         """transformers' ``model_init`` call, its model patched like one given directly."""
@@ -159,6 +264,19 @@ class Trainer(transformers.Trainer):
             if "loss" in logs and zo.last_projected_grad is not None:
                 logs["projected_grad"] = zo.last_projected_grad
         super().log(logs, *args, **kwargs)
+
+
+def _publish(staged: Path, final: Path) -> None:
+    """Rename the complete ``staged`` checkpoint to ``final``; one already there (a run saved over) goes first."""
+    replaced = staged.with_name(f"replaced-{final.name}")
+    if final.exists():
+        final.rename(replaced)
+    staged.rename(final)
+    shutil.rmtree(replaced, ignore_errors=True)
+    try:
+        staged.parent.rmdir()
+    except OSError:
+        pass
 
 
 def _prepare_model(model, args, own_loss: bool) -> None:
