@@ -274,6 +274,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         is due then, and the lift only reads ``p.grad``'s shape and dtype)."""
         grad = p.grad
         _refuse_sparse(grad)
+        if not grad.is_contiguous():  # a transposed or strided weight's gradient: the rules view it by rows and heads
+            grad = grad.contiguous()
         if torch.is_tensor(group["lr"]):  # a 1-element tensor lr (checked when the group was added)
             group = {**group, "lr": group["lr"].item()}
         if offloads(group, p):  # states in CPU memory: streamed through the device for this update
@@ -371,6 +373,12 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 whole: tuple | None = None) -> None:
         """``update_param`` on a tensor (or a chunk of one: ``whole`` = (the tensor, the chunk's start)) with its
         gradient and state; a bf16 ``p`` under ``bf16_stochastic_round`` is updated in fp32 and rounded once."""
+        if p.dtype == torch.float16:  # fp16 weights: the step in fp32 (fp32 states), rounded once to the weight
+            updated = p.float()  # (in fp16 Adam's eps 1e-8 is 0 and Fira's ratios overflow: inf weights, as torch's)
+            self._update(updated, grad.float(), state, group, parts, None if low is None else low.float(),
+                         whole or (p, 0))
+            p.copy_(updated)
+            return
         if fused.wants_rounding(group, p):
             updated = p.float()
             self._update(updated, grad, state, {**group, "bf16_stochastic_round": False}, parts, low)
@@ -380,7 +388,10 @@ class LowMemOptimizer(torch.optim.Optimizer):
         lr, wd = group["lr"], group["weight_decay"]
         if low is None:
             if parts.projector.needs_refresh(state):
-                parts.projector.refresh(state, grad)
+                try:
+                    parts.projector.refresh(state, grad)
+                except torch.linalg.LinAlgError as err:  # an SVD of a gradient with NaN / inf
+                    raise _nonfinite_refresh(group, whole[0] if whole else p, state) from err
                 if group.get("reset_statistics") and "step" in state:
                     parts.rule.reset(state, parts.store)
             low = parts.projector.down(state, grad)
@@ -480,6 +491,17 @@ def chunk_ranges(parts: Parts, shape: torch.Size) -> list[tuple[int, int]]:
     unit = shape[-1] * getattr(parts.store, "blocksize", 1) if parts.rule.row_local else 1
     span = max(1, CHUNK // unit) * unit
     return [(start, min(start + span, numel)) for start in range(0, numel, span)]
+
+
+def _nonfinite_refresh(group: dict, p: torch.Tensor, state: dict) -> FloatingPointError:
+    """The error for an SVD projection refreshed from a gradient with NaN / inf, reachable with
+    ``skip_nonfinite=False`` only: there is no projection to compute (on CPU torch raises ``LinAlgError``)."""
+    names = dict(zip(map(id, group["params"]), group.get("param_names") or (), strict=False))
+    name = names.get(id(p), f"a {tuple(p.shape)} weight")
+    return FloatingPointError(
+        f"the gradient of {name!r} has NaN or inf values at update {state.get('step', 0) + 1}, where its low-rank "
+        "projection is recomputed from it by an SVD: it has none. Keep skip_nonfinite=True (the default: such "
+        "updates are skipped).")
 
 
 def _in_chunks(p: torch.Tensor, grad: torch.Tensor, parts: Parts) -> bool:

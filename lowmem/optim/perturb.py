@@ -362,7 +362,7 @@ def _perturbed_linear(module: nn.Linear, x: torch.Tensor, perturbation: Perturba
     biases = [bias] * len(parts)
     if i_bias is not None:
         biases = perturbation.perturbed(bias.data, i_bias)
-    if i_weight is None:
+    if i_weight is None or weight.numel() == 0:  # untrained, or no element to perturb (``Linear(n, 0)``)
         outs = [F.linear(xj, weight, bj) for xj, bj in zip(parts, biases, strict=True)]
         return outs[0] if len(outs) == 1 else perturbation.join(outs, shared)
     blocks = row_blocks(weight)
