@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             return _bench(args)
         return _list(args.names)
     except (ValueError, FileNotFoundError) as err:
-        print(f"lowmem: error: {err}", file=sys.stderr)
+        print(f"lowmem: error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, whoever wrote it
         return 2
 
 
@@ -108,13 +108,15 @@ def _train(name: str, overrides: list[str]) -> int:
 
 
 def _plan(args) -> int:
+    from .checks import POSITIVE, POSITIVE_INT, Bound
     from .kernels.model_patch import LINEAR_CE_MODEL_TYPES
     from .memory import format_plan, load_config, plan, recipe_command, recommend
 
+    for flag, value, bound in (("--gpus", args.gpus, POSITIVE_INT), ("--batch", args.batch, POSITIVE_INT),
+                               ("--seq", args.seq, Bound(int, 2)), ("--card-gib", args.card_gib, POSITIVE)):
+        bound.check(flag, value)
     config = load_config(args.model)  # read once (a hub id is a download)
     linear_ce = args.linear_ce if args.linear_ce is not None else config.model_type in LINEAR_CE_MODEL_TYPES
-    if args.gpus < 1:
-        raise ValueError(f"--gpus {args.gpus}: give 1 or more")
     int8 = {"weight_dtype": "int8"} if args.int8_weights else {}
     offload = {"offload_states": True} if args.offload_states else {}
     dense = {"dense_rule": args.dense_rule} if args.dense_rule else {}

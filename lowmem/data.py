@@ -85,7 +85,12 @@ def load_text(dataset: str, *, config: str | None = None, text_column: str = "te
     files = text_files(dataset, limit_bytes)
     raw = [str(f) for f in files if f.suffix in RAW_SUFFIXES]
     if raw:
-        parts.append(load_dataset("text", data_files=raw, sample_by="document", split="train", streaming=streaming))
+        try:
+            parts.append(load_dataset("text", data_files=raw, sample_by="document", split="train",
+                                      streaming=streaming))
+        except Exception as err:
+            _refuse_undecodable(err, raw)
+            raise
     parts += [_text_column(data, text_column, source) for source, data in _record_files(files, streaming)]
     for name in (item for item in _items(dataset) if item != STDLIB and not _is_local(item)):
         parts.append(_text_column(_hub_dataset(name, config, streaming), text_column, name))
@@ -121,11 +126,42 @@ def _hub_dataset(name: str, config: str | None, streaming: bool):
                                 f"Hub ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
 
 
+def _refuse_undecodable(err: Exception, files: list[str]) -> None:
+    """A ``ValueError`` naming the first of ``files`` that is not UTF-8, when that is why ``err`` was raised."""
+    cause = err
+    while cause is not None and not isinstance(cause, UnicodeDecodeError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return
+    for name in files:
+        try:
+            with open(name, encoding="utf-8") as f:
+                while f.read(1 << 24):
+                    pass
+        except UnicodeDecodeError as bad:
+            raise ValueError(f"dataset file {name} is not UTF-8 text ({bad.reason}: byte {bad.object[bad.start]:#x}); "
+                             "convert it, e.g. iconv -f latin1 -t utf-8") from None
+    raise ValueError(f"a dataset file is not UTF-8 text ({cause.reason}); convert it, e.g. iconv -f latin1 -t "
+                     "utf-8") from None
+
+
+def texts_of(values: list, source: str = "dataset") -> list[str]:
+    """``values`` (a batch of a text column), refusing a record without text: null, or a number."""
+    for value in values:
+        if not isinstance(value, str):
+            raise ValueError(f"{source} has a record whose text is {value!r}, not a string; drop or fix such records")
+    return values
+
+
 def _text_column(data, column: str, source: str):
     names = data.column_names
     if names is not None and column not in names:
         raise ValueError(f"dataset {source!r} has no {column!r} column (columns: {', '.join(names)}); set "
                          "text_column")
+    kind = getattr((data.features or {}).get(column), "dtype", "string")
+    if kind not in ("string", "large_string"):
+        raise ValueError(f"dataset {source!r}: its {column!r} column holds {kind} values, not text; set text_column "
+                         "to a column of strings")
     keep = data.select_columns([column])
     return keep.rename_column(column, "text") if column != "text" else keep
 
@@ -134,7 +170,7 @@ def sample_texts(data, limit_bytes: int) -> Iterable[str]:
     """The leading documents of ``data`` up to about ``limit_bytes`` (what a tokenizer is trained on)."""
     total = 0
     for row in data:
-        yield row["text"]
+        yield texts_of([row["text"]])[0]
         total += len(row["text"])
         if total >= limit_bytes:
             return
@@ -171,7 +207,7 @@ def pack(data, tokenizer, cutoff_len: int, max_samples: int | None = None):
     eos = tokenizer.eos_token_id
 
     def tokenize(batch):
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        ids = tokenizer(texts_of(batch["text"]), add_special_tokens=False)["input_ids"]
         return {"input_ids": [doc + [eos] for doc in ids]}
 
     def blocks(batch):

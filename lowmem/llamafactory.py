@@ -157,7 +157,7 @@ def _refuse(values: dict) -> None:
         raise ValueError(f"stage: {stage} ({REFUSED_STAGES[stage]}) is not a lowmem stage; lowmem trains stage pt "
                          "(pretraining) and sft (instruction fine-tuning)")
     report_to = values.get("report_to")
-    for service in [report_to] if isinstance(report_to, str) else (report_to or []):
+    for service in [report_to] if isinstance(report_to, str) else (report_to if isinstance(report_to, list) else []):
         package = REPORTERS.get(service)
         if package and importlib.util.find_spec(package) is None:
             raise ValueError(f"report_to: {service} needs the {package!r} package, which is not installed: "

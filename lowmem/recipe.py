@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from . import llamafactory
+from .checks import RECIPE, TRAINING, check_all
 from .optim.registry import get_spec, without_layerwise
 from .trainers import TrainingArguments, parse_optim_args
 
@@ -154,7 +156,12 @@ def read_values(path: Path, overrides: list[str] = ()) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"override {item!r} is not key=value (e.g. max_steps=10)")
-        values[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        try:
+            values[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as err:  # "[rank", a python tag (safe_load refuses to build objects)
+            reason = str(err).splitlines()[0]
+            raise ValueError(f"override {item!r}: its value is not plain YAML ({reason}); quote it, e.g. "
+                             f"{key.strip()}='{value}'") from None
     return values
 
 
@@ -248,6 +255,8 @@ def _translate(values: dict) -> dict:
     """Keys that exist only in transformers 4.57 or only in 5.x, moved to what this version takes."""
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     if "warmup_ratio" in values and "warmup_ratio" not in fields:
+        TRAINING["warmup_ratio"].check("warmup_ratio", _coerce("warmup_ratio", values["warmup_ratio"], float),
+                                       " (a fraction of the steps)")
         ratio = values.pop("warmup_ratio")
         if ratio:
             values.setdefault("warmup_steps", float(ratio))  # 5.x: warmup_steps below 1 is a ratio
@@ -263,25 +272,52 @@ def _translate(values: dict) -> dict:
 
 
 def _coerce(key: str, value, annotation):
-    """YAML reads ``1e-5`` as a string (``1.0e-5`` is a float) and ``no`` as False: convert them back for fields
-    that take numbers or strings."""
+    """``value`` as the field's type takes it, or a ``ValueError`` naming the key and what it takes. YAML reads
+    ``1e-5`` as a string (``1.0e-5`` is a float) and ``no`` as False: those are converted back for fields that take
+    numbers or strings; a whole-number field refuses 8.5 and True, a number field NaN / inf, a field without null
+    null, and a one-value field a list or a mapping."""
     kinds = _field_kinds(annotation)
+    plain = {typing.get_origin(kind) or kind for kind in kinds}
     if key == "fsdp" and isinstance(value, bool):
         return value  # typed str, but transformers asks for fsdp=True (FSDP2 by default)
     if key == "resume_from_checkpoint" and isinstance(value, bool):
         return True if value else None  # true: the newest complete checkpoint in output_dir (train.resume_point)
-    if isinstance(value, bool) and bool not in kinds and str in kinds:
-        return "yes" if value else "no"  # save_strategy: no
-    if isinstance(value, str) and str not in kinds:
-        for kind in (int, float):
-            if kind in kinds:
-                try:
-                    return kind(value)
-                except ValueError:
-                    pass
-        if kinds & {int, float}:
-            raise ValueError(f"recipe key {key!r} takes a number, got {value!r}")
+    if value is None:
+        if type(None) in plain:
+            return None
+        raise ValueError(f"recipe key {key!r} takes {_describe(plain)}, got null")
+    if isinstance(value, bool):
+        if bool in plain:
+            return value
+        if str in plain:
+            return "yes" if value else "no"  # save_strategy: no
+        raise ValueError(f"recipe key {key!r} takes {_describe(plain)}, got {value}")
+    if isinstance(value, str) and str not in plain and plain & {int, float}:
+        try:
+            value = float(value) if float in plain or not value.strip().lstrip("+-").isdigit() else int(value)
+        except ValueError:
+            raise ValueError(f"recipe key {key!r} takes {_describe(plain)}, got {value!r}") from None
+    if isinstance(value, (int, float)) and plain & {int, float}:
+        if not math.isfinite(value) and not (key in TRAINING and TRAINING[key].holds(value)):  # max_grad_norm: inf
+            raise ValueError(f"recipe key {key!r} takes a finite number, got {value}")
+        if float not in plain and value != int(value):
+            raise ValueError(f"recipe key {key!r} takes a whole number, got {value}")
+        return value if float in plain else int(value)
+    if not any(isinstance(value, kind) for kind in plain if isinstance(kind, type)):
+        raise ValueError(f"recipe key {key!r} takes {_describe(plain)}, got {_shown(value)}")
     return value
+
+
+def _describe(kinds: set) -> str:
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "text", list: "a list",
+             dict: "a mapping", type(None): "null"}
+    return " or ".join(dict.fromkeys(names.get(kind, getattr(kind, "__name__", str(kind))) for kind in kinds
+                                     if kind is not typing.Literal)) or "a value"
+
+
+def _shown(value) -> str:
+    kind = {list: "a list", dict: "a mapping"}.get(type(value))
+    return f"{kind} {value!r}" if kind else repr(value)
 
 
 def _field_kinds(annotation) -> set:
@@ -308,6 +344,13 @@ def _check_quantization(model: ModelArguments, method: MethodArguments) -> None:
 
 
 def _check(model: ModelArguments, data: DataArguments, method: MethodArguments, train: TrainingArguments) -> None:
+    for section in (data, method):
+        check_all(section, RECIPE)
+    if Path(train.output_dir).exists() and not Path(train.output_dir).is_dir():
+        raise ValueError(f"output_dir {train.output_dir!r} is a file; give a folder to write the run into")
+    if method.freeze_trainable_layers == 0 and method.finetuning_type == "freeze":
+        raise ValueError("freeze_trainable_layers=0 trains no layer: give N > 0 (the last N layers) or N < 0 (the "
+                         "first -N)")
     if data.streaming and train.max_steps <= 0:
         raise ValueError("streaming: true reads a dataset of unknown length: set max_steps")
     if method.stage not in STAGES:

@@ -66,7 +66,7 @@ def load_model(recipe: Recipe, tokenizer):
     """The recipe's model; a from-scratch config gets the tokenizer's vocabulary and pad id (the GaLore configs'
     32000 vocab does not match the T5 tokenizer they train with, and they have no valid pad id). With
     ``quantization_bit`` the base weights load frozen in 4 / 8 bits (QLoRA), the stand-in's included."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     model_args = recipe.model
     dtype = torch.bfloat16 if model_args.pure_bf16 else None
@@ -78,10 +78,52 @@ def load_model(recipe: Recipe, tokenizer):
     model_type = values.pop("model_type", "llama")
     values.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **values))
+    config = model_config(model_type, values)
+    model = AutoModelForCausalLM.from_config(config)
     if quantized:  # the stand-in of a QLoRA recipe: quantized on load, the way a pretrained model is
         return reload_quantized(model, quantized["quantization_config"], dtype)
     return model.to(dtype) if dtype else model
+
+
+def model_config(model_type: str, values: dict):
+    """A from-scratch model's config; one ``ValueError`` line for values transformers refuses or that do not fit."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.for_model(model_type, **values)
+    except Exception as err:  # transformers 5.x validates configs (strict dataclasses), 4.57 less
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise ValueError(f"model_config: {lines[-1] if lines else type(err).__name__}") from None
+    _check_shape(config)
+    return config
+
+
+def _check_shape(config) -> None:
+    """A from-scratch config whose attention heads do not divide its width (transformers would build other shapes
+    than the ones asked for, or fail at the first forward)."""
+    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    if hidden and heads and hidden % heads and getattr(config, "head_dim", None) in (None, hidden // heads):
+        raise ValueError(f"model_config: hidden_size={hidden} is not a multiple of num_attention_heads={heads}; "
+                         "change one of them")
+    if heads and kv and heads % kv:
+        raise ValueError(f"model_config: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}; "
+                         "change one of them")
+
+
+def max_positions(recipe: Recipe) -> int | None:
+    """The positions the recipe's model takes (its config only: nothing is built), or None if it does not say."""
+    from transformers import AutoConfig
+
+    model_args = recipe.model
+    if model_args.stand_in:
+        return TINY_CONFIG["max_position_embeddings"]
+    if model_args.model_config is not None:
+        values = _config_values(model_args.model_config)
+        config = model_config(values.pop("model_type", "llama"), values)
+    else:
+        config = _load(AutoConfig, model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
+    return getattr(config, "max_position_embeddings", None)
 
 
 def reload_quantized(model, quantization_config, dtype=None):
@@ -130,6 +172,12 @@ def prepare(recipe: Recipe):
     """Tokenizer, datasets (training, and evaluation or None) and model for ``recipe``; raises on bad input before
     anything is written."""
     data_args = recipe.data
+    positions = max_positions(recipe)
+    if positions is not None and data_args.cutoff_len > positions:
+        raise ValueError(f"cutoff_len={data_args.cutoff_len} is beyond the model's {positions} positions "
+                         "(max_position_embeddings): lower cutoff_len" + (", or raise max_position_embeddings in "
+                                                                          "model_config" if recipe.model.model_config
+                                                                          and not recipe.model.stand_in else ""))
     train, held, capped = _raw_data(recipe, data_args.dataset)
     evaluation = _raw_data(recipe, data_args.eval_dataset)[0] if data_args.eval_dataset else held
     cap = None if capped else data_args.max_samples  # lowmem's sources: at most max_samples examples in all
@@ -241,25 +289,25 @@ def run(recipe: Recipe) -> dict:
 
     from .trainers import Trainer
 
-    resume = resume_point(recipe.train)
-    tokenizer, (dataset, evaluation), model = prepare(recipe)
-    if recipe.model.stand_in:
-        _fit_rank_to_stand_in(recipe.train)
-    if not has_accelerator():
-        recipe.train.dataloader_pin_memory = False  # nothing to pin for; torch would warn at every epoch
-    collator = (DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE) if recipe.method.stage == "sft"
-                else DataCollatorForLanguageModeling(tokenizer, mlm=False))
     out = Path(recipe.train.output_dir)
     existed = out.exists()
     try:
+        resume = resume_point(recipe.train)
+        tokenizer, (dataset, evaluation), model = prepare(recipe)
+        if recipe.model.stand_in:
+            _fit_rank_to_stand_in(recipe.train)
+        if not has_accelerator():
+            recipe.train.dataloader_pin_memory = False  # nothing to pin for; torch would warn at every epoch
+        collator = (DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE) if recipe.method.stage == "sft"
+                    else DataCollatorForLanguageModeling(tokenizer, mlm=False))
         trainer = Trainer(model=model, args=recipe.train, train_dataset=dataset, eval_dataset=evaluation,
                           processing_class=tokenizer, data_collator=collator)
         trainer.create_optimizer()  # optimizer mistakes (options, targets, LoRA) surface before the first step
-    except Exception:
-        if not existed and out.is_dir():  # the Trainer made it; nothing has been trained or saved yet
-            shutil.rmtree(out)
+        trainer.train(resume_from_checkpoint=resume)
+    except BaseException:
+        if not existed and out.is_dir() and not any(p.is_file() for p in out.rglob("*")):
+            shutil.rmtree(out)  # this run made it and wrote nothing into it: leave no empty folder behind
         raise
-    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()  # every process takes part (FSDP gathers the shards); the main one writes
     report = memory_report(trainer, model)
     if trainer.is_world_process_zero():

@@ -215,7 +215,7 @@ def test_lowmem_plan_per_gpu_under_fsdp2(tmp_path, capsys):
     assert "per GPU over 2 GPUs" in out and "Run it: torchrun --nproc_per_node=2 -m lowmem.cli train " in out
     assert out.rstrip().endswith("fsdp=true") or "fsdp=true   (" in out
     assert cli.main(["plan", config, "--gpus", "0"]) == 2
-    assert capsys.readouterr().err.startswith("lowmem: error: --gpus 0")
+    assert capsys.readouterr().err.startswith("lowmem: error: --gpus=0: give a whole number of 1 or more")
 
 
 @pytest.mark.parametrize("dtype,offload", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])

@@ -82,7 +82,7 @@ def test_cpu_tiny_trains_galore_from_scratch(tmp_path):
     ("dataset: python-stdlib\nmodel_config: {hidden_size: 64}\ntokenizer: bpe\noptim: galore_adamw\n",
      ["optim_args=rnk=8"], "no option 'rnk'"),
     ("dataset: python-stdlib\nmodel_config: {hidden_size: 64}\ntokenizer: bpe\n", ["max_steps=ten"],
-     "'max_steps' takes a number"),
+     "'max_steps' takes a whole number"),
     ("dataset: python-stdlib\nmodel_config: {}\ntokenizer: bpe\n", ["stage=dpo"],
      "stage: dpo (DPO) is not a lowmem stage"),
     ("dataset: python-stdlib\nmodel_config: {}\ntokenizer: bpe\n", ["stage=rlhf"], "stage='rlhf' is not available"),

@@ -455,11 +455,11 @@ def check_hyperparameters(group: dict) -> None:
     lr = group.get("lr")
     if torch.is_tensor(lr) and lr.numel() != 1:
         raise ValueError("Tensor lr must be 1-element")
-    if lr is not None and not 0.0 <= lr:
+    if lr is not None and not 0.0 <= lr < math.inf:
         raise ValueError(f"Invalid learning rate: {lr}")
     eps = group.get("eps")
     for value in eps if isinstance(eps, (tuple, list)) else [eps]:
-        if value is not None and not 0.0 <= value:
+        if value is not None and not 0.0 <= value < math.inf:
             raise ValueError(f"Invalid epsilon value: {eps}")
     for i, beta in enumerate(group.get("betas") or ()):
         if not 0.0 <= beta < 1.0:
@@ -468,7 +468,7 @@ def check_hyperparameters(group: dict) -> None:
     if beta1 is not None and not 0.0 <= beta1 < 1.0:
         raise ValueError(f"Invalid beta parameter at index 0: {beta1}")
     weight_decay = group.get("weight_decay")
-    if weight_decay is not None and not 0.0 <= weight_decay:
+    if weight_decay is not None and not 0.0 <= weight_decay < math.inf:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
     for flag, fix in (("maximize", "minimize the negated objective"), ("amsgrad", "use plain AdamW's moments")):
         if group.get(flag):

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from ..checks import OPTIONS as OPTION_BOUNDS
+from ..checks import check_option_kind
 from ..kernels import newton_schulz
 from .adam_mini_blocks import adam_mini_groups, model_dims
 from .compose import LowMemOptimizer, check_hyperparameters
@@ -322,10 +324,14 @@ def check_options(name: str, options: dict) -> dict:
     """The spec's defaults updated with ``options``; ``ValueError`` on an option the name does not take."""
     spec = get_spec(name)
     allowed = spec.options()
-    for key in options:
+    for key, value in options.items():
         if key not in allowed:
             raise ValueError(f"optimizer {name!r} has no option {key!r}.{_closest(key, allowed)} "
                              f"Its options: {', '.join(sorted(allowed))}.")
+        if not torch.is_tensor(value):  # a 1-element tensor lr is checked where its group is added
+            check_option_kind(key, value, allowed[key])
+            if key in OPTION_BOUNDS:
+                OPTION_BOUNDS[key].check(key, value)
     opts = {**allowed, **options}
     check_hyperparameters(opts)
     if spec.zeroth_order:

@@ -18,6 +18,7 @@ import torch
 import transformers
 from transformers.training_args import OptimizerNames
 
+from ..checks import TRAINING, TRAINING_HINTS, check_all
 from ..optim.registry import check_options, get_spec
 from .checkpoints import RESUME_OPTIMIZER
 
@@ -41,7 +42,8 @@ def parse_optim_args(optim_args) -> dict:
         try:
             options[key.strip()] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):
-            options[key.strip()] = value.strip()
+            text = value.strip()  # YAML's spelling of a flag, as recipes write it (nesterov=true)
+            options[key.strip()] = {"true": True, "false": False}.get(text.lower(), text)
     return options
 
 
@@ -119,6 +121,7 @@ class TrainingArguments(transformers.TrainingArguments):
             # launched by torchrun on a machine with no GPU: without use_cpu, accelerate starts the process group
             # yet runs each process alone (every one training on all the data); with it, gloo DDP or FSDP2
             self.use_cpu = True
+        check_all(self, TRAINING, TRAINING_HINTS)  # learning_rate=inf, max_steps=0...: one line naming the key
         if self.resume_optimizer not in RESUME_OPTIMIZER:
             raise ValueError(f"resume_optimizer={self.resume_optimizer!r}: use one of {', '.join(RESUME_OPTIMIZER)}")
         self.max_grad_norm_given = self.max_grad_norm is not None
