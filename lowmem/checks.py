@@ -6,16 +6,22 @@ recipe keys, the optimizers' options and ``lowmem plan``.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
+
+
+def is_real(value) -> bool:
+    """A Python or NumPy int or float (not a bool), NaN and inf included."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_"
 
 
 def is_number(value) -> bool:
     """A finite int or float (not a bool, not NaN / inf)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return is_real(value) and math.isfinite(value)
 
 
 def is_whole(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and is_real(value)
 
 
 @dataclass(frozen=True)
@@ -33,7 +39,7 @@ class Bound:
     def holds(self, value) -> bool:
         if value is None:
             return self.none
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value in self.also:
+        if is_real(value) and value in self.also:
             return True
         if not (is_whole(value) if self.kind is int else is_number(value)):
             return False
@@ -84,14 +90,14 @@ POSITIVE = Bound(float, 0, low_open=True)
 #: transformers ``TrainingArguments`` fields (both lowmem's subclass and recipes).
 TRAINING = {
     "learning_rate": NON_NEGATIVE, "weight_decay": NON_NEGATIVE, "adam_beta1": FRACTION, "adam_beta2": FRACTION,
-    "adam_epsilon": NON_NEGATIVE, "max_grad_norm": Bound(float, 0, none=True, also=(math.inf,)),
-    "num_train_epochs": POSITIVE,
-    "max_steps": Bound(int, 1, also=(-1,)), "warmup_steps": NON_NEGATIVE, "warmup_ratio": FRACTION,
+    "adam_epsilon": NON_NEGATIVE, "num_train_epochs": NON_NEGATIVE,
+    "max_grad_norm": Bound(float, none=True, also=(math.inf,)),  # 0 or less: no clipping; inf: none, norm logged
+    "max_steps": Bound(int, 1, also=(-1,)), "warmup_steps": NON_NEGATIVE, "warmup_ratio": Bound(float, 0, 1),
     "per_device_train_batch_size": POSITIVE_INT, "per_device_eval_batch_size": POSITIVE_INT,
-    "gradient_accumulation_steps": POSITIVE_INT, "logging_steps": POSITIVE, "save_steps": POSITIVE,
-    "eval_steps": Bound(float, 0, low_open=True, none=True), "seed": Bound(int, 0, 2**32 - 1),
+    "gradient_accumulation_steps": POSITIVE_INT, "logging_steps": NON_NEGATIVE, "save_steps": NON_NEGATIVE,
+    "eval_steps": Bound(float, 0, none=True), "seed": Bound(int, 0, 2**32 - 1),
     "data_seed": Bound(int, 0, 2**32 - 1, none=True), "dataloader_num_workers": Bound(int, 0),
-    "save_total_limit": Bound(int, 1, none=True), "label_smoothing_factor": FRACTION,
+    "save_total_limit": Bound(int, 0, none=True), "label_smoothing_factor": FRACTION,
 }
 TRAINING_HINTS = {
     "max_steps": " (-1: train num_train_epochs)",
@@ -119,25 +125,30 @@ OPTIONS = {
 }
 
 
-def check_option_kind(key: str, value, default) -> None:
-    """An optimizer option of the same kind as its default: True / False for a flag (``layerwise="no"`` is not
-    False), a whole number for an int, a finite number for a float, text for a choice."""
-    if key in ("lr", "weight_decay", "eps"):  # None or a tensor lr may be meant; the range in torch's words
-        if value is not None and not isinstance(value, (tuple, list)) and not _real(value):
-            raise ValueError(f"{key}={value!r}: give a number")
-    elif isinstance(default, bool):
+def option_of_its_kind(key: str, value, default):
+    """An optimizer option checked against its default's kind, and returned as that kind: True / False for a flag
+    (``layerwise="no"`` is not False), a whole number for an int (``1e9`` becomes 1000000000; ``8.5``, True and
+    "eight" are errors), a finite number for a float, text for a choice. None passes for the options that are not
+    flags (their constructors read it as "unset"); lr, weight_decay and eps may be NaN / inf here, for their range
+    is checked in torch.optim's words."""
+    if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ValueError(f"{key}={value!r}: give True or False")
+        return value
+    if value is None:
+        return value
+    if key in ("lr", "weight_decay", "eps"):
+        if not isinstance(value, (tuple, list)) and not is_real(value):
+            raise ValueError(f"{key}={value!r}: give a number")
     elif isinstance(default, int):
+        if is_number(value) and float(value).is_integer() and not is_whole(value):
+            value = int(value)
         Bound(int).check(key, value)
     elif isinstance(default, float):
         Bound(float).check(key, value)
     elif isinstance(default, str) and not isinstance(value, str) and not _is_dtype(value):
         raise ValueError(f"{key}={value!r}: give one of its names as text (default {default!r})")
-
-
-def _real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return value
 
 
 def _is_dtype(value) -> bool:

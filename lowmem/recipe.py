@@ -23,7 +23,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from . import llamafactory
-from .checks import RECIPE, TRAINING, check_all
+from .checks import FRACTION, RECIPE, TRAINING, check_all
 from .optim.registry import get_spec, without_layerwise
 from .trainers import TrainingArguments, parse_optim_args
 
@@ -255,8 +255,9 @@ def _translate(values: dict) -> dict:
     """Keys that exist only in transformers 4.57 or only in 5.x, moved to what this version takes."""
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     if "warmup_ratio" in values and "warmup_ratio" not in fields:
-        TRAINING["warmup_ratio"].check("warmup_ratio", _coerce("warmup_ratio", values["warmup_ratio"], float),
-                                       " (a fraction of the steps)")
+        FRACTION.check("warmup_ratio", _coerce("warmup_ratio", values["warmup_ratio"], float),
+                       " (a fraction of the steps; for all of them give warmup_steps, as transformers 5.x reads a "
+                       "warmup of 1 or more as a step count)")
         ratio = values.pop("warmup_ratio")
         if ratio:
             values.setdefault("warmup_steps", float(ratio))  # 5.x: warmup_steps below 1 is a ratio
@@ -282,6 +283,8 @@ def _coerce(key: str, value, annotation):
         return value  # typed str, but transformers asks for fsdp=True (FSDP2 by default)
     if key == "resume_from_checkpoint" and isinstance(value, bool):
         return True if value else None  # true: the newest complete checkpoint in output_dir (train.resume_point)
+    if key == "optim_args" and isinstance(value, dict):
+        return value  # typed str, but a mapping of options works too (parse_optim_args)
     if value is None:
         if type(None) in plain:
             return None

@@ -58,7 +58,7 @@ LISTED = [  # the inputs of the issue, and their kin
     ("optim_args=skip_nonfinite=1", "skip_nonfinite=1: give True or False"),
     ("max_steps=0", "max_steps=0: give a whole number of 1 or more, or -1"),
     ("max_steps=-5", "max_steps=-5"),
-    ("warmup_ratio=2.0", "warmup_ratio=2.0: give a finite number in [0, 1)"),
+    ("warmup_ratio=2.0", "warmup_ratio=2.0: give a finite number in [0, 1) (a fraction of the steps"),
     ("max_samples=0", "max_samples=0"),
     ("max_bytes=-1", "max_bytes=-1"),
     ("cutoff_len=100000", "cutoff_len=100000 is beyond the model's 4096 positions"),
@@ -228,3 +228,30 @@ def test_a_damaged_checkpoint_is_one_line_and_a_new_output_dir_is_not_left(tmp_p
     out = tmp_path / "second"
     one_line_error(capsys, [*BASE, "max_steps=3", f"resume_from_checkpoint={checkpoint}", f"output_dir={out}"], out,
                    "scheduler.pt is missing; resume from another checkpoint, or pass ignore_checksums=True")
+
+
+def test_valid_values_at_the_edges_are_accepted(tmp_path):
+    """What transformers takes stays accepted: 0 for 'no limit' / 'fall back' values, a negative max_grad_norm (no
+    clipping), NumPy numbers (hyperparameter searches), 0 epochs with max_steps; and optimizer options spelled as
+    documented (None where the constructor reads it as unset, 1e9 for a whole number)."""
+    import numpy as np
+
+    TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, save_total_limit=0, eval_steps=0,
+                      logging_strategy="epoch", logging_steps=0, max_grad_norm=-1, num_train_epochs=0, max_steps=10,
+                      learning_rate=np.float32(1e-3), per_device_train_batch_size=np.int64(8), seed=np.int64(3))
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, optim="galore_adamw",
+                             optim_args={"update_proj_gap": 1e9, "rank": np.int64(8), "lr": np.float32(1e-3)})
+    options = args.lowmem_options()
+    assert options["update_proj_gap"] == 10**9 and isinstance(options["update_proj_gap"], int)
+    lowmem.create_optimizer("muon", tiny_llama(hidden=64, layers=1), adjust_lr_fn=None)
+    with pytest.raises(ValueError, match="num_train_epochs=0 with max_steps=-1 trains nothing"):
+        TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, num_train_epochs=0)
+
+
+def test_optim_args_as_a_mapping_in_a_recipe(tmp_path):
+    from lowmem.recipe import parse_recipe, read_values, recipe_path
+
+    values = read_values(recipe_path("cpu-tiny"), ["optim_args={rank: 8, betas: [0.9, 0.95]}",
+                                                   f"output_dir={tmp_path}"])
+    recipe = parse_recipe(values)
+    assert recipe.train.lowmem_options()["rank"] == 8 and recipe.train.lowmem_options()["betas"] == [0.9, 0.95]

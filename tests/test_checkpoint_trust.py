@@ -32,7 +32,8 @@ def run(out, optim="galore_adamw", options=None, resume=None, steps=2 * K, lr=1e
     a = args(out, optim=optim, optim_args={"rank": 8, "update_proj_gap": 2, **(options or {})}
              if optim.startswith(("galore", "apollo")) else options, max_steps=steps, save_strategy="steps",
              save_steps=K, learning_rate=lr, logging_steps=1, **kw)
-    trainer = Trainer(model=model, args=a, train_dataset=StdlibText(64))
+    trainer = Trainer(model=model, args=a, train_dataset=StdlibText(64),
+                      eval_dataset=StdlibText(8) if kw.get("eval_strategy") else None)
     trainer.train(resume_from_checkpoint=resume)
     return model, trainer
 
@@ -214,3 +215,47 @@ def test_resume_options_are_checked_in_a_recipe(tmp_path, capsys):
     assert cli.main([*base, "resume_optimizer=fresh"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["lowmem: error: resume_optimizer='fresh': use one of check, reset, keep"]
+
+
+def rates(trainer) -> dict:
+    return {e["step"]: e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e}
+
+
+def test_a_checkpoint_without_optimizer_state_resumes_with_any_optimizer(tmp_path):
+    """``save_only_model``: nothing of the optimizer is loaded, so nothing is checked, and the new learning rate is
+    the fresh schedule's (not scaled a second time)."""
+    run(tmp_path / "a", save_only_model=True)
+    checkpoint = tmp_path / "a" / f"checkpoint-{K}"
+    assert not (checkpoint / "optimizer.pt").exists()
+    _, trainer = run(tmp_path / "b", options={"rank": 4}, resume=str(checkpoint), lr=5e-4)
+    assert rates(trainer)[K + 1] == pytest.approx(5e-4)  # transformers restarts the schedule: lambda(0) = 1
+    _, trainer = run(tmp_path / "c", optim="apollo_mini", resume=str(checkpoint), resume_optimizer="reset")
+    assert trainer.state.global_step == 2 * K
+
+
+def test_a_new_learning_rate_with_a_schedule_it_cannot_scale_is_refused(saved, tmp_path):
+    with pytest.raises(CheckpointError, match="not reduce_lr_on_plateau; resume with learning_rate=0.001"):
+        run(tmp_path, resume=str(saved[0] / f"checkpoint-{K}"), lr=5e-4, lr_scheduler_type="reduce_lr_on_plateau",
+            eval_strategy="steps", eval_steps=K)
+
+
+def test_keep_still_applies_a_new_learning_rate(saved, tmp_path):
+    _, straight = run(tmp_path / "a")
+    _, resumed = run(tmp_path / "b", resume=str(saved[0] / f"checkpoint-{K}"), lr=5e-4, resume_optimizer="keep")
+    assert rates(resumed)[K + 1] == pytest.approx(rates(straight)[K + 1] / 2, rel=1e-6)
+
+
+def test_one_optimizer_spelled_another_way_resumes(saved, tmp_path):
+    """``galore_adamw`` with ``layerwise=True`` is ``galore_adamw_layerwise``; a dtype is its name; an option the
+    checkpoint does not record (added by a later release) counts as its default."""
+    from lowmem.trainers.checkpoints import check_optimizer, optimizer_record, option_defaults
+
+    a = args(tmp_path, optim="galore_adamw_layerwise", optim_args={"state_dtype": torch.bfloat16})
+    b = args(tmp_path, optim="galore_adamw", optim_args={"layerwise": True, "state_dtype": "bf16"})
+    saved_record, current = optimizer_record(a), optimizer_record(b)
+    assert saved_record == current
+    del saved_record["options"]["svd_method"]  # as a manifest written before the option existed
+    assert check_optimizer(tmp_path, saved_record, current, True, True, option_defaults(b)) == []
+    current["options"]["svd_method"] = "randomized"  # not the default: the state was made another way
+    with pytest.raises(CheckpointError, match="svd_method='exact' \\(now 'randomized'\\)"):
+        check_optimizer(tmp_path, saved_record, current, True, True, option_defaults(b))

@@ -110,3 +110,40 @@ def test_fp16_weights_step_in_fp32_rounded_once(name):
         assert torch.equal(p, q.half()), n
     states = [t for s in optimizers[0].state.values() for t in s.values() if torch.is_tensor(t) and t.numel() > 1]
     assert states and all(t.dtype == torch.float32 for t in states if t.is_floating_point())
+
+
+@pytest.mark.parametrize("name", ["adamw", "galore_adamw", "frugal", "muon"])
+def test_a_large_fp16_embedding_updated_in_chunks_keeps_fp32_states(name):
+    """A tensor over the chunk size (every real embedding and head) is updated a range at a time: its states are
+    fp32 and its steps equal the fp32 copy's, rounded, as for small tensors."""
+    from lowmem.optim.compose import CHUNK
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(2 * CHUNK // 64, 64)
+            self.proj = torch.nn.Linear(64, 64)
+
+        def forward(self, ids):
+            return self.proj(self.emb(ids)).float().pow(2).mean()
+
+    torch.manual_seed(0)
+    half = Model().half()
+    full = Model()
+    full.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
+    optimizers = [create_optimizer(name, m, lr=1e-3, **({"rank": 8} if name == "galore_adamw" else {}),
+                                   **({"target_modules": ["proj"]} if name != "adamw" else {}))
+                  for m in (half, full)]
+    ids = torch.randint(0, 2 * CHUNK // 64, (64,), generator=torch.Generator().manual_seed(4))
+    for _ in range(3):
+        half(ids).backward()
+        for p, q in zip(half.parameters(), full.parameters(), strict=True):
+            q.grad = p.grad.float()
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+        for q in full.parameters():
+            q.data.copy_(q.data.half().float())
+    assert torch.equal(half.emb.weight, full.emb.weight.half()) and torch.isfinite(half.emb.weight).all()
+    state = optimizers[0].state[half.emb.weight]
+    assert all(t.dtype == torch.float32 for t in state.values() if torch.is_tensor(t) and t.is_floating_point())

@@ -199,14 +199,16 @@ def test_deferred_bitsandbytes_is_the_real_package_on_first_use():
     code = ("import sys\n"
             "from lowmem.quiet import quiet, bitsandbytes_imported\n"
             "quiet()\n"
-            "import peft, peft.helpers, transformers.trainer\n"
+            "import peft, transformers.trainer\n"
             "assert not bitsandbytes_imported()\n"
+            "import peft.tuners.lora.bnb as lora_bnb\n"  # QLoRA's layers: 'import bitsandbytes as bnb', then use
+            "assert bitsandbytes_imported()\n"
             "from bitsandbytes.optim import AdamW8bit\n"  # transformers' optim='adamw_bnb_8bit' does this
             "import bitsandbytes, bitsandbytes.nn, bitsandbytes.functional as F\n"
-            "assert bitsandbytes_imported() and AdamW8bit.__module__.startswith('bitsandbytes.')\n"
-            "assert peft.helpers.bnb.nn is bitsandbytes.nn is sys.modules['bitsandbytes.nn']\n"
+            "assert AdamW8bit.__module__.startswith('bitsandbytes.')\n"
+            "assert lora_bnb.bnb.nn is bitsandbytes.nn is sys.modules['bitsandbytes.nn']\n"
             "assert bitsandbytes.nn.__spec__.origin.endswith('__init__.py')\n"
-            "assert F.quantize_4bit is peft.helpers.bnb.functional.quantize_4bit\n")
+            "assert F.quantize_4bit is lora_bnb.bnb.functional.quantize_4bit\n")
     done = _run(code)
     assert done.returncode == 0, done.stderr
 

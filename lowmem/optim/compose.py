@@ -255,7 +255,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
             parts = self.parts_for_step(index, choose_blocks=False)
             if parts.projector.group_level:
                 for p in group["params"]:
-                    parts.rule.init_state(self.state[p], parts.store, torch.zeros_like(p))
+                    like = torch.zeros_like(p, dtype=state_dtype_for(p, p.dtype))
+                    parts.rule.init_state(self.state[p], parts.store, like)
         self._step_parts.clear()
 
     def _choose_blocks(self, group: dict, projector) -> None:
@@ -340,8 +341,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
         ``grad``: the whole gradient, or a function of a flat range ``(start, end)`` giving that range of it.
         ``offload``: ``state`` lives in CPU memory and each chunk's part of it goes through ``p``'s device."""
         like = p.detach() if callable(grad) else grad
-        if offload:  # created in CPU memory (stride 0: nothing the size of the tensor is allocated to describe it)
-            like = torch.zeros(1, dtype=like.dtype).expand(like.shape)
+        dtype = state_dtype_for(p, like.dtype)
+        if offload or dtype != like.dtype:  # stride 0: nothing the size of the tensor is allocated to describe it
+            like = torch.zeros(1, dtype=dtype, device="cpu" if offload else like.device).expand(like.shape)
         parts.rule.init_state(state, parts.store, like)
         state.setdefault("step", 0)
         flat_p = p.view(-1)
@@ -374,7 +376,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         """``update_param`` on a tensor (or a chunk of one: ``whole`` = (the tensor, the chunk's start)) with its
         gradient and state; a bf16 ``p`` under ``bf16_stochastic_round`` is updated in fp32 and rounded once."""
         if p.dtype == torch.float16:  # fp16 weights: the step in fp32 (fp32 states), rounded once to the weight
-            updated = p.float()  # (in fp16 Adam's eps 1e-8 is 0 and Fira's ratios overflow: inf weights, as torch's)
+            updated = p.float()  # (``state_dtype_for``)
             self._update(updated, grad.float(), state, group, parts, None if low is None else low.float(),
                          whole or (p, 0))
             p.copy_(updated)
@@ -491,6 +493,13 @@ def chunk_ranges(parts: Parts, shape: torch.Size) -> list[tuple[int, int]]:
     unit = shape[-1] * getattr(parts.store, "blocksize", 1) if parts.rule.row_local else 1
     span = max(1, CHUNK // unit) * unit
     return [(start, min(start + span, numel)) for start in range(0, numel, span)]
+
+
+def state_dtype_for(p: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a state made like ``p``'s gradient gets: fp32 for fp16 weights, whose step runs in fp32 (in fp16
+    Adam's eps 1e-8 is 0 and Fira's / APOLLO's ratios overflow: a step there makes inf weights, as torch's AdamW
+    does); the gradient's otherwise."""
+    return torch.float32 if p.dtype == torch.float16 else dtype
 
 
 def _nonfinite_refresh(group: dict, p: torch.Tensor, state: dict) -> FloatingPointError:

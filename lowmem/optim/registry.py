@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..checks import OPTIONS as OPTION_BOUNDS
-from ..checks import check_option_kind
+from ..checks import option_of_its_kind
 from ..kernels import newton_schulz
 from .adam_mini_blocks import adam_mini_groups, model_dims
 from .compose import LowMemOptimizer, check_hyperparameters
@@ -324,14 +324,15 @@ def check_options(name: str, options: dict) -> dict:
     """The spec's defaults updated with ``options``; ``ValueError`` on an option the name does not take."""
     spec = get_spec(name)
     allowed = spec.options()
+    options = dict(options)
     for key, value in options.items():
         if key not in allowed:
             raise ValueError(f"optimizer {name!r} has no option {key!r}.{_closest(key, allowed)} "
                              f"Its options: {', '.join(sorted(allowed))}.")
         if not torch.is_tensor(value):  # a 1-element tensor lr is checked where its group is added
-            check_option_kind(key, value, allowed[key])
-            if key in OPTION_BOUNDS:
-                OPTION_BOUNDS[key].check(key, value)
+            options[key] = option_of_its_kind(key, value, allowed[key])
+            if key in OPTION_BOUNDS and not (value is None and allowed[key] is None):
+                OPTION_BOUNDS[key].check(key, options[key])
     opts = {**allowed, **options}
     check_hyperparameters(opts)
     if spec.zeroth_order:

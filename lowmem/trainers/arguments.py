@@ -122,6 +122,8 @@ class TrainingArguments(transformers.TrainingArguments):
             # yet runs each process alone (every one training on all the data); with it, gloo DDP or FSDP2
             self.use_cpu = True
         check_all(self, TRAINING, TRAINING_HINTS)  # learning_rate=inf, max_steps=0...: one line naming the key
+        if self.max_steps == -1 and self.num_train_epochs == 0:
+            raise ValueError("num_train_epochs=0 with max_steps=-1 trains nothing: give epochs, or max_steps")
         if self.resume_optimizer not in RESUME_OPTIMIZER:
             raise ValueError(f"resume_optimizer={self.resume_optimizer!r}: use one of {', '.join(RESUME_OPTIMIZER)}")
         self.max_grad_norm_given = self.max_grad_norm is not None

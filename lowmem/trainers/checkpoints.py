@@ -99,39 +99,65 @@ def verify_files(directory: Path, manifest: dict) -> None:
                               "ignore_checksums=True if you changed it on purpose")
 
 
+#: transformers' names of one optimizer (the same AdamW state; 5.x picks the fused one by default on newer torch).
+SAME_OPTIMIZER = {"adamw_torch_fused": "adamw_torch"}
+#: Spellings of one state precision (``state_dtype``, ``dense_state_dtype``).
+PRECISION_NAMES = {"fp32": "float32", "bf16": "bfloat16", "torch.float32": "float32", "torch.bfloat16": "bfloat16"}
+
+
 def jsonable(value):
-    """``value`` as JSON keeps it (tuples as lists; dtypes and other objects as their text), for comparison."""
+    """``value`` as JSON keeps it (tuples as lists; a dtype as its name; other objects as their text), so that one
+    setting spelled two ways compares equal."""
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if value is None or isinstance(value, (bool, int, float)):
         return value
-    return str(value)
+    text = str(value)
+    return PRECISION_NAMES.get(text, text)
 
 
 def optimizer_record(args) -> dict:
-    """The run's optimizer: its name and resolved options (a lowmem optimizer's after defaults; transformers' own
-    with the arguments it reads)."""
+    """The run's optimizer: its name (``_layerwise`` is the ``layerwise`` option) and resolved options (a lowmem
+    optimizer's after defaults; transformers' own with the arguments it reads)."""
     name = getattr(args, "lowmem_optim", None)
     if name is not None:
-        return {"optim": name, "options": jsonable(args.lowmem_options())}
+        from ..optim.registry import without_layerwise
+
+        return {"optim": without_layerwise(name), "options": jsonable(args.lowmem_options())}
     from .arguments import parse_optim_args
 
     options = {"lr": args.learning_rate, "weight_decay": args.weight_decay,
                "betas": [args.adam_beta1, args.adam_beta2], "eps": args.adam_epsilon,
                **parse_optim_args(args.optim_args)}
-    return {"optim": str(getattr(args.optim, "value", args.optim)), "options": jsonable(options)}
+    name = str(getattr(args.optim, "value", args.optim))
+    return {"optim": SAME_OPTIMIZER.get(name, name), "options": jsonable(options)}
 
 
-def check_optimizer(directory: Path, saved: dict | None, current: dict, has_state: bool, lowmem: bool) -> list[str]:
+def option_defaults(args) -> dict:
+    """A lowmem optimizer's default options (what an option a checkpoint does not record had), else none."""
+    name = getattr(args, "lowmem_optim", None)
+    if name is None:
+        return {}
+    from ..optim.registry import get_spec
+
+    return jsonable(get_spec(name).options())
+
+
+def check_optimizer(directory: Path, saved: dict | None, current: dict, has_state: bool, lowmem: bool,
+                    defaults: dict | None = None) -> list[str]:
     """Compare the run's optimizer with the one that saved ``directory``; returns the resumable options that changed.
     ``CheckpointError`` when the name or another option differs, or when nothing records what saved the state that a
-    ``lowmem`` optimizer would load (transformers' own optimizers resume such checkpoints as transformers does)."""
+    ``lowmem`` optimizer would load (transformers' own optimizers resume such checkpoints as transformers does). A
+    checkpoint without optimizer state (``save_only_model``) has nothing to check. An option the checkpoint does not
+    record (one added since) counts as its default (``defaults``); one the run no longer has is not compared."""
     way_out = ("resume_optimizer=reset starts fresh optimizer state from the saved weights (the step, schedule and "
                "data order continue)")
+    if not has_state:
+        return []
     if saved is None:
-        if not has_state or not lowmem:
+        if not lowmem:
             return []
         raise CheckpointError(f"checkpoint {directory} does not record which optimizer saved its state (saved by "
                               f"transformers' Trainer or an older lowmem), so optim={current['optim']!r} cannot be "
@@ -141,8 +167,8 @@ def check_optimizer(directory: Path, saved: dict | None, current: dict, has_stat
         raise CheckpointError(f"checkpoint {directory} was saved by optim={saved.get('optim')!r}, this run has "
                               f"optim={current['optim']!r}: its optimizer state would load into another optimizer. "
                               f"Resume with optim={saved.get('optim')!r}, or {way_out}")
-    old, new = saved.get("options", {}), current["options"]
-    changed = sorted(k for k in set(old) | set(new) if old.get(k, "<unset>") != new.get(k, "<unset>"))
+    old, new = {**(defaults or {}), **saved.get("options", {})}, current["options"]
+    changed = sorted(k for k in new if old.get(k, "<unset>") != new[k])
     fixed = [k for k in changed if k not in RESUMABLE_OPTIONS or not _positive(old.get(k)) or not _positive(new[k])]
     if fixed:
         listed = ", ".join(f"{k}={old.get(k, '<unset>')!r} (now {new.get(k, '<unset>')!r})" for k in fixed)
@@ -215,8 +241,14 @@ def check_resume(directory, args) -> tuple[list[str], dict | None]:
             manifest = None
     saved = (manifest or {}).get("optimizer")
     mode = getattr(args, "resume_optimizer", "check")
-    if mode != "check":
+    if mode == "reset":
         return [], saved
-    changed = check_optimizer(directory, saved, optimizer_record(args), has_optimizer_state(directory),
-                              getattr(args, "lowmem_optim", None) is not None)
+    current = optimizer_record(args)
+    has_state = has_optimizer_state(directory) and (directory / "scheduler.pt").is_file()  # what transformers loads
+    if mode == "keep":  # the state loads unchecked; a recorded learning rate still changes as asked
+        old = (saved or {}).get("options", {}).get("lr")
+        lr = current["options"].get("lr")
+        return (["lr"] if has_state and _positive(old) and _positive(lr) and old != lr else []), saved
+    changed = check_optimizer(directory, saved, current, has_state, getattr(args, "lowmem_optim", None) is not None,
+                              option_defaults(args))
     return changed, saved

@@ -70,7 +70,22 @@ class Trainer(transformers.Trainer):
             resume_from_checkpoint = newest_complete(self.args.output_dir, not self.args.save_only_model)
         if resume_from_checkpoint not in (None, False):
             self._resume_changes, self._resume_saved = check_resume(resume_from_checkpoint, self.args)
+            if "lr" in self._resume_changes:
+                self._refuse_unscalable_schedule()
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _refuse_unscalable_schedule(self) -> None:
+        """A new learning rate on resume is applied by scaling a ``LambdaLR`` schedule (all of transformers' step
+        schedules); any other would keep the saved rate, so it is refused before anything loads."""
+        scheduler = self.lr_scheduler  # None unless given to the Trainer: made from lr_scheduler_type later
+        kind = type(scheduler).__name__ if scheduler is not None else \
+            getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type)
+        if kind == "reduce_lr_on_plateau" or (scheduler is not None and not isinstance(
+                scheduler, torch.optim.lr_scheduler.LambdaLR)):
+            old = self._resume_saved["options"]["lr"]
+            raise CheckpointError(f"learning_rate {old:g} -> {self.args.learning_rate:g} on resume: lowmem scales "
+                                  f"transformers' step schedules (LambdaLR) to a new rate, not {kind}; resume with "
+                                  f"learning_rate={old:g}")
 
     def _get_output_dir(self, trial):
         """transformers' run folder; while a checkpoint is saved, the staging folder it is written in."""
@@ -157,7 +172,12 @@ class Trainer(transformers.Trainer):
         if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
             raise CheckpointError(f"resume_optimizer=reset restarts transformers' step schedules; "
                                   f"lr_scheduler_type={self.args.lr_scheduler_type!r} is not one")
-        saved = torch.load(Path(checkpoint) / "scheduler.pt", weights_only=True)
+        path = Path(checkpoint) / "scheduler.pt"
+        if not path.is_file():  # save_only_model: transformers then restarts the schedule too
+            say(f"resume_optimizer=reset: fresh optimizer state; {checkpoint} has no scheduler.pt, so the schedule "
+                "starts again")
+            return
+        saved = torch.load(path, weights_only=True)
         scheduler.last_epoch, scheduler._step_count = saved["last_epoch"], saved["_step_count"]
         rates = [base * rate(scheduler.last_epoch) for base, rate in zip(scheduler.base_lrs, scheduler.lr_lambdas,
                                                                         strict=True)]
