@@ -114,7 +114,7 @@ RECIPE = {
 }
 
 #: Optimizer options (``optim_args``, ``create_optimizer`` keywords); the rest are checked by kind
-#: (``check_option_kind``); ``lr``, ``weight_decay``, ``eps`` and betas in torch.optim's words
+#: (``option_of_its_kind``); ``lr``, ``weight_decay``, ``eps`` and betas in torch.optim's words
 #: (``compose.check_hyperparameters``), ``rank`` where the weight it does not fit is known.
 OPTIONS = {
     "update_proj_gap": POSITIVE_INT, "update_gap": POSITIVE_INT, "ns_steps": POSITIVE_INT,

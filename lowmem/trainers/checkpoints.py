@@ -19,6 +19,8 @@ import os
 import sys
 from pathlib import Path
 
+from ..checks import POSITIVE
+
 MANIFEST = "lowmem_checkpoint.json"
 #: The staging folder under the output directory; ``checkpoint-*`` globs (rotation, auto-resume) never see it.
 STAGING = ".lowmem-saving"
@@ -169,17 +171,14 @@ def check_optimizer(directory: Path, saved: dict | None, current: dict, has_stat
                               f"Resume with optim={saved.get('optim')!r}, or {way_out}")
     old, new = {**(defaults or {}), **saved.get("options", {})}, current["options"]
     changed = sorted(k for k in new if old.get(k, "<unset>") != new[k])
-    fixed = [k for k in changed if k not in RESUMABLE_OPTIONS or not _positive(old.get(k)) or not _positive(new[k])]
+    fixed = [k for k in changed if k not in RESUMABLE_OPTIONS or not POSITIVE.holds(old.get(k))
+             or not POSITIVE.holds(new[k])]
     if fixed:
         listed = ", ".join(f"{k}={old.get(k, '<unset>')!r} (now {new.get(k, '<unset>')!r})" for k in fixed)
         raise CheckpointError(f"checkpoint {directory} was saved by optim={saved['optim']!r} with {listed}: its "
                               f"optimizer state belongs to those options. Resume with them, or {way_out}. Options "
                               f"that may change on resume: {', '.join(RESUMABLE_OPTIONS)}")
     return changed
-
-
-def _positive(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 def is_complete(directory: Path, needs_optimizer: bool) -> list[str]:
@@ -226,7 +225,12 @@ def check_resume(directory, args) -> tuple[list[str], dict | None]:
         raise FileNotFoundError(f"resume_from_checkpoint={str(directory)!r} is not a directory; give a checkpoint-N "
                                 "folder, or true for the newest complete one in output_dir")
     ignore = getattr(args, "ignore_checksums", False)
-    manifest = None if ignore else read_manifest(directory)
+    try:
+        manifest = read_manifest(directory)
+    except CheckpointError:
+        if not ignore:
+            raise
+        manifest = None  # damaged, and the files are loaded unchecked anyway
     if ignore:
         say(f"ignore_checksums=True: the files of {directory} are loaded unchecked")
     elif manifest is None:
@@ -234,11 +238,6 @@ def check_resume(directory, args) -> tuple[list[str], dict | None]:
             "cannot be checked")
     else:
         verify_files(directory, manifest)
-    if ignore:
-        try:
-            manifest = read_manifest(directory)
-        except CheckpointError:
-            manifest = None
     saved = (manifest or {}).get("optimizer")
     mode = getattr(args, "resume_optimizer", "check")
     if mode == "reset":
@@ -248,7 +247,7 @@ def check_resume(directory, args) -> tuple[list[str], dict | None]:
     if mode == "keep":  # the state loads unchecked; a recorded learning rate still changes as asked
         old = (saved or {}).get("options", {}).get("lr")
         lr = current["options"].get("lr")
-        return (["lr"] if has_state and _positive(old) and _positive(lr) and old != lr else []), saved
+        return (["lr"] if has_state and POSITIVE.holds(old) and POSITIVE.holds(lr) and old != lr else []), saved
     changed = check_optimizer(directory, saved, current, has_state, getattr(args, "lowmem_optim", None) is not None,
                               option_defaults(args))
     return changed, saved
