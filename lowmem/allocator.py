@@ -19,8 +19,9 @@ import ctypes.util
 import os
 import sys
 
-#: Blocks of this many bytes or more get their own mapping (1 MiB: 256K fp32 values).
-THRESHOLD = 1 << 20
+#: Blocks of this many bytes or more get their own mapping (64 KiB, half glibc's starting threshold: the 1.1B
+#: GaLore 8-bit layer-wise run's many 0.25-1 MiB states and temporaries fragmented the heaps at 1 MiB, 0.05 GiB).
+THRESHOLD = 1 << 16
 _M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 _done = False
 

@@ -424,11 +424,13 @@ def update_temp_bytes(shape: tuple, dtype: torch.dtype, parts) -> int:
     direction) in the state dtype, one chunk's worth for a large unprojected tensor (updated a chunk at a time);
     blockwise 8-bit: the dequantized fp32 moments, the direction and the new codes;
     Adam-mini's ``g * g``; Adafactor / CAME's fp32 ``g^2`` buffer; GaLore's projected gradient and direction plus
-    the back-projected m x n update; APOLLO (fp32) only projected-size tensors, no full-size one.
+    one range of rows of the back-projected update (Fira and FRUGAL form it whole); APOLLO (fp32) only
+    projected-size tensors, no full-size one.
     """
     from .kernels.codes_8bit import CHUNK as QUANT_CHUNK
     from .optim.compose import chunk_ranges, updates_in_chunks
-    from .optim.projectors import GaussianProjector
+    from .optim.lifts import Lift
+    from .optim.projectors import GaussianProjector, _MatrixProjector
     from .optim.quantized import BlockwiseQuantStore
     from .optim.rules import CAME, CHUNK_8BIT, Adafactor, AdamMini, AdamW, Muon, SinkGD
 
@@ -463,7 +465,12 @@ def update_temp_bytes(shape: tuple, dtype: torch.dtype, parts) -> int:
         direction += 4 * n_low + 38 * min(n_low, QUANT_CHUNK)
     if low == shape:
         return direction
-    lifted = 0 if isinstance(parts.projector, GaussianProjector) and e == 4 else n_full * e
+    if isinstance(parts.projector, GaussianProjector) and e == 4:
+        lifted = 0
+    elif type(parts.lift) is Lift and isinstance(parts.projector, _MatrixProjector):  # added a range of rows at a time
+        lifted = min(n_full, max(1, QUANT_CHUNK // shape[1]) * shape[1]) * e
+    else:
+        lifted = n_full * e
     return direction + n_low * e + lifted
 
 

@@ -46,9 +46,12 @@ def test_two_sharded_processes_train_like_one(runs, name):
     assert len(two["losses"]) == len(one["losses"]) == 6
     worst = max(abs(a - b) / abs(a) for a, b in zip(one["losses"], two["losses"], strict=True))
     assert worst <= TOLERANCE[name], (worst, one["losses"], two["losses"])
-    # the logged grad_norm (layer-wise ones count each shard inside backward): measured 5e-6 at most, FRUGAL-SVD 7e-4
+    # the logged grad_norm (layer-wise ones count each shard inside backward): measured 5e-6 at most, FRUGAL-SVD 7e-4;
+    # 8-bit names 2.2e-5 (frugal_8bit) since an embedding's first moment is 8-bit: a last-bit difference that moves an
+    # element across a code boundary changes its step by one code's width (about 1%, a bf16 ulp is 0.4%)
     assert len(two["grad_norms"]) == 6
-    assert two["grad_norms"] == pytest.approx(one["grad_norms"], rel=1e-3 if name.startswith(LOOSE) else 2e-5)
+    rel = 1e-3 if name.startswith(LOOSE) else 5e-5 if "8bit" in name else 2e-5
+    assert two["grad_norms"] == pytest.approx(one["grad_norms"], rel=rel)
     rank0, rank1 = two["state_bytes"]
     assert rank0 == rank1
     ratio = rank0 / one["state_bytes"][0]

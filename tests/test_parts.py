@@ -41,6 +41,36 @@ def test_svd_projector_is_lossless_on_a_rank_r_gradient(proj_type):
     assert proj.residual(state, grad, proj.down(state, grad)).norm() < 1e-3 * grad.norm()
 
 
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "full"])
+@pytest.mark.parametrize("shape", [(600, 1024), (1024, 600)])
+def test_back_projection_is_added_a_range_of_rows_at_a_time(proj_type, shape):
+    """GaLore's lift adds its back-projected update to the weight ``CHUNK`` elements at a time: no product the size of
+    the weight is formed, and each row is the whole update's, with the same roundings (bit-identical in bf16)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lowmem.kernels.codes_8bit import CHUNK
+
+    class Products(TorchDispatchMode):
+        sizes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.mm.default:
+                self.sizes.append(out.numel())
+            return out
+
+    grad = low_rank_plus_noise(*shape, 8).to(torch.bfloat16)
+    proj, state = SVDProjector(8, proj_type, 10), {}
+    proj.refresh(state, grad)
+    low = proj.down(state, grad)
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    whole = weight.clone().add_(proj.up(state, low, grad).mul_(0.25), alpha=-1e-2)
+    with Products():
+        assert proj.add_up_(weight, state, low, 0.25, -1e-2)
+    assert torch.equal(weight, whole)
+    assert len(Products.sizes) >= 2 and max(Products.sizes) <= CHUNK + shape[1]
+
+
 def test_randomized_svd_finds_the_same_subspace():
     grad = low_rank_plus_noise(300, 200, 16)
     exact, fast = SVDProjector(16, "std", 10), SVDProjector(16, "std", 10, svd_method="randomized")

@@ -146,7 +146,7 @@ def test_list_words_agree_with_its_numbers(capsys):
     rows = _list_rows(capsys.readouterr().out)
     assert not [name for name, (_, _, summary) in rows.items() if "B/param" in summary or "SGD-like" in summary]
     assert rows["apollo_mini"][1] < 0.1 < rows["adam_mini"][1]  # "almost no state on projected weights"
-    assert rows["adamw_8bit"][1] == 2.03 and rows["adamw_8bit"][0] > 3  # the embeddings keep fp32 states
+    assert rows["adamw_8bit"][1] == 2.03 and rows["adamw_8bit"][0] > 2.5  # the embeddings keep an fp32 second moment
     assert cli.main(["list", "galore+came+8bit", "apollo_mini_layerwise"]) == 0
     rows = _list_rows(capsys.readouterr().out)
     assert list(rows) == ["galore+came+8bit", "apollo_mini_layerwise"]

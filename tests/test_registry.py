@@ -195,25 +195,33 @@ def _embedding_move(name: str, default: str, precision: str) -> tuple[float, dic
     return (embedding.float() - before).abs().max().item(), opt.state[embedding]
 
 
-def test_8bit_names_keep_a_bf16_embedding_in_bf16_states_and_it_stays_stable():
+def test_8bit_states_of_a_bf16_embedding_explode_where_bf16_states_do_not():
     """bf16 has fp32's range, so a bf16 embedding's states hold tiny second moments too, in half fp32's bytes; in
     8 bits the same run explodes even where each 256-element block lies within one token's row (hidden 256)."""
-    assert _embedding_move("adamw_8bit", "bfloat16", "bfloat16")[0] < 0.05 < \
-        _embedding_move("adamw_8bit", "bfloat16", "8bit")[0]
+    assert _embedding_move("adamw_8bit", "8bit+bfloat16", "bfloat16")[0] < 0.05 < \
+        _embedding_move("adamw_8bit", "8bit+bfloat16", "8bit")[0]
 
 
-def test_adam_mini_embeddings_keep_an_8bit_first_moment_and_stay_stable():
-    """Under Adam-mini's rows partition an 8-bit group keeps an embedding's first moment in 8 bits (each block within
-    one token's row) and its per-token second moment in bf16: the run that explodes with 8-bit AdamW states
-    (``test_8bit_names_keep_a_bf16_embedding_in_bf16_states_and_it_stays_stable``) moves the embedding as bf16
-    states do. Rows that blocks would straddle keep full-precision states."""
-    mixed, state = _embedding_move("adam_mini_8bit", "8bit+bfloat16", "8bit+bfloat16")
-    full, _ = _embedding_move("adam_mini_8bit", "8bit+bfloat16", "bfloat16")
+@pytest.mark.parametrize("name", ["adamw_8bit", "galore_adamw_8bit", "adam_mini_8bit"])
+def test_embeddings_keep_an_8bit_first_moment_and_stay_stable(name):
+    """An 8-bit group keeps an embedding's first moment in 8 bits (each block within one token's row) and its second
+    moment (AdamW's per element, Adam-mini's per token) in bf16: the run that explodes with 8-bit states
+    (``test_8bit_states_of_a_bf16_embedding_explode_where_bf16_states_do_not``) moves the embedding as bf16 states
+    do. Rows that blocks would straddle keep full-precision states."""
+    mixed, state = _embedding_move(name, "8bit+bfloat16", "8bit+bfloat16")
+    full, _ = _embedding_move(name, "8bit+bfloat16", "bfloat16")
     assert state["exp_avg"].dtype == torch.uint8 and state["exp_avg_sq"].dtype == torch.bfloat16
     assert mixed < 0.05 and mixed == pytest.approx(full, rel=0.1)
     model = example_llama(hidden=128)  # rows of 128: half a block
-    odd, embedding = lowmem.create_optimizer("adam_mini_8bit", model, lr=1e-3), model.get_input_embeddings().weight
+    odd, embedding = lowmem.create_optimizer(name, model, lr=1e-3), model.get_input_embeddings().weight
     assert [g["state_dtype"] for g in odd.param_groups if any(p is embedding for p in g["params"])] == ["float32"]
+
+
+def test_came_embeddings_keep_full_precision_states():
+    """CAME's factored moments are not per element: an 8-bit CAME group keeps its embedding's states unquantized."""
+    model = example_llama(hidden=256).to(torch.bfloat16)
+    opt, embedding = lowmem.create_optimizer("galore_came_8bit", model), model.get_input_embeddings().weight
+    assert [g["state_dtype"] for g in opt.param_groups if any(p is embedding for p in g["params"])] == ["bfloat16"]
 
 
 def test_dense_rule_gives_the_unprojected_tensors_adam_minis_partition():
@@ -255,15 +263,32 @@ def test_dense_state_dtype_sets_the_unprojected_tensors_precision():
     opt = lowmem.create_optimizer("apollo_mini", model, dense_state_dtype="8bit")
     head, embedding = model.lm_head.weight, model.get_input_embeddings().weight
     dtypes = {id(p): g["state_dtype"] for g in opt.param_groups for p in g["params"]}
-    assert dtypes[id(head)] == "8bit" and dtypes[id(embedding)] == "bfloat16"  # an AdamW embedding: never 8-bit
+    assert dtypes[id(head)] == "8bit" and dtypes[id(embedding)] == "8bit+bfloat16"  # an AdamW embedding's v: bf16
     assert dtypes[id(model.model.layers[0].self_attn.q_proj.weight)] is None  # the projected ones keep state_dtype
     from lowmem.memory import meta_model, optimizer_state_bytes
 
     plain = optimizer_state_bytes("apollo_mini", meta_model(model.config, torch.bfloat16))
     lean = optimizer_state_bytes("apollo_mini", meta_model(model.config, torch.bfloat16), dense_state_dtype="8bit")
     assert lean["lm_head.weight"] < 0.6 * plain["lm_head.weight"]
-    assert lean["model.embed_tokens.weight"] == plain["model.embed_tokens.weight"]
+    assert lean["model.embed_tokens.weight"] < 0.8 * plain["model.embed_tokens.weight"]
     with pytest.raises(ValueError, match="unknown state_dtype 'int4'"):
         lowmem.create_optimizer("apollo_mini", model, dense_state_dtype="int4")
     with pytest.raises(ValueError, match="no option 'dense_state_dtype'"):
         lowmem.create_optimizer("adamw", model, dense_state_dtype="8bit")
+
+
+def test_the_fused_8bit_kernel_leaves_an_embeddings_mixed_state_to_the_composed_update(monkeypatch):
+    """The fused 8-bit AdamW kernel reads both moments as 8-bit codes: an embedding's 8-bit m with a bf16 v goes the
+    composed way, while the head's plain 8-bit state still takes the kernel (a spy stands in for it on this CPU)."""
+    from lowmem.optim import fused
+
+    calls = []
+    monkeypatch.setattr(fused, "use_triton", lambda *tensors: True)
+    monkeypatch.setattr(fused.blockwise_8bit, "adamw_8bit_update_", lambda p, *args, **kwargs: calls.append(p))
+    model = example_llama(hidden=256).to(torch.bfloat16)
+    opt = lowmem.create_optimizer("adamw_8bit", model)
+    for p in (model.get_input_embeddings().weight, model.lm_head.weight):
+        index = next(i for i, g in enumerate(opt.param_groups) if any(q is p for q in g["params"]))
+        grad = torch.randn_like(p)
+        fused.fused_adamw_8bit(p, grad, opt.state[p], opt.param_groups[index], opt.parts_for_step(index), 0)
+    assert calls == [model.lm_head.weight]

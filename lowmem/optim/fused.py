@@ -60,7 +60,7 @@ def fused_adamw_8bit(p: torch.Tensor, grad: torch.Tensor, state: dict, group: di
     """Update ``p`` with the fused 8-bit AdamW kernel if it applies here; whether it did."""
     rule, store = parts.rule, parts.store
     if not (type(rule) is AdamW and type(parts.projector) is Projector and type(parts.lift) is Lift
-            and parts.lift.scale == 1.0 and isinstance(store, BlockwiseQuantStore)
+            and parts.lift.scale == 1.0 and isinstance(store, BlockwiseQuantStore) and store.unsigned_dtype is None
             and store.blocksize == blockwise_8bit.QBLOCK and p.is_contiguous() and grad.is_contiguous()
             and use_triton(p, grad)):
         return False

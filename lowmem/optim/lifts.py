@@ -82,7 +82,10 @@ class Lift:
         self.scale = scale
 
     def apply(self, p, grad, low, direction, step_size, state, projector: Projector, lr: float) -> None:
-        update = projector.up(state, _like(direction, grad), grad)
+        direction = _like(direction, grad)
+        if projector.add_up_(p, state, direction, self.scale, -step_size):
+            return
+        update = projector.up(state, direction, grad)
         if self.scale != 1.0:
             update = update * self.scale if update is grad else update.mul_(self.scale)
         p.add_(update, alpha=-step_size)

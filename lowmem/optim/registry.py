@@ -144,8 +144,8 @@ REGISTRY: dict[str, OptimizerSpec] = {
         "on embeddings, head and norms", ctor=dict(**_ADAM, eps=1e-8), group=dict(sinkgd_iterations=5, sinkgd_eps=1e-8),
         target_rule="sinkgd"),
     "adamw_8bit": OptimizerSpec(
-        AdamW8bit, "AdamW with blockwise 8-bit moments (bitsandbytes' scheme, pure torch); embeddings and tensors "
-        "under 4096 elements keep fp32 moments",
+        AdamW8bit, "AdamW with blockwise 8-bit moments (bitsandbytes' scheme, pure torch); an embedding's second "
+        "moment and tensors under 4096 elements stay fp32",
         ctor=dict(**_ADAM, eps=1e-8, min_8bit_size=4096, state_dtype="8bit"), low_rank=False),
     "galore_adamw_8bit": OptimizerSpec(
         GaLoreAdamW8bit, "GaLore with blockwise 8-bit moments of the projected gradient",
@@ -410,7 +410,7 @@ def create_optimizer(name: str, model: nn.Module, **options) -> LowMemOptimizer 
     With 8-bit states, embedding weights keep unquantized states, as transformers does for bitsandbytes: a tiny second
     moment (a rare token's, or a small coordinate beside large ones in its block) rounds to zero in 8 bits and its step
     blows up. They are fp32, or bf16 for a bf16 embedding (fp32's range, so nothing underflows; half the bytes).
-    Under Adam-mini's per-token second moment only that moment is (``_first_moments_may_be_8bit``).
+    Under AdamW's and Adam-mini's rules only the second moment is (``_first_moments_may_be_8bit``).
     """
     spec = get_spec(name)
     opts = check_options(name, options)
@@ -492,21 +492,23 @@ def _build(name: str, spec: OptimizerSpec, model: nn.Module, opts: dict) -> LowM
     return spec.cls(groups, **ctor)
 
 
-def _first_moments_may_be_8bit(group: dict) -> bool:
-    """Whether an 8-bit group may keep an embedding's first moment in 8 bits: under Adam-mini's rows partition (one
-    second moment per token, kept unquantized), where each block of the first moment lies within one token's row
-    (rows a multiple of the block). Rounding a first moment to zero drops a small step; it is the second moment's
-    that blows one up. Measured stable where 8-bit states are not
-    (``tests/test_registry.py::test_adam_mini_embeddings_keep_an_8bit_first_moment_and_stay_stable``)."""
+def _first_moments_may_be_8bit(group: dict, embeddings: list[torch.Tensor]) -> bool:
+    """Whether an 8-bit group may keep its ``embeddings``' first moments in 8 bits: under a rule whose second moment
+    is per element (AdamW) or per token (Adam-mini's rows partition), kept unquantized, and where each block of the
+    first moment lies within one token's row (rows a multiple of the block). Rounding a first moment to zero drops a
+    small step; it is the second moment's that blows one up. Measured as stable as full-precision states where 8-bit
+    states explode (``tests/test_registry.py::test_embeddings_keep_an_8bit_first_moment_and_stay_stable``)."""
     store = make_store(group.get("state_dtype"))
-    rows = [p.shape[-1] for p in group["params"]]
-    return (group.get("rule") == "adam_mini" and group.get("mini_block") == "rows"
-            and isinstance(store, BlockwiseQuantStore) and all(row % store.blocksize == 0 for row in rows))
+    rule = group.get("rule", "adamw_torch")
+    per_element_or_row = rule in (None, "adamw_torch", "adamw_hf") or (rule == "adam_mini"
+                                                                        and group.get("mini_block") == "rows")
+    return per_element_or_row and isinstance(store, BlockwiseQuantStore) and all(
+        p.shape[-1] % store.blocksize == 0 for p in embeddings)
 
 
 def _embedding_states_unquantized(optimizer: LowMemOptimizer, model: nn.Module) -> None:
     """Move the embedding weights of every param group into a copy of that group with fp32 states (bf16 for bf16
-    embeddings); under Adam-mini's per-token second moment, only that moment (see ``_first_moments_may_be_8bit``)."""
+    embeddings); under AdamW and Adam-mini, only their second moment (see ``_first_moments_may_be_8bit``)."""
     weights = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
     embeddings = {id(w) for w in weights}
     full = "bfloat16" if weights and all(w.dtype == torch.bfloat16 for w in weights) else "float32"
@@ -514,13 +516,14 @@ def _embedding_states_unquantized(optimizer: LowMemOptimizer, model: nn.Module) 
         keep = [i for i, p in enumerate(group["params"]) if id(p) not in embeddings]
         if len(keep) == len(group["params"]):
             continue
-        dtype = f"8bit+{full}" if _first_moments_may_be_8bit(group) else full
+        moved_params = [p for i, p in enumerate(group["params"]) if i not in keep]
+        dtype = f"8bit+{full}" if _first_moments_may_be_8bit(group, moved_params) else full
         if not keep:
             group["state_dtype"] = dtype
             continue
         moved = {key: value for key, value in group.items() if key not in ("params", "param_names")}
         names = group.get("param_names")
-        moved["params"] = [p for i, p in enumerate(group["params"]) if i not in keep]
+        moved["params"] = moved_params
         if names:
             moved["param_names"] = [n for i, n in enumerate(names) if i not in keep]
             group["param_names"] = [names[i] for i in keep]
