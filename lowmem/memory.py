@@ -430,7 +430,7 @@ def update_temp_bytes(shape: tuple, dtype: torch.dtype, parts) -> int:
     from .kernels.codes_8bit import CHUNK as QUANT_CHUNK
     from .optim.compose import chunk_ranges, updates_in_chunks
     from .optim.lifts import Lift
-    from .optim.projectors import GaussianProjector, _MatrixProjector
+    from .optim.projectors import GaussianProjector, _MatrixProjector, rows_added_at_once
     from .optim.quantized import BlockwiseQuantStore
     from .optim.rules import CAME, CHUNK_8BIT, Adafactor, AdamMini, AdamW, Muon, SinkGD
 
@@ -468,7 +468,7 @@ def update_temp_bytes(shape: tuple, dtype: torch.dtype, parts) -> int:
     if isinstance(parts.projector, GaussianProjector) and e == 4:
         lifted = 0
     elif type(parts.lift) is Lift and isinstance(parts.projector, _MatrixProjector):  # added a range of rows at a time
-        lifted = min(n_full, max(1, QUANT_CHUNK // shape[1]) * shape[1]) * e
+        lifted = min(shape[0], rows_added_at_once(shape)) * shape[1] * e
     else:
         lifted = n_full * e
     return direction + n_low * e + lifted

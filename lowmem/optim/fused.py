@@ -60,13 +60,13 @@ def fused_adamw_8bit(p: torch.Tensor, grad: torch.Tensor, state: dict, group: di
     """Update ``p`` with the fused 8-bit AdamW kernel if it applies here; whether it did."""
     rule, store = parts.rule, parts.store
     if not (type(rule) is AdamW and type(parts.projector) is Projector and type(parts.lift) is Lift
-            and parts.lift.scale == 1.0 and isinstance(store, BlockwiseQuantStore) and store.unsigned_dtype is None
+            and parts.lift.scale == 1.0 and isinstance(store, BlockwiseQuantStore)
             and store.blocksize == blockwise_8bit.QBLOCK and p.is_contiguous() and grad.is_contiguous()
             and use_triton(p, grad)):
         return False
     rule.init_state(state, store, grad)
-    if "exp_avg_absmax" not in state:  # under min_8bit_size: fp32 moments, the composed path
-        return False
+    if "exp_avg_absmax" not in state or "exp_avg_sq_absmax" not in state:
+        return False  # under min_8bit_size (fp32 moments), or an embedding's unquantized v: the composed path
     state["step"] = t = state.get("step", 0) + 1
     lr, wd = group["lr"], group["weight_decay"]
     seed = round_seed(ordinal, t) if wants_rounding(group, p) else None

@@ -163,12 +163,18 @@ class _MatrixProjector(Projector):
         return grad - self.up(state, low, grad)
 
     def up(self, state, low, like):
-        side = self.side(like.shape)
+        return self._up_rows(state, low, self.side(like.shape))
+
+    @staticmethod
+    def _up_rows(state, low, side, rows: slice | None = None):
+        """Rows ``rows`` of the back-projection (all of them for None: a sharded factor is never indexed)."""
+        def part(t):
+            return t if rows is None else t[rows]
         if side == "right":
-            return low @ state["proj_v"]
+            return part(low) @ state["proj_v"]
         if side == "left":
-            return state["proj_u"] @ low
-        return state["proj_u"] @ low @ state["proj_v"]
+            return part(state["proj_u"]) @ low
+        return part(state["proj_u"]) @ low @ state["proj_v"]
 
     def add_up_(self, p, state, low, scale, alpha):
         """GaLore's back-projection added to the weight a range of rows at a time (``CHUNK`` elements): the m x n update
@@ -177,19 +183,19 @@ class _MatrixProjector(Projector):
         this machine's CPU, tested). Plain tensors only: an int8 weight's recorded update and sharded ones form it."""
         if not isinstance(p, torch.Tensor) or is_sharded(p) or is_sharded(low) or p.dim() != 2:
             return False
-        side, rows = self.side(p.shape), max(1, CHUNK // p.shape[1])
-        for start in range(0, p.shape[0], rows):
-            end = min(start + rows, p.shape[0])
-            if side == "right":
-                update = low[start:end] @ state["proj_v"]
-            elif side == "left":
-                update = state["proj_u"][start:end] @ low
-            else:
-                update = state["proj_u"][start:end] @ low @ state["proj_v"]
+        side, step = self.side(p.shape), rows_added_at_once(p.shape)
+        for start in range(0, p.shape[0], step):
+            rows = slice(start, min(start + step, p.shape[0]))
+            update = self._up_rows(state, low, side, rows)
             if scale != 1.0:
                 update.mul_(scale)
-            p[start:end].add_(update, alpha=alpha)
+            p[rows].add_(update, alpha=alpha)
         return True
+
+
+def rows_added_at_once(shape) -> int:
+    """How many rows of an m x n weight ``_MatrixProjector.add_up_`` adds at a time: ``CHUNK`` elements' worth."""
+    return max(1, CHUNK // shape[1])
 
 
 def _listed(names: list[str]) -> str:

@@ -500,8 +500,8 @@ def _first_moments_may_be_8bit(group: dict, embeddings: list[torch.Tensor]) -> b
     states explode (``tests/test_registry.py::test_embeddings_keep_an_8bit_first_moment_and_stay_stable``)."""
     store = make_store(group.get("state_dtype"))
     rule = group.get("rule", "adamw_torch")
-    per_element_or_row = rule in (None, "adamw_torch", "adamw_hf") or (rule == "adam_mini"
-                                                                        and group.get("mini_block") == "rows")
+    per_element_or_row = rule in ("adamw_torch", "adamw_hf") or (rule == "adam_mini"
+                                                                  and group.get("mini_block") == "rows")
     return per_element_or_row and isinstance(store, BlockwiseQuantStore) and all(
         p.shape[-1] % store.blocksize == 0 for p in embeddings)
 
